@@ -1,0 +1,480 @@
+"""Inference modules for pruned layers: :class:`SparseLinear` (plain n:m) and :class:`ArmorLinear` (ARMOR).
+
+Both keep their state in PACKED form (see :mod:`armor.runtime.packing`): ``values`` (kept core entries, model
+dtype) and ``indices`` (uint8, 2 bits per kept entry for 2:4), plus ``a_blocks``/``b_blocks`` for ARMOR and an
+optional ``bias``.  ``state_dict()`` holds exactly those tensors, so it can be written with safetensors as is
+and the file is about 0.56x (2:4) / 0.61x (ARMOR, 128 blocks, 7B shapes) of the dense fp16 size.
+
+Whatever the compute path needs beyond that (a dense copy of the core, the semi-structured CUDA form) is
+built lazily at the first forward on the module's device/dtype, kept outside ``state_dict()``, rebuilt when
+the state changes (``load_state_dict``, ``.to()``) and freed by :meth:`drop_cache`.
+
+Backends (``module.backend``; ``module.active_backend`` says which path runs now):
+
+* ``"auto"`` (default): ``"semi_structured"`` when it can run, else ``"dense"`` (SparseLinear) or
+  ``"folded"`` (ArmorLinear);
+* ``"semi_structured"``: 2:4 sparse tensor cores through ``torch.sparse.to_sparse_semi_structured`` (CUDA,
+  compute capability >= 8.0, float16/bfloat16, 2:4 pattern);
+* ``"dense"``: the core unpacked to a dense matrix (cached) and ``F.linear``; the CPU path;
+* ``"folded"`` (ArmorLinear only): the whole ``W_hat = A' S B'`` cached as one dense matrix, a single
+  ``F.linear``; fastest where there is no sparse hardware (CPU), same memory as a dense layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..factors import block_product
+from ..result import PruneResult
+from .packing import pack_nm, packed_index_shape, unpack_nm
+
+__all__ = [
+    "ArmorLinear",
+    "SparseLinear",
+    "module_from_result",
+    "empty_module_from_spec",
+    "semi_structured_status",
+    "state_nbytes",
+]
+
+_SEMI_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def semi_structured_status(
+    device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4
+) -> str | None:
+    """``None`` when 2:4 semi-structured kernels can be tried for this device/dtype/pattern, else why not."""
+    device = torch.device(device)
+    if (n, m) != (2, 4):
+        return f"semi-structured kernels need the 2:4 pattern, this layer is {n}:{m}"
+    if device.type != "cuda":
+        return f"semi-structured kernels need a CUDA device, the module is on {device}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        cap = torch.cuda.get_device_capability(device)
+        return f"semi-structured kernels need compute capability >= 8.0, device has {cap[0]}.{cap[1]}"
+    if dtype not in _SEMI_DTYPES:
+        return f"semi-structured kernels need float16 or bfloat16, the module is {dtype}"
+    return None
+
+
+def _to_semi_structured(dense: Tensor) -> Tensor:
+    """Compress a 2:4 dense CUDA matrix; cuSPARSELt when present, CUTLASS otherwise."""
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
+
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    if cusparselt is not None and cusparselt.is_available():
+        try:
+            return to_sparse_semi_structured(dense)
+        except RuntimeError:
+            pass  # e.g. a shape cuSPARSELt rejects; CUTLASS has its own constraints, try it
+    return SparseSemiStructuredTensorCUTLASS.from_dense(dense)
+
+
+def state_nbytes(module: nn.Module) -> int:
+    """Bytes of every tensor in ``module.state_dict()`` (what a safetensors file of it holds, bar header)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+class _PackedNMLinear(nn.Module):
+    """Shared machinery: packed core storage, lazy caches and backend choice."""
+
+    _BACKENDS: tuple[str, ...] = ("auto", "semi_structured", "dense")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n: int,
+        m: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+        backend: str,
+    ) -> None:
+        super().__init__()
+        if in_features % m:
+            raise ValueError(f"in_features={in_features} is not a multiple of m={m}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"module dtype must be floating point, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.n = n
+        self.m = m
+        kept = in_features // m * n
+        # Parameters (frozen) rather than buffers so that model.parameters()/model.dtype see them and the
+        # parameter count of a pruned model is its stored count; indices are integers, hence a buffer.
+        self.values = nn.Parameter(
+            torch.zeros(out_features, kept, dtype=dtype, device=device), requires_grad=False
+        )
+        idx_shape = packed_index_shape(out_features, in_features, n, m)
+        self.register_buffer("indices", torch.zeros(idx_shape, dtype=torch.uint8, device=device))
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+        self._cache: dict[str, tuple[tuple, Any]] = {}
+        self._semi_failed: str | None = None  # why the semi-structured path failed at build/first use (auto)
+        self.backend = backend
+
+    # -- backend choice ----------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """Requested backend: ``"auto"``, ``"semi_structured"``, ``"dense"`` (or ``"folded"``, ARMOR only)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in self._BACKENDS:
+            raise ValueError(
+                f"unknown backend {value!r} for {type(self).__name__}; choose one of {self._BACKENDS}"
+            )
+        self._backend = value
+        self._semi_failed = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def active_backend(self) -> str:
+        """The compute path a forward takes now; raises RuntimeError when a forced backend cannot run here."""
+        if self._backend == "semi_structured":
+            why = semi_structured_status(self.device, self.dtype, self.n, self.m)
+            if why is not None:
+                raise RuntimeError(f"backend 'semi_structured' was forced but cannot run: {why}")
+            return "semi_structured"
+        if self._backend == "auto":
+            ok = semi_structured_status(self.device, self.dtype, self.n, self.m) is None
+            return "semi_structured" if ok and self._semi_failed is None else self._fallback_backend()
+        return self._backend
+
+    def _fallback_backend(self) -> str:
+        return "dense"
+
+    # -- caches ------------------------------------------------------------------------------------------
+    def _state_key(self) -> tuple:
+        # data_ptr + version counter change on .to(), load_state_dict's in-place copy and any in-place edit
+        # (inference tensors have no version counter; they cannot be edited outside inference mode anyway).
+        return tuple(
+            (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in self._cached_from()
+        )
+
+    def _cached_from(self) -> tuple[Tensor, ...]:
+        return (self.values, self.indices)
+
+    def _cached(self, name: str, build) -> Any:
+        key = self._state_key()
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        # Built as a normal tensor even under inference_mode, so a cache made during an evaluation can still
+        # be used later by ordinary (e.g. no_grad) forwards.
+        with torch.inference_mode(False), torch.no_grad():
+            obj = build()
+        self._cache[name] = (key, obj)
+        return obj
+
+    def drop_cache(self) -> None:
+        """Free the dense / semi-structured copies built for the forward (rebuilt at the next forward)."""
+        self._cache.clear()
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the runtime caches (dense core, semi-structured form, folded weight)."""
+        total = 0
+        for _, obj in self._cache.values():
+            if type(obj) is Tensor:
+                total += obj.numel() * obj.element_size()
+            elif isinstance(obj, Tensor):  # semi-structured subclass: count its compressed parts
+                for attr in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask"):
+                    part = getattr(obj, attr, None)
+                    if isinstance(part, Tensor):
+                        total += part.numel() * part.element_size()
+        return total
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .to()/.half()/.cuda() make every cache stale; free them now rather than at the next forward.
+        self.drop_cache()
+        self._semi_failed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.drop_cache()
+        self._semi_failed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _dense_core(self) -> Tensor:
+        """The unpacked ``(out, in)`` core in the module dtype (cached unless gradients flow to values)."""
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
+        return self._cached(
+            "dense_core", lambda: unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
+        )
+
+    def _semi_core(self) -> Tensor:
+        # Unpacked straight into the compressor: the dense core is not kept next to the compressed copy.
+        return self._cached(
+            "semi_core",
+            lambda: _to_semi_structured(
+                unpack_nm(self.values, self.indices, self.in_features, self.n, self.m).contiguous()
+            ),
+        )
+
+    def _core_matmul(self, x2: Tensor, backend: str) -> Tensor:
+        """``x2 @ S^T`` for ``x2`` ``(T, in)``, on the semi-structured path when asked, else dense."""
+        if backend == "semi_structured":
+            try:
+                return F.linear(x2.contiguous(), self._semi_core())
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                if self._backend == "semi_structured":
+                    raise
+                # auto: remember the failure so later calls go straight to dense, and say so once.
+                self._semi_failed = f"{type(err).__name__}: {err}"
+                self._cache.pop("semi_core", None)
+                warnings.warn(
+                    f"{type(self).__name__}({self.out_features}x{self.in_features}): "
+                    f"semi-structured 2:4 path failed ({self._semi_failed}); falling back to dense",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return F.linear(x2, self._dense_core())
+
+    # -- public helpers ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The dense reconstruction ``(out, in)``.
+
+        WARNING: this materialises a full dense matrix on every access (it is not a stored parameter); it
+        exists only so that code reading ``layer.weight.dtype`` / ``.device`` / ``.shape`` keeps working.
+        """
+        return self.dense_weight()
+
+    def dense_weight(self) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def stored_nbytes(self) -> int:
+        """Bytes of the packed state (what ``state_dict()`` / a safetensors file holds)."""
+        return state_nbytes(self)
+
+    def _base_spec(self, kind: str) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "n": self.n,
+            "m": self.m,
+            "bias": self.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.n}:{self.m}, "
+            f"bias={self.bias is not None}, dtype={self.dtype}, backend={self._backend}"
+        )
+
+
+class SparseLinear(_PackedNMLinear):
+    """A plain n:m sparse linear layer ``y = (W ⊙ M) x + bias`` (baselines: magnitude, Wanda, SparseGPT)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n: int = 2,
+        m: int = 4,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, n, m, bias, dtype, device, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = self.active_backend
+        if backend == "semi_structured":
+            shape = x.shape
+            y = self._core_matmul(x.reshape(-1, self.in_features), backend)
+            y = y.reshape(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self._dense_core(), self.bias)
+
+    def dense_weight(self) -> Tensor:
+        """The pruned weight ``(out, in)`` in the module dtype."""
+        return unpack_nm(self.values.detach(), self.indices, self.in_features, self.n, self.m)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`empty_module_from_spec` rebuilds an empty twin."""
+        return {**self._base_spec("sparse"), "block_size_out": None, "block_size_in": None}
+
+
+class ArmorLinear(_PackedNMLinear):
+    """An ARMOR layer ``y = A' (S (B' x)) + bias`` with block-diagonal ``A'`` ``(P, bo, bo)``,
+    ``B'`` ``(Q, bi, bi)`` and an n:m sparse core ``S`` ``(out, in)``; see ALGORITHM.md §7.
+
+    In row-major batch form ``Y = ((X B'^T) S^T) A'^T``: the wrappers are applied as batched ``b x b`` matmuls
+    over the feature dimension viewed as ``(..., Q, bi)`` / ``(..., P, bo)``.
+    """
+
+    _BACKENDS = ("auto", "semi_structured", "dense", "folded")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block_size_out: int,
+        block_size_in: int,
+        n: int = 2,
+        m: int = 4,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        for name, dim, b in (("out", out_features, block_size_out), ("in", in_features, block_size_in)):
+            if b < 1 or dim % b:
+                raise ValueError(f"block_size_{name}={b} does not divide {name}_features={dim}")
+        super().__init__(in_features, out_features, n, m, bias, dtype, device, backend)
+        self.block_size_out = block_size_out
+        self.block_size_in = block_size_in
+        p, q = out_features // block_size_out, in_features // block_size_in
+        eye_o = torch.eye(block_size_out, dtype=dtype, device=device).expand(p, -1, -1).clone()
+        eye_i = torch.eye(block_size_in, dtype=dtype, device=device).expand(q, -1, -1).clone()
+        self.a_blocks = nn.Parameter(eye_o, requires_grad=False)
+        self.b_blocks = nn.Parameter(eye_i, requires_grad=False)
+
+    def _cached_from(self) -> tuple[Tensor, ...]:
+        return (self.values, self.indices, self.a_blocks, self.b_blocks)
+
+    def _fallback_backend(self) -> str:
+        # Without sparse kernels the factorised path costs a dense matmul plus the wrappers; one dense matmul
+        # with the folded W_hat is faster, rounds once, and holds the same memory as the unpacked core.
+        return "folded"
+
+    @staticmethod
+    def _blocks(x2: Tensor, blocks: Tensor) -> Tensor:
+        """``x2`` ``(T, k*b)`` times the transposed block diagonal: block ``j`` of a row -> ``x_j B_j^T``."""
+        t = x2.shape[0]
+        k, b, _ = blocks.shape
+        # (k, T, b) @ (k, b, b): one bmm over the k blocks.
+        y = torch.bmm(x2.reshape(t, k, b).transpose(0, 1), blocks.transpose(1, 2))
+        return y.transpose(0, 1).reshape(t, k * b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = self.active_backend
+        if backend == "folded":
+            return F.linear(x, self._folded(), self.bias)
+        shape = x.shape
+        h = self._blocks(x.reshape(-1, self.in_features), self.b_blocks)
+        h = self._core_matmul(h, backend)
+        y = self._blocks(h, self.a_blocks).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _folded(self) -> Tensor:
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.values, self.a_blocks, self.b_blocks)
+        ):
+            return self._reconstruct()
+        return self._cached("folded", self._reconstruct)
+
+    def _reconstruct(self) -> Tensor:
+        core = unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
+        # product in at least float32, one rounding to the module dtype at the end
+        ct = torch.promote_types(self.dtype, torch.float32)
+        w = block_product(self.a_blocks.to(ct), core.to(ct), self.b_blocks.to(ct))
+        return w.to(self.dtype)
+
+    def dense_weight(self) -> Tensor:
+        """The reconstruction ``W_hat = A' S B'`` ``(out, in)`` in the module dtype (computed in float32+)."""
+        with torch.no_grad():
+            return self._reconstruct()
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`empty_module_from_spec` rebuilds an empty twin."""
+        return {
+            **self._base_spec("armor"),
+            "block_size_out": self.block_size_out,
+            "block_size_in": self.block_size_in,
+        }
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", blocks=({self.block_size_out}, {self.block_size_in})"
+
+
+def module_from_result(
+    result: PruneResult,
+    bias: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> ArmorLinear | SparseLinear:
+    """The inference module of a pruned layer: :class:`ArmorLinear` if ``result.has_wrappers`` else
+    :class:`SparseLinear`, with values, wrapper blocks and bias in ``dtype`` on ``device`` (default: the
+    result's device).  Raises ValueError when the mask is not ``result.n:result.m`` or shapes disagree."""
+    device = result.core.device if device is None else torch.device(device)
+    out_f, in_f = result.core.shape
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+    values, idx = pack_nm((result.core * result.mask).float(), result.mask, result.n, result.m)
+    mod: ArmorLinear | SparseLinear
+    if result.has_wrappers:
+        a, b = result.a_blocks, result.b_blocks
+        assert a is not None and b is not None
+        p, bo, bo2 = a.shape
+        q, bi, bi2 = b.shape
+        if bo != bo2 or bi != bi2 or p * bo != out_f or q * bi != in_f:
+            raise ValueError(
+                f"wrapper blocks {tuple(a.shape)} / {tuple(b.shape)} do not tile a core of shape "
+                f"{(out_f, in_f)}"
+            )
+        mod = ArmorLinear(in_f, out_f, bo, bi, result.n, result.m, bias is not None, dtype, device, backend)
+        with torch.no_grad():
+            mod.a_blocks.copy_(a)
+            mod.b_blocks.copy_(b)
+    else:
+        mod = SparseLinear(in_f, out_f, result.n, result.m, bias is not None, dtype, device, backend)
+    with torch.no_grad():
+        mod.values.copy_(values)
+        mod.indices.copy_(idx)
+        if bias is not None:
+            mod.bias.copy_(bias)
+    return mod
+
+
+def empty_module_from_spec(
+    spec: dict[str, Any],
+    dtype: torch.dtype = torch.float16,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> ArmorLinear | SparseLinear:
+    """A module of the shapes ``spec`` describes (see ``spec()``), zero-filled, ready for load_state_dict."""
+    kind = spec.get("type")
+    common = {
+        "in_features": int(spec["in_features"]),
+        "out_features": int(spec["out_features"]),
+        "n": int(spec.get("n", 2)),
+        "m": int(spec.get("m", 4)),
+        "bias": bool(spec.get("bias", False)),
+        "dtype": dtype,
+        "device": device,
+        "backend": backend,
+    }
+    if kind == "armor":
+        return ArmorLinear(
+            block_size_out=int(spec["block_size_out"]), block_size_in=int(spec["block_size_in"]), **common
+        )
+    if kind == "sparse":
+        return SparseLinear(**common)
+    raise ValueError(f"unknown module type {kind!r} in spec (expected 'armor' or 'sparse')")

@@ -1,0 +1,331 @@
+"""ARMOR for one layer: ``Wn_hat = A (W' ⊙ M) B`` fitted by block coordinate descent (ALGORITHM.md §4–6).
+
+This file holds the paper's algorithm:
+
+* :class:`ArmorProblem` — the normalised weight, the Hessian diagonal and the tiling, with the block-diagonal
+  products and the exact gradients of the proxy loss;
+* :func:`sparse_core_step` — the exact re-solve of one group of ``m`` core entries per tile over all
+  ``C(m, n)`` supports, batched over every tile at once;
+* :func:`armor_faithful` — the reference schedule: one joint Adam step on ``A``, ``B`` and the kept core values,
+  then one sparse-core step, per iteration; the best state seen is returned, so the result is never worse than
+  NoWag-P (Theorem 3.1 as a property of the code).
+
+The fast solver (:mod:`armor.solvers.armor_fast`) reuses the problem and the sparse-core step.
+
+Layout: matrices are kept as full ``(m, n)`` tensors; ``A`` is ``(P, bo, bo)`` and ``B`` is ``(Q, bi, bi)``, so
+``A X`` is one batched matmul over row blocks and ``X B`` one over column blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..factors import choose_block_size, identity_blocks
+from ..result import PruneResult
+from ..sparsity import nm_supports
+
+__all__ = ["ArmorProblem", "ArmorState", "sparse_core_step", "armor_faithful", "finish_result"]
+
+
+@dataclass
+class ArmorState:
+    """The iterate: wrapper blocks, core values (zero off the mask) and the mask, all float32."""
+
+    a: Tensor  # (P, bo, bo)
+    b: Tensor  # (Q, bi, bi)
+    core: Tensor  # (m, n)
+    mask: Tensor  # (m, n) bool
+
+    def clone(self) -> ArmorState:
+        return ArmorState(self.a.clone(), self.b.clone(), self.core.clone(), self.mask.clone())
+
+    def copy_(self, other: ArmorState) -> None:
+        self.a.copy_(other.a)
+        self.b.copy_(other.b)
+        self.core.copy_(other.core)
+        self.mask.copy_(other.mask)
+
+
+class ArmorProblem:
+    """The layer-wise proxy loss ``||(A S B - Wn) diag(sqrt h)||^2 / ||Wn diag(sqrt h)||^2`` and its tiling."""
+
+    def __init__(self, wn: Tensor, h: Tensor, block_out: int, block_in: int, n: int = 2, m: int = 4) -> None:
+        self.wn = wn
+        self.h = h
+        self.sqrt_h = h.sqrt()
+        self.rows, self.cols = wn.shape
+        self.bo = choose_block_size(self.rows, block_out)
+        self.bi = choose_block_size(self.cols, block_in, multiple_of=m)
+        self.P = self.rows // self.bo
+        self.Q = self.cols // self.bi
+        self.n, self.m = n, m
+        self.denominator = float((wn.square() * h).sum())
+        if not self.denominator > 0:
+            raise ValueError("the weight is all zeros (or the statistics are): the proxy loss is undefined")
+
+    # -- block-diagonal products -------------------------------------------------------------------------
+    def left(self, a: Tensor, x: Tensor) -> Tensor:
+        """``A X`` for block-diagonal ``A``."""
+        return torch.bmm(a, x.reshape(self.P, self.bo, self.cols)).reshape(self.rows, self.cols)
+
+    def left_t(self, a: Tensor, x: Tensor) -> Tensor:
+        """``A^T X``."""
+        return torch.bmm(a.transpose(1, 2), x.reshape(self.P, self.bo, self.cols)).reshape(self.rows, self.cols)
+
+    def right(self, x: Tensor, b: Tensor, transpose: bool = False) -> Tensor:
+        """``X B`` (or ``X B^T``) for block-diagonal ``B``."""
+        xq = x.reshape(self.rows, self.Q, self.bi).transpose(0, 1)  # (Q, m, bi)
+        out = torch.bmm(xq, b.transpose(1, 2) if transpose else b)
+        return out.transpose(0, 1).reshape(self.rows, self.cols)
+
+    def reconstruct(self, state: ArmorState) -> Tensor:
+        return self.left(state.a, self.right(state.core, state.b))
+
+    def residual(self, state: ArmorState) -> Tensor:
+        """``E = A S B - Wn`` (unweighted)."""
+        return self.reconstruct(state) - self.wn
+
+    def loss_of_residual(self, e: Tensor) -> float:
+        return float((e.square() * self.h).sum()) / self.denominator
+
+    def gradients(self, state: ArmorState, e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact gradients of the proxy loss w.r.t. ``A`` blocks, ``B`` blocks and the dense core.
+
+        The core gradient is for every entry (pruned ones included); the continuous step masks it, the
+        sparse-core step samples groups by its L1 norm.
+        """
+        r = e * (self.h * (2.0 / self.denominator))  # dL/dW_hat
+        sb = self.right(state.core, state.b)
+        grad_a = torch.bmm(
+            r.reshape(self.P, self.bo, self.cols), sb.reshape(self.P, self.bo, self.cols).transpose(1, 2)
+        )
+        a_s = self.left(state.a, state.core)
+        grad_b = torch.bmm(
+            a_s.reshape(self.rows, self.Q, self.bi).permute(1, 2, 0),
+            r.reshape(self.rows, self.Q, self.bi).transpose(0, 1),
+        )
+        grad_core = self.right(self.left_t(state.a, r), state.b, transpose=True)
+        return grad_a, grad_b, grad_core
+
+    def initial_state(self, mask: Tensor) -> ArmorState:
+        """NoWag-P (ALGORITHM.md §5): ``A = B = I``, ``W' = Wn`` on the given mask."""
+        dev = self.wn.device
+        return ArmorState(
+            identity_blocks(self.P, self.bo, dev), identity_blocks(self.Q, self.bi, dev), self.wn * mask, mask.clone()
+        )
+
+
+def sparse_core_step(
+    problem: ArmorProblem,
+    state: ArmorState,
+    e: Tensor,
+    group_scores: Tensor,
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+) -> float:
+    """Re-solve one group of ``m`` core entries in every ``bo x bi`` tile, exactly, all tiles at once.
+
+    For tile ``(p, q)`` a group (row ``i`` of block ``p``, ``m`` consecutive columns of block ``q``) is picked by
+    sampling in proportion to ``group_scores`` (the reference uses the L1 norm of ``dL/dS`` over the group), or
+    the best-scoring one when ``greedy``.  With that group zeroed, the tile residual is
+    ``R0 = (A_p S_pq B_q - Wn_pq) diag(sqrt h_q)``; writing values ``v`` on support ``s`` adds
+    ``a v^T Bt_s`` where ``a = A_p[:, i]`` and ``Bt`` are the group's rows of ``B_q diag(sqrt h_q)``.  The best
+    ``v`` on ``s`` solves ``G_s v = -f_s / ||a||^2`` with ``G_s = Bt_s Bt_s^T``, ``f_s = Bt_s R0^T a``.  Every
+    candidate, the current values included, is scored by its exact loss change ``2 v.f + ||a||^2 v^T G v``, so
+    the step never raises the loss, even where ``G_s`` is singular.
+
+    Updates ``state.core``, ``state.mask`` and the residual ``e`` in place; returns the change of the proxy loss.
+    """
+    P, Q, bo, bi, m = problem.P, problem.Q, problem.bo, problem.bi, problem.m
+    gpr = bi // m  # groups per tile row
+    dev = e.device
+
+    # 1. one group per tile
+    scores = group_scores.reshape(P, bo, Q, gpr).permute(0, 2, 1, 3).reshape(P * Q, bo * gpr)
+    if greedy:
+        pick = scores.argmax(dim=1)
+    else:
+        scores = torch.where(scores.sum(1, keepdim=True) > 0, scores, torch.ones_like(scores))
+        pick = torch.multinomial(scores, 1, generator=generator).squeeze(1)
+    p_idx = torch.arange(P, device=dev).repeat_interleave(Q)
+    q_idx = torch.arange(Q, device=dev).repeat(P)
+    row = p_idx * bo + pick // gpr  # global row of the group
+    col0 = q_idx * bi + (pick % gpr) * m  # global first column
+    cols = col0[:, None] + torch.arange(m, device=dev)  # (T, m)
+    local_i = pick // gpr
+    local_g = (pick % gpr) * m
+
+    # 2. the tile's quantities
+    a_col = state.a[p_idx, :, local_i]  # (T, bo) = A_p[:, i]
+    a_sq = a_col.square().sum(1)  # (T,)
+    b_rows = state.b[q_idx[:, None], local_g[:, None] + torch.arange(m, device=dev)]  # (T, m, bi)
+    sqrt_hq = problem.sqrt_h.reshape(Q, bi)[q_idx]  # (T, bi)
+    bt = b_rows * sqrt_hq[:, None, :]  # (T, m, bi)
+    s_cur = state.core[row[:, None], cols]  # (T, m), zero off the mask
+    e_tiles = e.reshape(P, bo, Q, bi)
+    et_a = torch.einsum("pjql,pqj->pql", e_tiles, a_col.reshape(P, Q, bo)).reshape(P * Q, bi)  # E_pq^T a
+    u = et_a * sqrt_hq - torch.einsum("tkl,tk->tl", bt, s_cur) * a_sq[:, None]  # R0^T a
+    f_all = torch.einsum("tkl,tl->tk", bt, u)  # (T, m)
+    g_all = torch.bmm(bt, bt.transpose(1, 2))  # (T, m, m)
+
+    # 3. every support, solved and scored exactly
+    supports = nm_supports(problem.n, m, dev)  # (C, n)
+    f_s = f_all[:, supports]  # (T, C, n)
+    g_s = g_all[:, supports[:, :, None], supports[:, None, :]]  # (T, C, n, n)
+    eye = torch.eye(problem.n, device=dev)
+    ridge = 1e-10 * g_s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
+    safe_a_sq = a_sq.clamp_min(1e-30)[:, None, None]
+    v = -torch.linalg.solve(g_s + ridge * eye, f_s.unsqueeze(-1)).squeeze(-1) / safe_a_sq
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def change(values: Tensor, f: Tensor, g: Tensor) -> Tensor:
+        return 2 * (values * f).sum(-1) + a_sq.reshape(-1, *[1] * (values.dim() - 2)) * torch.einsum(
+            "...i,...ij,...j->...", values, g, values
+        )
+
+    delta_s = change(v, f_s, g_s)  # (T, C)
+    delta_cur = change(s_cur, f_all, g_all)  # (T,)
+    best_delta, best_s = delta_s.min(dim=1)
+    accept = best_delta < delta_cur  # strict: ties keep the current support
+
+    # 4. write the accepted groups and update the residual by the rank-1 change of each tile
+    t_acc = accept.nonzero().squeeze(1)
+    if t_acc.numel() == 0:
+        return 0.0
+    new_vals = torch.zeros(t_acc.numel(), m, device=dev)
+    new_vals.scatter_(1, supports[best_s[t_acc]], v[t_acc, best_s[t_acc]])
+    new_mask = new_vals.new_zeros(t_acc.numel(), m, dtype=torch.bool)
+    new_mask.scatter_(1, supports[best_s[t_acc]], True)
+    diff = torch.zeros(P * Q, m, device=dev)
+    diff[t_acc] = new_vals - s_cur[t_acc]
+    rows_acc, cols_acc = row[t_acc], cols[t_acc]
+    state.core[rows_acc[:, None], cols_acc] = new_vals
+    state.mask[rows_acc[:, None], cols_acc] = new_mask
+    row_change = torch.einsum("tk,tkl->tl", diff, b_rows)  # (T, bi): d^T B_q[group rows]
+    e_tiles += torch.einsum("pqj,pql->pjql", a_col.reshape(P, Q, bo), row_change.reshape(P, Q, bi))
+    return float((best_delta - delta_cur)[t_acc].sum()) / problem.denominator
+
+
+def _adam_update(
+    param: Tensor, grad: Tensor, m1: Tensor, m2: Tensor, step: int, lr: float, betas=(0.9, 0.999), eps=1e-8
+) -> None:
+    """One Adam step (Kingma & Ba), in place, with bias correction."""
+    m1.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+    m2.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    denom = (m2 / (1 - betas[1] ** step)).sqrt_().add_(eps)
+    param.addcdiv_(m1, denom, value=-lr / (1 - betas[0] ** step))
+
+
+class _Stopper:
+    """Stop after ``patience`` iterations without a relative improvement of ``rtol`` in the best loss."""
+
+    def __init__(self, loss: float, patience: int, rtol: float) -> None:
+        self.reference, self.patience, self.rtol, self.waited = loss, patience, rtol, 0
+
+    def update(self, best: float) -> bool:
+        if best < self.reference * (1 - self.rtol):
+            self.reference, self.waited = best, 0
+        else:
+            self.waited += 1
+        return self.patience > 0 and self.waited >= self.patience
+
+
+def finish_result(
+    method: str,
+    problem: ArmorProblem,
+    best: ArmorState,
+    best_loss: float,
+    r: Tensor,
+    c: Tensor,
+    history: list[float],
+    raw_history: list[float],
+    iterations: int,
+    stopped_early: bool,
+    extras: dict,
+) -> PruneResult:
+    """Fold the normalisation into the wrappers (``A' = diag(r) A``, ``B' = B diag(c)``) and package."""
+    a_folded = best.a * r.reshape(problem.P, problem.bo, 1)
+    b_folded = best.b * c.reshape(problem.Q, 1, problem.bi)
+    return PruneResult(
+        method=method,
+        core=best.core * best.mask,
+        mask=best.mask,
+        loss=best_loss,
+        nowag_loss=history[0],
+        n=problem.n,
+        m=problem.m,
+        a_blocks=a_folded,
+        b_blocks=b_folded,
+        block_size_out=problem.bo,
+        block_size_in=problem.bi,
+        history=history,
+        raw_history=raw_history,
+        iterations=iterations,
+        stopped_early=stopped_early,
+        extras=extras,
+    )
+
+
+def armor_faithful(
+    wn: Tensor,
+    h: Tensor,
+    mask: Tensor,
+    r: Tensor,
+    c: Tensor,
+    *,
+    n: int = 2,
+    m: int = 4,
+    block_size: int = 128,
+    iterations: int = 20_000,
+    lr: float = 1e-4,
+    patience: int = 100,
+    rtol: float = 1e-6,
+    seed: int = 0,
+    callback: Callable[[int, float], None] | None = None,
+) -> PruneResult:
+    """The paper's schedule on the normalised weight ``wn`` from the NoWag-P ``mask``.
+
+    Each iteration: one joint Adam step (``lr``) on ``A``, ``B`` and the kept core values, then one
+    :func:`sparse_core_step` with groups sampled by the L1 norm of the core gradient (taken at the start of the
+    iteration, i.e. one Adam step old, which saves a second backward pass).  Stops after ``iterations`` or when
+    the best loss has not improved by a relative ``rtol`` for ``patience`` iterations (``patience=0`` never stops
+    early).  Returns the best state seen.  ``callback(iteration, best_loss)`` is called every iteration.
+    """
+    problem = ArmorProblem(wn, h, block_size, block_size, n, m)
+    gen = torch.Generator(device=wn.device).manual_seed(seed)
+    state = problem.initial_state(mask)
+    e = problem.residual(state)
+    loss = problem.loss_of_residual(e)
+    best, best_loss = state.clone(), loss
+    history, raw_history = [loss], [loss]
+    moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in (state.a, state.b, state.core)]
+    stopper = _Stopper(loss, patience, rtol)
+    stopped_early, it = False, 0
+    t0 = time.perf_counter()
+    for it in range(1, iterations + 1):
+        grad_a, grad_b, grad_core = problem.gradients(state, e)
+        group_scores = grad_core.abs().reshape(problem.rows, problem.cols // m, m).sum(-1)
+        grad_core.mul_(state.mask)  # pruned entries of W' get no gradient
+        for param, grad, (m1, m2) in zip((state.a, state.b, state.core), (grad_a, grad_b, grad_core), moments):
+            _adam_update(param, grad, m1, m2, it, lr)
+        state.core.mul_(state.mask)  # stale Adam moments must not revive pruned entries
+        e = problem.residual(state)
+        sparse_core_step(problem, state, e, group_scores, gen)
+        loss = problem.loss_of_residual(e)
+        raw_history.append(loss)
+        if loss < best_loss:
+            best_loss = loss
+            best.copy_(state)
+        history.append(best_loss)
+        if callback is not None:
+            callback(it, best_loss)
+        if stopper.update(best_loss):
+            stopped_early = True
+            break
+    extras = {"mode": "faithful", "lr": lr, "seed": seed, "solve_seconds": time.perf_counter() - t0}
+    return finish_result("armor", problem, best, best_loss, r, c, history, raw_history, it, stopped_early, extras)

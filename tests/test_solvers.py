@@ -1,0 +1,302 @@
+"""The per-layer maths: exact steps against brute force, the loss guarantee, masks and bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import armor
+from armor.factors import blockdiag_to_dense, choose_block_size, normalize_weight, proxy_loss
+from armor.solvers.armor import ArmorProblem, ArmorState, sparse_core_step
+from armor.solvers.armor_fast import group_gains, update_a, update_b, update_core_cg
+from armor.sparsity import is_nm_mask, nm_mask_from_scores
+
+
+def random_problem(rows=8, cols=16, bo=4, bi=8, seed=0, n=2, m=4):
+    g = torch.Generator().manual_seed(seed)
+    wn = torch.randn(rows, cols, generator=g)
+    h = torch.rand(cols, generator=g) + 0.1
+    prob = ArmorProblem(wn, h, bo, bi, n, m)
+    mask = nm_mask_from_scores(torch.rand(rows, cols, generator=g), n, m)
+    state = ArmorState(
+        torch.eye(bo) + 0.3 * torch.randn(rows // bo, bo, bo, generator=g),
+        torch.eye(bi) + 0.3 * torch.randn(cols // bi, bi, bi, generator=g),
+        torch.randn(rows, cols, generator=g) * mask,
+        mask,
+    )
+    return prob, state
+
+
+def full_loss(prob: ArmorProblem, a, core, b) -> float:
+    w_hat = blockdiag_to_dense(a) @ core @ blockdiag_to_dense(b)
+    return float(proxy_loss(w_hat, prob.wn, prob.h))
+
+
+def brute_force_group(prob, state, row, col0):
+    """Best (support, values, loss) for one group by an explicit least-squares solve on the full matrices."""
+    a_full, b_full = blockdiag_to_dense(state.a).double(), blockdiag_to_dense(state.b).double()
+    d = prob.h.double().sqrt()
+    base = state.core.double().clone()
+    base[row, col0 : col0 + prob.m] = 0
+    r0 = ((a_full @ base @ b_full - prob.wn.double()) * d).reshape(-1)
+    best = None
+    for support in itertools.combinations(range(prob.m), prob.n):
+        cols = []
+        for k in support:
+            unit = torch.zeros_like(base)
+            unit[row, col0 + k] = 1
+            cols.append(((a_full @ unit @ b_full) * d).reshape(-1))
+        design = torch.stack(cols, 1)
+        v = torch.linalg.lstsq(design, -r0[:, None]).solution[:, 0]
+        loss = float((r0 + design @ v).square().sum()) / prob.denominator
+        if best is None or loss < best[2]:
+            best = (support, v, loss)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_core_step_matches_brute_force(seed):
+    prob, state = random_problem(seed=seed)
+    before = state.clone()
+    e = prob.residual(state)
+    gpr = prob.bi // prob.m
+    # one score per group, a different group wins in each tile
+    scores = torch.rand(prob.rows, prob.cols // prob.m, generator=torch.Generator().manual_seed(seed + 10))
+    change = sparse_core_step(prob, state, e, scores, greedy=True)
+    for p, q in itertools.product(range(prob.P), range(prob.Q)):
+        tile = scores[p * prob.bo : (p + 1) * prob.bo, q * gpr : (q + 1) * gpr]
+        i, g = divmod(int(tile.argmax()), gpr)
+        row, col0 = p * prob.bo + i, q * prob.bi + g * prob.m
+        support, values, _ = brute_force_group(prob, before, row, col0)
+        # the step keeps the current group when it is at least as good; otherwise it must equal the brute force
+        kept = state.mask[row, col0 : col0 + prob.m].nonzero().squeeze(1).tolist()
+        if state.core[row, col0 : col0 + prob.m].ne(before.core[row, col0 : col0 + prob.m]).any():
+            assert tuple(kept) == support
+            torch.testing.assert_close(
+                state.core[row, col0 : col0 + prob.m][list(support)], values.float(), rtol=1e-3, atol=1e-4
+            )
+    # the residual was updated consistently and the reported change is exact
+    torch.testing.assert_close(e, prob.residual(state), rtol=1e-4, atol=1e-4)
+    loss_before = full_loss(prob, before.a, before.core, before.b)
+    assert abs(full_loss(prob, state.a, state.core, state.b) - (loss_before + change)) < 1e-5
+    assert change <= 1e-7
+
+
+def test_sparse_core_step_single_tile_reaches_brute_force_optimum():
+    prob, state = random_problem(rows=4, cols=8, bo=4, bi=8, seed=5)
+    scores = torch.zeros(4, 2)
+    scores[2, 1] = 1.0  # the only group: row 2, columns 4..7
+    _, _, best_loss = brute_force_group(prob, state, 2, 4)
+    sparse_core_step(prob, state, prob.residual(state), scores, greedy=True)
+    assert abs(full_loss(prob, state.a, state.core, state.b) - best_loss) < 1e-5
+
+
+def test_group_gains_match_brute_force():
+    prob, state = random_problem(seed=3)
+    _, _, grad = prob.gradients(state, prob.residual(state))
+    gains = group_gains(prob, state, grad)
+    loss_now = full_loss(prob, state.a, state.core, state.b)
+    for row, grp in [(0, 0), (3, 2), (5, 1), (7, 3)]:
+        _, _, best = brute_force_group(prob, state, row, grp * prob.m)
+        expected = max(loss_now - best, 0.0) * prob.denominator
+        assert abs(float(gains[row, grp]) - expected) < 1e-3 * max(1.0, expected)
+
+
+def test_gradients_match_autograd():
+    prob, state = random_problem(seed=4)
+    a, b, core = (t.clone().requires_grad_() for t in (state.a, state.b, state.core))
+    loss = proxy_loss(prob.reconstruct(ArmorState(a, b, core, state.mask)), prob.wn, prob.h)
+    loss.backward()
+    ga, gb, gc = prob.gradients(state, prob.residual(state))
+    for ours, ref in ((ga, a.grad), (gb, b.grad), (gc, core.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_block_updates_are_stationary_and_monotone():
+    prob, state = random_problem(rows=16, cols=32, bo=8, bi=16, seed=6)
+    e = prob.residual(state)
+    l0 = prob.loss_of_residual(e)
+    e = update_a(prob, state, e, damping=1e-9)
+    l1 = prob.loss_of_residual(e)
+    ga, _, _ = prob.gradients(state, e)
+    assert ga.abs().max() < 1e-4 and l1 <= l0
+    e = update_b(prob, state, e, damping=1e-9)
+    l2 = prob.loss_of_residual(e)
+    _, gb, _ = prob.gradients(state, e)
+    assert gb.abs().max() < 1e-4 and l2 <= l1
+    e = update_core_cg(prob, state, e, steps=300)
+    l3 = prob.loss_of_residual(e)
+    assert l3 <= l2
+    torch.testing.assert_close(e, prob.residual(state), rtol=1e-4, atol=1e-5)
+    # CG reaches the exact least-squares optimum of the kept values (an explicit solve on the full matrices)
+    a_full, b_full = blockdiag_to_dense(state.a).double(), blockdiag_to_dense(state.b).double()
+    d = prob.h.double().sqrt()
+    columns = []
+    for i, j in state.mask.nonzero().tolist():
+        unit = torch.zeros(prob.rows, prob.cols, dtype=torch.float64)
+        unit[i, j] = 1
+        columns.append(((a_full @ unit @ b_full) * d).reshape(-1))
+    design, target = torch.stack(columns, 1), (prob.wn.double() * d).reshape(-1, 1)
+    exact = torch.linalg.lstsq(design, target).solution
+    optimum = float((design @ exact - target).square().sum()) / prob.denominator
+    assert optimum <= l3 < optimum + 2e-6
+
+
+def layer_case(kind: str, rows=64, cols=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(512, cols, generator=g)
+    if kind == "ill":  # correlated inputs, features spanning 12 orders of magnitude, wild row scales
+        x = x @ torch.randn(cols, cols, generator=g) * torch.logspace(-6, 6, cols)
+        w = w * torch.logspace(-3, 3, rows)[:, None]
+    return w, armor.LayerStats.from_inputs(x, full=True)
+
+
+@pytest.mark.parametrize("kind", ["random", "ill"])
+@pytest.mark.parametrize("method", ["armor", "armor-fast"])
+def test_armor_never_worse_than_nowag(kind, method):
+    w, stats = layer_case(kind)
+    opts = {"iterations": 60} if method == "armor" else {"sweeps": 6}
+    res = armor.prune_layer(w, stats, method, block_size=32, **opts)
+    nowag = armor.prune_layer(w, stats, "nowag")
+    assert res.history[0] == pytest.approx(nowag.loss, rel=1e-5)
+    assert res.loss <= res.nowag_loss
+    assert res.loss == res.history[-1] == min(res.history)
+    assert all(b <= a for a, b in zip(res.history, res.history[1:]))  # best-so-far never rises
+    assert res.loss < 0.99 * res.nowag_loss  # and it actually improves
+    # the reported loss is the loss of what is returned
+    wn, r, c = normalize_weight(w)
+    w_hat_n = res.dense_weight() / r[:, None] / c
+    assert float(proxy_loss(w_hat_n, wn, stats.hessian_diag)) == pytest.approx(res.loss, rel=1e-3, abs=1e-7)
+
+
+def test_faithful_keeps_best_state_when_adam_overshoots():
+    w, stats = layer_case("random")
+    res = armor.prune_layer(w, stats, "armor", block_size=32, iterations=40, lr=0.5)  # absurd lr: Adam diverges
+    assert max(res.raw_history) > res.nowag_loss  # the iterate got worse ...
+    assert res.loss <= res.nowag_loss  # ... the result did not
+
+
+@pytest.mark.parametrize("method", armor.METHODS)
+def test_every_method_gives_exact_nm_masks(method):
+    w, stats = layer_case("random", rows=32, cols=64)
+    res = armor.prune_layer(w, stats, method, **({"iterations": 5, "block_size": 16} if method == "armor" else {}))
+    assert res.mask.dtype == torch.bool and is_nm_mask(res.mask, 2, 4)
+    assert (res.core[~res.mask] == 0).all()
+    assert res.dense_weight().shape == w.shape
+
+
+def test_dense_weight_equals_folded_factors():
+    w, stats = layer_case("random")
+    res = armor.prune_layer(w, stats, "armor-fast", block_size=32, sweeps=3)
+    a = blockdiag_to_dense(res.a_blocks)
+    b = blockdiag_to_dense(res.b_blocks)
+    torch.testing.assert_close(res.dense_weight(), a @ (res.core * res.mask) @ b, rtol=1e-4, atol=1e-5)
+    assert res.block_size_out == 32 and res.block_size_in == 32
+
+
+def direct_topk_mask(scores, n=2, m=4):
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for i in range(scores.shape[0]):
+        for g in range(0, scores.shape[1], m):
+            order = sorted(range(m), key=lambda k: (-float(scores[i, g + k]), k))
+            for k in order[:n]:
+                mask[i, g + k] = True
+    return mask
+
+
+def test_wanda_and_magnitude_masks_equal_direct_topk():
+    w, stats = layer_case("random", rows=16, cols=32)
+    w = w.round(decimals=1)  # force ties: they must break towards the lower index
+    mag = armor.prune_layer(w, None, "magnitude")
+    assert torch.equal(mag.mask, direct_topk_mask(w.abs()))
+    wanda = armor.prune_layer(w, stats, "wanda")
+    assert torch.equal(wanda.mask, direct_topk_mask(w.abs() * stats.hessian_diag.sqrt()))
+    torch.testing.assert_close(wanda.core, w * wanda.mask)
+
+
+def test_sparsegpt_beats_wanda_on_full_hessian_error():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 96, generator=g)
+    x = torch.randn(2000, 8, generator=g) @ torch.randn(8, 96, generator=g) + 0.1 * torch.randn(2000, 96, generator=g)
+    stats = armor.LayerStats.from_inputs(x, full=True)
+
+    def err(w_hat):
+        d = w - w_hat
+        return float(torch.einsum("ij,jk,ik->", d, stats.hessian, d))
+
+    sgpt = armor.prune_layer(w, stats, "sparsegpt")
+    wanda = armor.prune_layer(w, stats, "wanda")
+    assert err(sgpt.dense_weight()) < 0.8 * err(wanda.dense_weight())
+
+
+def test_sparsegpt_needs_full_hessian():
+    w, stats = layer_case("random", rows=8, cols=16)
+    with pytest.raises(ValueError, match="full"):
+        armor.prune_layer(w, stats.hessian_diag, "sparsegpt")
+
+
+def test_bad_inputs_give_clear_errors():
+    w = torch.randn(8, 18)
+    with pytest.raises(ValueError, match=r"in_features=18 is not a multiple of 4"):
+        armor.prune_layer(w, torch.ones(18), "nowag")
+    with pytest.raises(ValueError, match="2-D"):
+        armor.prune_layer(torch.randn(16), torch.ones(16), "nowag")
+    with pytest.raises(ValueError, match="unknown method 'obs'"):
+        armor.prune_layer(torch.randn(8, 16), torch.ones(16), "obs")
+    with pytest.raises(ValueError, match="statistics are for 12 input features but the weight has 16"):
+        armor.prune_layer(torch.randn(8, 16), torch.ones(12), "nowag")
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        armor.prune_layer(torch.randn(8, 16), None, "wanda")
+    with pytest.raises(ValueError, match="non-finite"):
+        armor.prune_layer(torch.full((8, 16), float("nan")), torch.ones(16), "nowag")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        armor.prune_layer(torch.randn(8, 16), torch.ones(16), "armor-fast", itrations=3)
+
+
+def test_bad_statistics_are_repaired_and_reported():
+    w = torch.randn(16, 32)
+    h = torch.rand(32) + 0.5
+    h[3], h[7], h[9] = float("nan"), -1.0, 0.0
+    res = armor.prune_layer(w, h, "armor-fast", block_size=16, sweeps=2)
+    assert res.repaired_stats == 3
+    assert res.loss <= res.nowag_loss and torch.isfinite(res.core).all()
+
+
+def test_block_size_rule_and_smollm_shapes():
+    assert choose_block_size(576, 128) == 96
+    assert choose_block_size(1536, 128) == 128
+    assert choose_block_size(11008, 128) == 128
+    assert choose_block_size(20, 128, multiple_of=4) == 20
+    with pytest.raises(ValueError, match="no block size"):
+        choose_block_size(36, 16, multiple_of=8)
+    w = torch.randn(192, 576)
+    res = armor.prune_layer(w, torch.rand(576) + 0.1, "armor-fast", sweeps=1)
+    assert (res.block_size_out, res.block_size_in) == (96, 96)
+
+
+def test_other_nm_patterns():
+    w, stats = layer_case("random", rows=32, cols=64)
+    for method in ("nowag", "armor-fast", "armor"):
+        res = armor.prune_layer(w, stats, method, n=4, m=8, **({"iterations": 5} if method == "armor" else {}))
+        assert is_nm_mask(res.mask, 4, 8) and res.loss <= res.nowag_loss + 1e-9
+
+
+@pytest.mark.parametrize("method", ["armor", "armor-fast"])
+def test_deterministic(method):
+    w, stats = layer_case("random")
+    opts = {"iterations": 20, "seed": 3} if method == "armor" else {"sweeps": 3}
+    r1 = armor.prune_layer(w, stats, method, block_size=32, **opts)
+    r2 = armor.prune_layer(w, stats, method, block_size=32, **opts)
+    assert r1.loss == r2.loss and torch.equal(r1.core, r2.core) and torch.equal(r1.mask, r2.mask)
+    torch.testing.assert_close(r1.a_blocks, r2.a_blocks, rtol=0, atol=0)
+
+
+def test_low_precision_weights_are_solved_in_float32():
+    w, stats = layer_case("random", rows=32, cols=64)
+    for dtype in (torch.float16, torch.bfloat16):
+        res = armor.prune_layer(w.to(dtype), stats, "armor-fast", block_size=16, sweeps=2)
+        assert res.core.dtype == torch.float32 and res.a_blocks.dtype == torch.float32
+        assert res.loss <= res.nowag_loss
