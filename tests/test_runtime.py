@@ -384,3 +384,19 @@ def test_model_timing_helpers():
     assert pre["prompt_tokens"] == 8 and pre["tokens_per_s"] > 0
     gen = time_generation(model, ids, new_tokens=4, repeats=1, warmup=0)
     assert gen["new_tokens"] == 4 and gen["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ["armor", "sparse"])
+def test_load_state_dict_assign_keeps_frozen_parameters(kind):
+    # armor.model.io loads with assign=True: parameters are replaced, not copied into.
+    src = module_from_result(
+        _armor_result() if kind == "armor" else _sparse_result(), torch.randn(96), torch.float16
+    )
+    mod = empty_module_from_spec(src.spec(), dtype=torch.float16)
+    x = torch.randn(3, 128, dtype=torch.float16)
+    mod(x)  # a cache of the zero state must not survive the load
+    mod.load_state_dict({k: v.clone() for k, v in src.state_dict().items()}, strict=True, assign=True)
+    assert isinstance(mod.values, torch.nn.Parameter) and not mod.values.requires_grad
+    assert mod.indices.dtype == torch.uint8
+    assert torch.equal(mod(x), src(x))
+    assert sum(p.numel() for p in mod.parameters()) == sum(p.numel() for p in src.parameters())

@@ -164,7 +164,7 @@ def test_armor_never_worse_than_nowag(kind, method):
     assert res.history[0] == pytest.approx(nowag.loss, rel=1e-5)
     assert res.loss <= res.nowag_loss
     assert res.loss == res.history[-1] == min(res.history)
-    assert all(b <= a for a, b in zip(res.history, res.history[1:]))  # best-so-far never rises
+    assert all(b <= a for a, b in zip(res.history, res.history[1:], strict=False))  # best-so-far never rises
     assert res.loss < 0.99 * res.nowag_loss  # and it actually improves
     # the reported loss is the loss of what is returned
     wn, r, c = normalize_weight(w)

@@ -11,7 +11,9 @@ from torch import nn
 __all__ = ["load", "export_dense"]
 
 
-def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> nn.Module:
+def load(
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> nn.Module:
     """Load a pruned model folder written by ``armor prune`` / :func:`armor.model.save_pruned`."""
     from .model.io import load_pruned
 

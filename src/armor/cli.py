@@ -56,7 +56,9 @@ def _documents(files: Sequence[str] | None, default: str, what: str) -> tuple[li
 
 
 def _lines(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return [
+        ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+    ]
 
 
 def _model_path(arg: str | None) -> Path:
@@ -135,24 +137,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_path)
 
     if args.calib_dataset:
-        calib_docs = dataset_documents(args.calib_dataset, args.calib_split, args.calib_field, args.calib_config)
+        calib_docs = dataset_documents(
+            args.calib_dataset, args.calib_split, args.calib_field, args.calib_config
+        )
         calib_src = f"dataset:{args.calib_dataset}[{args.calib_split}]"
     else:
         calib_docs, calib_src = _documents(args.calib_text, DEFAULT_CALIB, "calibration text")
-    ids = calibration_ids(tokenizer, calib_docs, args.nsamples, args.seqlen, args.seed, name=f"calibration text ({calib_src})")
+    ids = calibration_ids(
+        tokenizer, calib_docs, args.nsamples, args.seqlen, args.seed, name=f"calibration text ({calib_src})"
+    )
     eval_tokens = None
     eval_src = None
     if not args.no_eval:
         eval_docs, eval_src = _documents(args.eval_text, DEFAULT_EVAL, "evaluation text")
         eval_tokens = tokenize_documents(tokenizer, eval_docs, name=f"evaluation text ({eval_src})")
         # Fail now, not after minutes of pruning, when the text is too short for one window.
-        perplexity_windows(eval_tokens, args.eval_seqlen, args.eval_windows, name=f"evaluation text ({eval_src})")
+        perplexity_windows(
+            eval_tokens, args.eval_seqlen, args.eval_windows, name=f"evaluation text ({eval_src})"
+        )
 
     settings: dict[str, Any] = {
         "model": str(model_path),
         "methods": methods,
         "calibration": f"{calib_src}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
-        "evaluation": None if args.no_eval else f"{eval_src}, {args.eval_windows} windows x {args.eval_seqlen}",
+        "evaluation": None
+        if args.no_eval
+        else f"{eval_src}, {args.eval_windows} windows x {args.eval_seqlen}",
         "layers": args.layers or "all decoder linears",
         "exclude": args.exclude or [],
         "iterations": args.iterations,
@@ -161,16 +171,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
     }
-    print(f"model: {model_path}\ncalibration: {settings['calibration']}\nmethods: {', '.join(methods)}", flush=True)
+    print(
+        f"model: {model_path}\ncalibration: {settings['calibration']}\nmethods: {', '.join(methods)}",
+        flush=True,
+    )
 
     def ppl_of(model: Any, label: str) -> float | None:
         if eval_tokens is None:
             return None
         from .eval.perplexity import perplexity
 
-        res = perplexity(model, eval_tokens, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
-                         batch_size=args.eval_batch_size, progress=not args.quiet)
-        print(f"  perplexity ({label}): {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f} s]", flush=True)
+        res = perplexity(
+            model,
+            eval_tokens,
+            seqlen=args.eval_seqlen,
+            max_windows=args.eval_windows,
+            batch_size=args.eval_batch_size,
+            progress=not args.quiet,
+        )
+        print(
+            f"  perplexity ({label}): {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f} s]", flush=True
+        )
         return res.ppl
 
     full = any(METHOD_NEEDS[m] == "full" for m in methods)
@@ -205,8 +226,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 "calibration": {"source": calib_src, "seed": args.seed},
             }
             run = prune_pretrained(
-                model, tokenizer, ids, method, opts, out_dir=mdir, include=args.layers, exclude=args.exclude,
-                stats_cache=cache, resume=not args.no_resume, extra_config=extra, progress=not args.quiet,
+                model,
+                tokenizer,
+                ids,
+                method,
+                opts,
+                out_dir=mdir,
+                include=args.layers,
+                exclude=args.exclude,
+                stats_cache=cache,
+                resume=not args.no_resume,
+                extra_config=extra,
+                progress=not args.quiet,
             )
             if not args.keep_layers:
                 import shutil
@@ -225,7 +256,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "layers": len(recs),
             "options": opts,
         }
-        print(f"  mean proxy loss: NoWag-P {row['mean_nowag_loss']:.4f} -> {method} {row['mean_loss']:.4f}", flush=True)
+        print(
+            f"  mean proxy loss: NoWag-P {row['mean_nowag_loss']:.4f} -> {method} {row['mean_loss']:.4f}",
+            flush=True,
+        )
         row["ppl"] = ppl_of(model, method)
         rows.append(row)
         records[method] = recs
@@ -234,7 +268,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     command = "armor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "armor prune"
     report = write_report(out, rows, records, settings, command=command)
     print("\n" + format_table(rows))
-    print(f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\nmodels: {', '.join(str(out / m) for m in methods)}")
+    print(
+        f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\n"
+        f"models: {', '.join(str(out / m) for m in methods)}"
+    )
     return 0
 
 
@@ -254,16 +291,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"model": str(path)}
     if not args.no_ppl:
         docs, src = _documents(args.text, DEFAULT_EVAL, "evaluation text")
-        res = perplexity(model, docs, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows,
-                         batch_size=args.batch_size, progress=True, name=f"evaluation text ({src})")
+        res = perplexity(
+            model,
+            docs,
+            tokenizer,
+            seqlen=args.seqlen,
+            max_windows=args.max_windows,
+            batch_size=args.batch_size,
+            progress=True,
+            name=f"evaluation text ({src})",
+        )
         out["perplexity"] = {"text": src, **res.to_json()}
-        print(f"perplexity on {src}: {res.ppl:.3f} ({res.windows} windows x {res.seqlen}, {res.seconds:.1f} s)")
+        print(
+            f"perplexity on {src}: {res.ppl:.3f} ({res.windows} windows x {res.seqlen}, {res.seconds:.1f} s)"
+        )
     if args.lm_eval_tasks:
         from .eval.lm_eval_adapter import run_lm_eval
 
         tasks = _split_methods(args.lm_eval_tasks)
-        out["lm_eval"] = run_lm_eval(model, tasks, tokenizer, batch_size=args.batch_size, limit=args.limit,
-                                     include_path=args.lm_eval_include)
+        out["lm_eval"] = run_lm_eval(
+            model,
+            tasks,
+            tokenizer,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            include_path=args.lm_eval_include,
+        )
         print(json.dumps(out["lm_eval"], indent=2, default=str))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
@@ -291,7 +344,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     weights = path / section.get("weights", WEIGHTS_NAME)
     print(f"model folder:  {path}")
     print(f"base model:    {section.get('base_model', '?')}")
-    print(f"method:        {section.get('method')}  pattern {section.get('pattern')}  options {section.get('options')}")
+    print(
+        f"method:        {section.get('method')}  pattern {section.get('pattern')}  "
+        f"options {section.get('options')}"
+    )
     print(f"calibration:   {section.get('calibration')}")
     print(f"pruned layers: {len(layers)} ({', '.join(f'{v} {k}' for k, v in kinds.items())})")
     if weights.is_file():
@@ -301,15 +357,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         core = sum(r.get("params", {}).get("core", 0) for r in recs)
         wrap = sum(r.get("params", {}).get("wrappers", 0) for r in recs)
         dense = sum(r.get("params", {}).get("dense", 0) for r in recs)
-        print(f"mean loss:     NoWag-P {sum(r['nowag_loss'] for r in recs) / k:.4f} -> "
-              f"{sum(r['loss'] for r in recs) / k:.4f}")
+        print(
+            f"mean loss:     NoWag-P {sum(r['nowag_loss'] for r in recs) / k:.4f} -> "
+            f"{sum(r['loss'] for r in recs) / k:.4f}"
+        )
         if dense:
-            print(f"params:        {core:,} kept + {wrap:,} wrapper of {dense:,} dense ({(core + wrap) / dense:.1%})")
+            print(
+                f"params:        {core:,} kept + {wrap:,} wrapper of {dense:,} dense "
+                f"({(core + wrap) / dense:.1%})"
+            )
         if args.layers:
             print(f"\n{'layer':<45} {'shape':>11} {'NoWag-P':>9} {'final':>9} {'iters':>6}")
             for r in recs:
                 shape = f"{r['shape'][0]}x{r['shape'][1]}"
-                print(f"{r['name']:<45} {shape:>11} {r['nowag_loss']:>9.4f} {r['loss']:>9.4f} {r['iterations']:>6}")
+                print(
+                    f"{r['name']:<45} {shape:>11} {r['nowag_loss']:>9.4f} {r['loss']:>9.4f} "
+                    f"{r['iterations']:>6}"
+                )
     print(f"versions:      {section.get('versions')}")
     return 0
 
@@ -336,20 +400,38 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``argv`` decides whether the bench subcommand's options are loaded."""
-    parser = argparse.ArgumentParser(prog="armor", description="2:4 pruning of causal LMs with ARMOR and baselines")
+    parser = argparse.ArgumentParser(
+        prog="armor", description="2:4 pruning of causal LMs with ARMOR and baselines"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="{prune,eval,inspect,export,bench}")
 
-    p = sub.add_parser("prune", help="calibrate, prune, save, evaluate (no arguments: the embedded demo)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M-Instruct from PyPI, cached)")
-    p.add_argument("--method", default=DEFAULT_METHOD, help="pruning method (magnitude, wanda, nowag, sparsegpt, "
-                   "armor, armor-fast)")
-    p.add_argument("--compare", default=DEFAULT_COMPARE,
-                   help="comma-separated extra methods pruned and evaluated alongside ('none' for none)")
-    p.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
-                   help="calibration text files (.txt whole, .cor one doc per line, .jsonl with 'text'); "
-                   "default: the embedded Britannica text")
+    p = sub.add_parser(
+        "prune",
+        help="calibrate, prune, save, evaluate (no arguments: the embedded demo)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default=None, help="HF model folder (default: SmolLM2-135M-Instruct from PyPI, cached)"
+    )
+    p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        help="pruning method (magnitude, wanda, nowag, sparsegpt, armor, armor-fast)",
+    )
+    p.add_argument(
+        "--compare",
+        default=DEFAULT_COMPARE,
+        help="comma-separated extra methods pruned and evaluated alongside ('none' for none)",
+    )
+    p.add_argument(
+        "--calib-text",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="calibration text files (.txt whole, .cor one doc per line, .jsonl with 'text'); "
+        "default: the embedded Britannica text",
+    )
     p.add_argument("--calib-dataset", default=None, help="a 'datasets' name, saved folder or data file")
     p.add_argument("--calib-split", default="train")
     p.add_argument("--calib-field", default="text")
@@ -357,17 +439,31 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=512, help="calibration sequence length")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per calibration forward")
-    p.add_argument("--eval-text", nargs="+", default=None, metavar="FILE",
-                   help="evaluation text files; default: the embedded Lee news corpus (lee_background)")
+    p.add_argument(
+        "--eval-text",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="evaluation text files; default: the embedded Lee news corpus (lee_background)",
+    )
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40, help="at most this many evaluation windows")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    p.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
-                   help="only layers matching these globs (on any dotted suffix) or 're:REGEX'")
-    p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN", help="leave matching layers dense")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="only layers matching these globs (on any dotted suffix) or 're:REGEX'",
+    )
+    p.add_argument(
+        "--exclude", nargs="+", default=None, metavar="PATTERN", help="leave matching layers dense"
+    )
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (default: the solver's)")
-    p.add_argument("--block-size", type=int, default=None, help="ARMOR/SparseGPT block size (default: the solver's)")
+    p.add_argument(
+        "--block-size", type=int, default=None, help="ARMOR/SparseGPT block size (default: the solver's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     _add_common_model_args(p)
     p.add_argument("--output", default="armor-out", help="output folder (one subfolder per method)")
@@ -376,14 +472,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity (and optional lm-eval tasks) of a dense or pruned model folder")
+    p = sub.add_parser(
+        "eval", help="perplexity (and optional lm-eval tasks) of a dense or pruned model folder"
+    )
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded SmolLM2)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="default: the embedded Lee corpus")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
-    p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval tasks (needs armor-prune[eval])")
+    p.add_argument(
+        "--lm-eval-tasks", default=None, help="comma-separated lm-eval tasks (needs armor-prune[eval])"
+    )
     p.add_argument("--lm-eval-include", default=None, help="folder of custom lm-eval task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="lm-eval examples per task")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
@@ -407,7 +507,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         try:
             from .runtime.bench import add_bench_arguments, bench_main
         except ImportError as exc:
-            p.set_defaults(func=lambda _a: _fail(f"armor bench is unavailable: {exc}"))
+            reason = f"armor bench is unavailable: {exc}"
+            p.set_defaults(func=lambda _a: _fail(reason))
         else:
             add_bench_arguments(p)
             p.set_defaults(func=bench_main)
@@ -440,7 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
-        print("armor: interrupted (finished layers are kept; rerun the same command to resume)", file=sys.stderr)
+        print(
+            "armor: interrupted (finished layers are kept; rerun the same command to resume)", file=sys.stderr
+        )
         return 130
     except (CliError, ValueError, FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
         if args.debug:

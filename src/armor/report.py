@@ -20,7 +20,7 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table: method, perplexity, mean NoWag-P / final proxy loss, pruning time."""
-    head = "| method | perplexity | mean NoWag-P loss | mean final loss | prune time (s) |\n|---|---|---|---|---|"
+    head = "| method | ppl | mean NoWag-P loss | mean final loss | prune time (s) |\n" + "|---" * 5 + "|"
     lines = [head]
     for r in rows:
         lines.append(
@@ -70,7 +70,8 @@ def write_report(
     settings: Mapping[str, Any],
     command: str | None = None,
 ) -> Path:
-    """Write ``report.md``, ``loss_per_layer.png`` and ``results.json`` into ``out_dir``; returns the report."""
+    """Write ``report.md``, ``loss_per_layer.png`` and ``results.json`` into ``out_dir``; returns the
+    report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_losses(records, out / "loss_per_layer.png")
@@ -78,10 +79,13 @@ def write_report(
     if command:
         lines += ["```", command, "```", ""]
     lines += ["## Settings", ""]
-    lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in settings.items()]
+    lines += [
+        f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in settings.items()
+    ]
     lines += ["", "## Results", "", format_table(rows), ""]
     lines += [
-        "Perplexity: documents joined with blank lines, tokenised once, non-overlapping windows, exp(mean NLL). "
+        "Perplexity: documents joined with blank lines, tokenised once, non-overlapping windows, "
+        "exp(mean NLL). "
         "Proxy loss: ALGORITHM.md §3 (1.0 = all weights zero), averaged over layers.",
         "",
     ]
@@ -90,14 +94,22 @@ def write_report(
     for method, recs in records.items():
         if not recs:
             continue
-        lines += [f"### {method}: per-layer losses", "", "| layer | shape | NoWag-P | final | iters | s |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {method}: per-layer losses",
+            "",
+            "| layer | shape | NoWag-P | final | iters | s |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in recs:
             lines.append(
-                f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['nowag_loss']:.4f} | {r['loss']:.4f} | "
+                f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['nowag_loss']:.4f} | "
+                f"{r['loss']:.4f} | "
                 f"{r['iterations']} | {r['seconds']:.2f} |"
             )
         lines.append("")
     report = out / "report.md"
     report.write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str))
+    (out / "results.json").write_text(
+        json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str)
+    )
     return report

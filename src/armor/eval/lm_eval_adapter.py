@@ -19,11 +19,15 @@ def _import_lm_eval() -> Any:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise ImportError("lm-eval is not installed: pip install 'armor-prune[eval]' (or pip install lm-eval)") from None
+        raise ImportError(
+            "lm-eval is not installed: pip install 'armor-prune[eval]' (or pip install lm-eval)"
+        ) from None
     return lm_eval, HFLM
 
 
-def lm_eval_model(model: nn.Module | str | Path, tokenizer: Any = None, batch_size: int | str = 1, **kwargs: Any) -> Any:
+def lm_eval_model(
+    model: nn.Module | str | Path, tokenizer: Any = None, batch_size: int | str = 1, **kwargs: Any
+) -> Any:
     """Wrap a (pruned) model, or a model folder, in lm-eval's ``HFLM``."""
     _, hflm = _import_lm_eval()
     if isinstance(model, (str, Path)):
@@ -53,5 +57,7 @@ def run_lm_eval(
         from lm_eval.tasks import TaskManager
 
         task_manager = TaskManager(include_path=str(include_path))
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=task_manager, **kwargs)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), limit=limit, task_manager=task_manager, **kwargs
+    )
     return {} if out is None else out.get("results", {})

@@ -1,7 +1,7 @@
 """Perplexity on any text: documents joined, tokenised once, non-overlapping windows, ``exp(mean NLL)``.
 
-This is the protocol of ALGORITHM.md §9; name results after the text they were measured on (e.g. "perplexity on
-the Lee news corpus"), never after a benchmark that was not used.
+This is the protocol of ALGORITHM.md §9; name results after the text they were measured on (e.g. "perplexity
+on the Lee news corpus"), never after a benchmark that was not used.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ class PerplexityResult:
         return dict(self.__dict__)
 
 
-def perplexity_windows(tokens: Tensor, seqlen: int, max_windows: int | None = None, name: str = "text") -> Tensor:
+def perplexity_windows(
+    tokens: Tensor, seqlen: int, max_windows: int | None = None, name: str = "text"
+) -> Tensor:
     """``(W, seqlen)`` non-overlapping windows from the start of a 1-D token stream (the tail is dropped)."""
     if seqlen < 2:
         raise ValueError(f"seqlen must be >= 2, got {seqlen}")
@@ -81,12 +83,16 @@ def perplexity(
     from tqdm.auto import tqdm
 
     try:
-        for s in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
+        for s in tqdm(
+            range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False
+        ):
             batch = windows[s : s + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             # float32 for the log-softmax: half-precision NLL sums drift over many tokens.
             nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                batch[:, 1:].reshape(-1),
+                reduction="sum",
             )
             total_nll += float(nll)
             count += batch[:, 1:].numel()
@@ -94,4 +100,6 @@ def perplexity(
     finally:
         model.train(was_training)
     mean = total_nll / count
-    return PerplexityResult(math.exp(mean), mean, count, windows.shape[0], seqlen, time.perf_counter() - start)
+    return PerplexityResult(
+        math.exp(mean), mean, count, windows.shape[0], seqlen, time.perf_counter() - start
+    )

@@ -1,6 +1,12 @@
 """Model plumbing: layer selection, calibration, resumable pruning, saving/loading/exporting."""
 
-from .calibration import calibration_sequences, collect_stats, dataset_documents, read_documents, tokenize_documents
+from .calibration import (
+    calibration_sequences,
+    collect_stats,
+    dataset_documents,
+    read_documents,
+    tokenize_documents,
+)
 from .io import export_dense, load_model, load_pruned, load_tokenizer, read_armor_config, save_pruned
 from .layers import find_decoder_layers, find_prunable_layers, name_matches
 from .pipeline import StatsCache, calibration_ids, prune_pretrained

@@ -1,8 +1,9 @@
 """Calibration data and the one forward pass that collects every selected layer's input statistics.
 
 Documents are joined with blank lines, tokenised once and cut into ``nsamples`` sequences of ``seqlen`` tokens
-(ALGORITHM.md §1).  Forward hooks feed each layer's input into a float32 :class:`~armor.stats.StatsAccumulator`
-batch by batch, so memory is bounded by one batch of activations plus the statistics themselves.
+(ALGORITHM.md §1).  Forward hooks feed each layer's input into a float32
+:class:`~armor.stats.StatsAccumulator` batch by batch, so memory is bounded by one batch of activations plus
+the statistics themselves.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ DOC_SEPARATOR = "\n\n"
 def read_documents(path: str | Path) -> list[str]:
     """Documents of a local text file.
 
-    ``.cor``/``.lines`` files hold one document per line, ``.jsonl`` one JSON object with a ``"text"`` field per
+    ``.cor``/``.lines`` files hold one document per line, ``.jsonl`` one JSON object with a ``"text"`` field
+    per
     line; any other file is one document.
     """
     p = Path(path)
@@ -84,7 +86,9 @@ def dataset_documents(
     else:
         ds = datasets.load_dataset(name, config, split=split)
     if text_field not in ds.column_names:
-        raise ValueError(f"data set {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})")
+        raise ValueError(
+            f"data set {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
+        )
     docs = [str(t) for t in ds.select(range(min(limit, len(ds))))[text_field] if t and str(t).strip()]
     if not docs:
         raise ValueError(f"data set {name!r} split {split!r} has no non-empty {text_field!r} entries")
@@ -96,7 +100,8 @@ def tokenize_documents(tokenizer: Any, documents: Sequence[str], name: str = "te
     text = DOC_SEPARATOR.join(d for d in documents if d.strip())
     if not text.strip():
         raise ValueError(f"{name} is empty")
-    # Long inputs are the point here; silence the "longer than model_max_length" warning by tokenising directly.
+    # Long inputs are the point here; silence the "longer than model_max_length" warning by tokenising
+    # directly.
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     if not ids:
         raise ValueError(f"{name} produced no tokens")
@@ -119,7 +124,8 @@ def calibration_sequences(
     windows = total // seqlen
     if nsamples > windows:
         raise ValueError(
-            f"{name} has {total} tokens, enough for {windows} sequences of {seqlen}, but nsamples={nsamples}; "
+            f"{name} has {total} tokens, enough for {windows} sequences of {seqlen}, "
+            f"but nsamples={nsamples}; "
             "lower --nsamples/--seqlen or add text"
         )
     gen = torch.Generator().manual_seed(seed)
@@ -149,7 +155,8 @@ def collect_stats(
     share_inputs: bool = True,
     progress: bool = True,
 ) -> dict[str, LayerStats]:
-    """One forward pass of the (dense) model over ``input_ids`` ``(N, seqlen)``; statistics per selected layer.
+    """One forward pass of the (dense) model over ``input_ids`` ``(N, seqlen)``; statistics per selected
+    layer.
 
     Args:
         layers: name -> linear layer, as from :func:`~armor.model.layers.find_prunable_layers`.
@@ -158,7 +165,9 @@ def collect_stats(
             accumulator, which saves their repeated work; their statistics are identical anyway.
     """
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty (nsamples, seqlen) tensor, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a non-empty (nsamples, seqlen) tensor, got {tuple(input_ids.shape)}"
+        )
     device = model_device(model)
     needs_full = {n for n in layers if (full is True or (isinstance(full, set) and n in full))}
     accs: dict[str, StatsAccumulator] = {}

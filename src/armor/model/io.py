@@ -1,10 +1,11 @@
 """Saving, loading and exporting pruned models (safetensors + JSON only; nothing is ever unpickled).
 
 A pruned model folder holds ``armor.safetensors`` (the whole state dict, pruned layers in packed form), the
-model's ``config.json`` with an extra ``"armor"`` section (method, options, calibration, per-layer module specs,
-versions), the generation config and the tokenizer.  The weights file has its own name on purpose: pointing
-``AutoModelForCausalLM.from_pretrained`` at the folder fails loudly instead of silently loading random weights
-for the packed layers; use :func:`load_pruned` (``armor.load``) or :func:`export_dense` for a plain HF folder.
+model's ``config.json`` with an extra ``"armor"`` section (method, options, calibration, per-layer module
+specs, versions), the generation config and the tokenizer.  The weights file has its own name on purpose:
+pointing ``AutoModelForCausalLM.from_pretrained`` at the folder fails loudly instead of silently loading
+random weights for the packed layers; use :func:`load_pruned` (``armor.load``) or :func:`export_dense` for a
+plain HF folder.
 """
 
 from __future__ import annotations
@@ -134,7 +135,13 @@ def is_pruned_folder(path: str | Path) -> bool:
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    aliases = {
+        "fp32": "float32",
+        "fp16": "float16",
+        "half": "float16",
+        "bf16": "bfloat16",
+        "float": "float32",
+    }
     name = aliases.get(dtype, dtype)
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
@@ -230,7 +237,8 @@ def load_tokenizer(path: str | Path) -> Any:
 
 @torch.no_grad()
 def export_dense(path_or_model: str | Path | nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write a plain Hugging Face folder (pruned layers as dense ``nn.Linear``) that ``from_pretrained`` loads.
+    """Write a plain Hugging Face folder (pruned layers as dense ``nn.Linear``) that ``from_pretrained``
+    loads.
 
     The pruned zeros and the folded ARMOR wrappers are multiplied out, so any HF tool can run the result;
     the sparsity speed-up and compression are lost.  A model passed in is restored before returning.

@@ -90,7 +90,8 @@ def find_prunable_layers(
     Args:
         include: patterns (see :func:`name_matches`); when given, only matching layers are kept.
         exclude: patterns of layers to leave dense.
-        m: group size of the n:m pattern; layers whose ``in_features`` is not a multiple are an error when they
+        m: group size of the n:m pattern; layers whose ``in_features`` is not a multiple are an error when
+        they
             were explicitly included, and skipped otherwise.
     """
     prefix, blocks = find_decoder_layers(model)

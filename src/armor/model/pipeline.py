@@ -27,10 +27,17 @@ __all__ = ["calibration_ids", "ids_digest", "StatsCache", "prune_pretrained", "f
 
 
 def calibration_ids(
-    tokenizer: Any, documents: Sequence[str], nsamples: int, seqlen: int, seed: int = 0, name: str = "calibration text"
+    tokenizer: Any,
+    documents: Sequence[str],
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    name: str = "calibration text",
 ) -> torch.Tensor:
     """``(nsamples, seqlen)`` calibration token ids from documents (joined, tokenised once, cut)."""
-    return calibration_sequences(tokenize_documents(tokenizer, documents, name=name), nsamples, seqlen, seed, name)
+    return calibration_sequences(
+        tokenize_documents(tokenizer, documents, name=name), nsamples, seqlen, seed, name
+    )
 
 
 def ids_digest(ids: torch.Tensor) -> str:
@@ -46,7 +53,9 @@ class StatsCache:
     pruning loop asks before it replaces anything).
     """
 
-    def __init__(self, input_ids: torch.Tensor, batch_size: int = 8, full: bool = False, progress: bool = True):
+    def __init__(
+        self, input_ids: torch.Tensor, batch_size: int = 8, full: bool = False, progress: bool = True
+    ):
         self.input_ids = input_ids
         self.batch_size = batch_size
         self.full = full
@@ -60,7 +69,9 @@ class StatsCache:
             if missing:
                 self.passes += 1
                 self.stats.update(
-                    collect_stats(model, missing, self.input_ids, self.batch_size, self.full, progress=self.progress)
+                    collect_stats(
+                        model, missing, self.input_ids, self.batch_size, self.full, progress=self.progress
+                    )
                 )
             return {n: self.stats[n] for n in names}
 
@@ -99,14 +110,16 @@ def prune_pretrained(
 ) -> PruneRun:
     """Prune ``model`` in place with ``method`` and (when ``out_dir`` is given) save it there.
 
-    ``out_dir`` also holds the resume state (``layers/``) and ``records.jsonl``.  ``extra_config`` is merged into
-    the saved ``"armor"`` config section (e.g. calibration source, model path).
+    ``out_dir`` also holds the resume state (``layers/``) and ``records.jsonl``.  ``extra_config`` is merged
+    into the saved ``"armor"`` config section (e.g. calibration source, model path).
     """
     if method not in METHOD_NEEDS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NEEDS)}")
     options = dict(options or {})
     layers = find_prunable_layers(model, include, exclude, m=m)
-    cache = stats_cache or StatsCache(calib_ids, batch_size, full=METHOD_NEEDS[method] == "full", progress=progress)
+    cache = stats_cache or StatsCache(
+        calib_ids, batch_size, full=METHOD_NEEDS[method] == "full", progress=progress
+    )
     if METHOD_NEEDS[method] == "full" and not cache.full:
         raise ValueError(f"method {method!r} needs full Hessians; build the StatsCache with full=True")
     calib_fp = ids_digest(calib_ids)
@@ -149,11 +162,23 @@ def prune_pretrained(
 
 
 def settings_fingerprint(
-    model_id: str, method: str, options: Mapping[str, Any], calib_fp: str, include: Sequence[str] | None,
-    exclude: Sequence[str] | None, n: int = 2, m: int = 4,
+    model_id: str,
+    method: str,
+    options: Mapping[str, Any],
+    calib_fp: str,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    n: int = 2,
+    m: int = 4,
 ) -> str:
     """Hash of everything that determines a pruned model (used to skip work that is already done)."""
     return fingerprint(
-        model=model_id, method=method, options=dict(options), calib=calib_fp,
-        include=list(include or []), exclude=list(exclude or []), n=n, m=m,
+        model=model_id,
+        method=method,
+        options=dict(options),
+        calib=calib_fp,
+        include=list(include or []),
+        exclude=list(exclude or []),
+        n=n,
+        m=m,
     )

