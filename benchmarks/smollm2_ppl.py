@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     results = json.loads((Path(args.output) / "results.json").read_text())["results"]
     lines = [
-        f"Command: `python benchmarks/{Path(__file__).name} "
-        f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`  ",
+        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(shlex.quote(a) for a in sys.argv[1:])}`  ",
         f"(= `armor {' '.join(cli)}`)  ",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; total {time.perf_counter() - start:.0f} s",

@@ -245,3 +245,41 @@ def test_ray_two_workers_identical_even_after_a_worker_dies(ray_cluster, sharded
     assert _same_layer_files(tmp_path / "ref", tmp_path / "sr", list(layers)) == []
     assert torch.equal(_logits(armor_load(tmp_path / "sr"), ids), _logits(ref, ids))
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # local Ray stays on loopback
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def _cli_prune(capsys, model_dir, text, out, *extra):
+    from armor.cli import main
+
+    argv = ["prune", "--model", model_dir, "--calib-text", text, "--nsamples", 4, "--seqlen", 48, "--no-eval",
+            "--method", "nowag", "--compare", "none", "--quiet", "--keep-layers", "--output", out, *extra]
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    return cap.out
+
+
+def test_cli_streaming_and_sequential(capsys, tiny_model_dir, tiny_text, tmp_path):
+    _cli_prune(capsys, tiny_model_dir, tiny_text, tmp_path / "whole")
+    _cli_prune(capsys, tiny_model_dir, tiny_text, tmp_path / "stream", "--streaming")
+    names = [r["name"] for r in _records(tmp_path / "whole" / "nowag")]
+    assert len(names) == N_LAYERS
+    assert _same_layer_files(tmp_path / "whole" / "nowag", tmp_path / "stream" / "nowag", names) == []
+    section = json.loads((tmp_path / "stream" / "nowag" / "config.json").read_text())["armor"]
+    assert section["streaming"] and section["calibration"]["mode"] == "one-pass"
+
+    # sequential implies streaming; a finished one-pass folder is not taken for a sequential one
+    out = _cli_prune(capsys, tiny_model_dir, tiny_text, tmp_path / "stream", "--calibration-mode", "sequential")
+    assert "already pruned" not in out
+    section = json.loads((tmp_path / "stream" / "nowag" / "config.json").read_text())["armor"]
+    assert section["calibration"]["mode"] == "sequential"
+    out = _cli_prune(capsys, tiny_model_dir, tiny_text, tmp_path / "stream", "--calibration-mode", "sequential")
+    assert "already pruned" in out
+
+
+def test_cli_workers_on_ray(ray_cluster, capsys, tiny_model_dir, tiny_text, tmp_path):
+    _cli_prune(capsys, tiny_model_dir, tiny_text, tmp_path / "whole")
+    _cli_prune(capsys, tiny_model_dir, tiny_text, tmp_path / "ray", "--workers", 2)
+    names = [r["name"] for r in _records(tmp_path / "whole" / "nowag")]
+    assert _same_layer_files(tmp_path / "whole" / "nowag", tmp_path / "ray" / "nowag", names) == []
+    assert ray_cluster.is_initialized()  # the CLI joined the running Ray and left it running

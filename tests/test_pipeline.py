@@ -201,9 +201,7 @@ def test_resume_after_kill_never_redoes_finished_layers(char_tokenizer, tmp_path
 
     model = make_tiny_model(len(char_tokenizer))
     with pytest.raises(_Killed):
-        prune_pretrained(
-            model, char_tokenizer, ids, "nowag", out_dir=out, callback=die_after_two, progress=False
-        )
+        prune_pretrained(model, char_tokenizer, ids, "nowag", out_dir=out, callback=die_after_two, progress=False)
     assert len(calls) == 2
     assert len(list((out / "layers").glob("*.safetensors"))) == 2
     assert not (out / "config.json").exists()  # never looks finished
@@ -213,9 +211,7 @@ def test_resume_after_kill_never_redoes_finished_layers(char_tokenizer, tmp_path
     calls.clear()
     cache = StatsCache(ids, progress=False)
     model = make_tiny_model(len(char_tokenizer))
-    run = prune_pretrained(
-        model, char_tokenizer, ids, "nowag", out_dir=out, stats_cache=cache, progress=False
-    )
+    run = prune_pretrained(model, char_tokenizer, ids, "nowag", out_dir=out, stats_cache=cache, progress=False)
     assert len(calls) == N_LAYERS - 2 and run.resumed == 2
     assert cache.passes == 1
     ref = make_tiny_model(len(char_tokenizer))
@@ -240,9 +236,7 @@ def test_resume_after_kill_never_redoes_finished_layers(char_tokenizer, tmp_path
     victim = layer_file(out, "model.layers.1.mlp.up_proj")
     victim.write_bytes(victim.read_bytes()[:100])
     calls.clear()
-    prune_pretrained(
-        make_tiny_model(len(char_tokenizer)), char_tokenizer, ids, "nowag", out_dir=out, progress=False
-    )
+    prune_pretrained(make_tiny_model(len(char_tokenizer)), char_tokenizer, ids, "nowag", out_dir=out, progress=False)
     assert len(calls) == 1
 
     # other settings (calibration data) never reuse the old files
@@ -317,22 +311,16 @@ def test_cli_prune_inspect_export_eval(capsys, tiny_model_dir, tiny_text, tmp_pa
     assert [r["method"] for r in results] == ["dense", "nowag", "magnitude", "wanda"]
     assert all(math.isfinite(r["ppl"]) for r in results)
 
-    rc, stdout, _ = _cli(
-        capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "wanda", "--compare", "none")
-    )
+    rc, stdout, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "wanda", "--compare", "none"))
     assert rc == 0 and "already pruned" in stdout
 
     rc, stdout, _ = _cli(capsys, "inspect", out / "wanda", "--layers")
     assert rc == 0 and "method:        wanda" in stdout and "model.layers.1.mlp.down_proj" in stdout
     rc, stdout, _ = _cli(capsys, "export", out / "wanda", tmp_path / "dense")
     assert rc == 0 and (tmp_path / "dense" / "model.safetensors").is_file()
-    rc, stdout, _ = _cli(
-        capsys, "eval", out / "wanda", "--text", tiny_text, "--seqlen", 48, "--max-windows", 2
-    )
+    rc, stdout, _ = _cli(capsys, "eval", out / "wanda", "--text", tiny_text, "--seqlen", 48, "--max-windows", 2)
     assert rc == 0 and "perplexity on" in stdout
-    rc, stdout, _ = _cli(
-        capsys, "eval", tmp_path / "dense", "--text", tiny_text, "--seqlen", 48, "--max-windows", 2
-    )
+    rc, stdout, _ = _cli(capsys, "eval", tmp_path / "dense", "--text", tiny_text, "--seqlen", 48, "--max-windows", 2)
     assert rc == 0 and "perplexity on" in stdout
 
 

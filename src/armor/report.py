@@ -79,9 +79,7 @@ def write_report(
     if command:
         lines += ["```", command, "```", ""]
     lines += ["## Settings", ""]
-    lines += [
-        f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in settings.items()
-    ]
+    lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in settings.items()]
     lines += ["", "## Results", "", format_table(rows), ""]
     lines += [
         "Perplexity: documents joined with blank lines, tokenised once, non-overlapping windows, "
@@ -109,7 +107,5 @@ def write_report(
         lines.append("")
     report = out / "report.md"
     report.write_text("\n".join(lines))
-    (out / "results.json").write_text(
-        json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str)
-    )
+    (out / "results.json").write_text(json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str))
     return report

@@ -35,12 +35,16 @@ def nm_mask_from_scores(scores: Tensor, n: int = 2, m: int = 4) -> Tensor:
     """
     check_nm_shape(scores.shape, n, m)
     rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m).to(torch.float64)
-    # A stable descending sort keeps the lower index first among equal scores.
-    order = torch.argsort(groups, dim=-1, descending=True, stable=True)
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(-1, order[..., :n], True)
-    return mask.reshape(rows, cols)
+    groups = scores.reshape(rows, cols // m, m)
+    # rank_k = #{j : s_j > s_k} + #{j < k : s_j == s_k}: a total order that breaks ties towards the lower index,
+    # in m*m elementwise comparisons (much faster than a stable sort for m = 4)
+    rank = torch.zeros(groups.shape, dtype=torch.int8, device=scores.device)
+    for j in range(m):
+        other = groups[..., j : j + 1]
+        beats = other > groups
+        beats[..., j + 1 :] |= other == groups[..., j + 1 :]
+        rank += beats
+    return (rank < n).reshape(rows, cols)
 
 
 def is_nm_mask(mask: Tensor, n: int = 2, m: int = 4) -> bool:

@@ -57,7 +57,5 @@ def run_lm_eval(
         from lm_eval.tasks import TaskManager
 
         task_manager = TaskManager(include_path=str(include_path))
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), limit=limit, task_manager=task_manager, **kwargs
-    )
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=task_manager, **kwargs)
     return {} if out is None else out.get("results", {})

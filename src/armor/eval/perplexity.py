@@ -34,9 +34,7 @@ class PerplexityResult:
         return dict(self.__dict__)
 
 
-def perplexity_windows(
-    tokens: Tensor, seqlen: int, max_windows: int | None = None, name: str = "text"
-) -> Tensor:
+def perplexity_windows(tokens: Tensor, seqlen: int, max_windows: int | None = None, name: str = "text") -> Tensor:
     """``(W, seqlen)`` non-overlapping windows from the start of a 1-D token stream (the tail is dropped)."""
     if seqlen < 2:
         raise ValueError(f"seqlen must be >= 2, got {seqlen}")
@@ -83,9 +81,7 @@ def perplexity(
     from tqdm.auto import tqdm
 
     try:
-        for s in tqdm(
-            range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False
-        ):
+        for s in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
             batch = windows[s : s + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             # float32 for the log-softmax: half-precision NLL sums drift over many tokens.
@@ -100,6 +96,4 @@ def perplexity(
     finally:
         model.train(was_training)
     mean = total_nll / count
-    return PerplexityResult(
-        math.exp(mean), mean, count, windows.shape[0], seqlen, time.perf_counter() - start
-    )
+    return PerplexityResult(math.exp(mean), mean, count, windows.shape[0], seqlen, time.perf_counter() - start)

@@ -86,9 +86,7 @@ def dataset_documents(
     else:
         ds = datasets.load_dataset(name, config, split=split)
     if text_field not in ds.column_names:
-        raise ValueError(
-            f"data set {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
-        )
+        raise ValueError(f"data set {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})")
     docs = [str(t) for t in ds.select(range(min(limit, len(ds))))[text_field] if t and str(t).strip()]
     if not docs:
         raise ValueError(f"data set {name!r} split {split!r} has no non-empty {text_field!r} entries")
@@ -165,9 +163,7 @@ def collect_stats(
             accumulator, which saves their repeated work; their statistics are identical anyway.
     """
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(
-            f"input_ids must be a non-empty (nsamples, seqlen) tensor, got {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"input_ids must be a non-empty (nsamples, seqlen) tensor, got {tuple(input_ids.shape)}")
     device = model_device(model)
     needs_full = {n for n in layers if (full is True or (isinstance(full, set) and n in full))}
     accs: dict[str, StatsAccumulator] = {}

@@ -8,6 +8,7 @@ Used by the command line and usable directly::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,9 +36,7 @@ def calibration_ids(
     name: str = "calibration text",
 ) -> torch.Tensor:
     """``(nsamples, seqlen)`` calibration token ids from documents (joined, tokenised once, cut)."""
-    return calibration_sequences(
-        tokenize_documents(tokenizer, documents, name=name), nsamples, seqlen, seed, name
-    )
+    return calibration_sequences(tokenize_documents(tokenizer, documents, name=name), nsamples, seqlen, seed, name)
 
 
 def ids_digest(ids: torch.Tensor) -> str:
@@ -53,9 +52,7 @@ class StatsCache:
     pruning loop asks before it replaces anything).
     """
 
-    def __init__(
-        self, input_ids: torch.Tensor, batch_size: int = 8, full: bool = False, progress: bool = True
-    ):
+    def __init__(self, input_ids: torch.Tensor, batch_size: int = 8, full: bool = False, progress: bool = True):
         self.input_ids = input_ids
         self.batch_size = batch_size
         self.full = full
@@ -69,9 +66,7 @@ class StatsCache:
             if missing:
                 self.passes += 1
                 self.stats.update(
-                    collect_stats(
-                        model, missing, self.input_ids, self.batch_size, self.full, progress=self.progress
-                    )
+                    collect_stats(model, missing, self.input_ids, self.batch_size, self.full, progress=self.progress)
                 )
             return {n: self.stats[n] for n in names}
 
@@ -107,8 +102,12 @@ def prune_pretrained(
     extra_config: Mapping[str, Any] | None = None,
     callback: Callable[[str, LayerRecord], None] | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> PruneRun:
     """Prune ``model`` in place with ``method`` and (when ``out_dir`` is given) save it there.
+
+    ``executor`` runs the per-layer jobs elsewhere (e.g. :class:`armor.distributed.RayExecutor`); the layer
+    files, records and results are the same as in process.
 
     ``out_dir`` also holds the resume state (``layers/``) and ``records.jsonl``.  ``extra_config`` is merged
     into the saved ``"armor"`` config section (e.g. calibration source, model path).
@@ -117,13 +116,16 @@ def prune_pretrained(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NEEDS)}")
     options = dict(options or {})
     layers = find_prunable_layers(model, include, exclude, m=m)
-    cache = stats_cache or StatsCache(
-        calib_ids, batch_size, full=METHOD_NEEDS[method] == "full", progress=progress
-    )
+    cache = stats_cache or StatsCache(calib_ids, batch_size, full=METHOD_NEEDS[method] == "full", progress=progress)
     if METHOD_NEEDS[method] == "full" and not cache.full:
         raise ValueError(f"method {method!r} needs full Hessians; build the StatsCache with full=True")
     calib_fp = ids_digest(calib_ids)
-    run = prune_model(
+    prune_fn: Callable[..., PruneRun] = prune_model
+    if executor is not None:
+        from ..distributed.jobs import prune_model_parallel
+
+        prune_fn = functools.partial(prune_model_parallel, executor=executor)
+    run = prune_fn(
         model,
         layers,
         cache.provider(model, layers),

@@ -163,9 +163,7 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: Path, metadata:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata)
-        )
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -319,7 +317,9 @@ def prune_model(
                 module, rec = done.pop(name)
             else:
                 bar.set_description(f"prune {method} [{k + 1}/{len(names)}] {name}")
-                st = layer_stats.get(name) if METHOD_NEEDS[method] != "nothing" else None
+                # Statistics go to magnitude too: its mask ignores them, but its reported losses then use the
+                # same weighting as every other method's and stay comparable.
+                st = layer_stats.get(name)
                 if st is None and METHOD_NEEDS[method] != "nothing":
                     raise ValueError(f"no calibration statistics for layer {name}")
                 result = prune_layer(lin.weight, st, method, n=n, m=m, **options)
@@ -343,6 +343,4 @@ def prune_model(
     finally:
         bar.close()
     resumed = sum(r.resumed for r in records.values())
-    return PruneRun(
-        method, options, [records[n_] for n_ in names], specs, time.perf_counter() - start, resumed
-    )
+    return PruneRun(method, options, [records[n_] for n_ in names], specs, time.perf_counter() - start, resumed)
