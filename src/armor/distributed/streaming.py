@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.layers import find_decoder_layers, find_prunable_layers, set_module
+from ..model.pipeline import armor_section
 from ..model.prune import LayerRecord, PruneRun, layer_file, load_layer_file
 from ..solvers import METHOD_NEEDS
 from ..stats import LayerStats, StatsAccumulator
@@ -543,27 +544,10 @@ def prune_streaming(
                 pass
     seconds = time.perf_counter() - start
 
-    k = max(len(records), 1)
-    section = {
-        "method": method,
-        "options": options,
-        "pattern": f"{n}:{m}",
-        "include": list(include or []),
-        "exclude": list(exclude or []),
-        "calibration": {
-            "nsamples": int(calib_ids.shape[0]),
-            "seqlen": int(calib_ids.shape[1]),
-            "digest": calib_fp,
-            "mode": calibration_mode,
-            **dict((extra_config or {}).get("calibration", {})),
-        },
-        **{key: v for key, v in (extra_config or {}).items() if key != "calibration"},
-        "streaming": True,
-        "mean_nowag_loss": sum(r.nowag_loss for r in records) / k,
-        "mean_loss": sum(r.loss for r in records) / k,
-        "prune_seconds": round(seconds, 2),
-        "records": [r.to_json() for r in records],
-    }
+    section = armor_section(
+        method, options, n, m, include, exclude, calib_ids, calib_fp, extra_config, records, seconds,
+        calibration={"mode": calibration_mode}, streaming=True,
+    )
     save_streamed_model(model_path, out, collector.specs, collector.dtypes, section, tokenizer=tokenizer,
                         dtype=dtype, reader=reader)
     resumed = sum(r.resumed for r in records)

@@ -140,25 +140,9 @@ def prune_pretrained(
         progress=progress,
     )
     if out_dir is not None:
-        nowag, final = run.mean_losses()
-        section = {
-            "method": method,
-            "options": options,
-            "pattern": f"{n}:{m}",
-            "include": list(include or []),
-            "exclude": list(exclude or []),
-            "calibration": {
-                "nsamples": int(calib_ids.shape[0]),
-                "seqlen": int(calib_ids.shape[1]),
-                "digest": calib_fp,
-                **dict((extra_config or {}).get("calibration", {})),
-            },
-            **{k: v for k, v in (extra_config or {}).items() if k != "calibration"},
-            "mean_nowag_loss": nowag,
-            "mean_loss": final,
-            "prune_seconds": round(run.seconds, 2),
-            "records": [r.to_json() for r in run.records],
-        }
+        section = armor_section(
+            method, options, n, m, include, exclude, calib_ids, calib_fp, extra_config, run.records, run.seconds
+        )
         save_pruned(model, tokenizer, out_dir, section)
     return run
 
@@ -184,3 +168,43 @@ def settings_fingerprint(
         n=n,
         m=m,
     )
+
+
+def armor_section(
+    method: str,
+    options: dict[str, Any],
+    n: int,
+    m: int,
+    include: Any,
+    exclude: Any,
+    calib_ids: torch.Tensor,
+    calib_fp: str,
+    extra_config: dict[str, Any] | None,
+    records: list[Any],
+    seconds: float,
+    **more: Any,
+) -> dict[str, Any]:
+    """The ``"armor"`` section of a saved model's ``config.json``: how it was made, and per-layer records."""
+    k = max(len(records), 1)
+    extra = dict(extra_config or {})
+    calibration = {
+        "nsamples": int(calib_ids.shape[0]),
+        "seqlen": int(calib_ids.shape[1]),
+        "digest": calib_fp,
+        **more.pop("calibration", {}),
+        **dict(extra.pop("calibration", {})),
+    }
+    return {
+        "method": method,
+        "options": options,
+        "pattern": f"{n}:{m}",
+        "include": list(include or []),
+        "exclude": list(exclude or []),
+        "calibration": calibration,
+        **extra,
+        **more,
+        "mean_nowag_loss": sum(r.nowag_loss for r in records) / k,
+        "mean_loss": sum(r.loss for r in records) / k,
+        "prune_seconds": round(seconds, 2),
+        "records": [r.to_json() for r in records],
+    }
