@@ -102,6 +102,13 @@ def compare(args: argparse.Namespace) -> None:
             faithful_trace = [tuple(x) for x in old["traces"][short]["faithful"]]
             prev = next(r for r in old["rows"] if r["layer"] == short)
             faithful_loss, faithful_iters, nowag = prev["faithful_loss"], prev["faithful_iters"], prev["nowag"]
+            if args.rate_iters:
+                # the machine's load may differ from the earlier run: time a few faithful iterations now and put
+                # the reused trace on the same clock as the fast run that follows
+                probe, probe_trace = traced(w, h, "armor", iterations=args.rate_iters, patience=0)
+                scale = (probe_trace[-1][0] / probe.iterations) / (faithful_trace[-1][0] / faithful_iters)
+                print(f"{short}: faithful clock rescaled by {scale:.3f} (s/iter now vs in the reused run)")
+                faithful_trace = [(t * scale, loss) for t, loss in faithful_trace]
         else:
             faithful, faithful_trace = traced(w, h, "armor", iterations=args.faithful_iters, patience=0)
             faithful_loss, faithful_iters, nowag = faithful.loss, faithful.iterations, faithful.nowag_loss
@@ -195,6 +202,9 @@ def main() -> None:
         "--fast-budget", type=float, default=0.25, help="armor-fast wall time as a fraction of the faithful time"
     )
     p.add_argument("--reuse-faithful", default=None, help="folder of an earlier --out: reuse its faithful traces")
+    p.add_argument(
+        "--rate-iters", type=int, default=0, help="with --reuse-faithful: rescale its clock by this many iterations now"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for one JSON per layer (row + loss-vs-time traces)")
     args = p.parse_args()

@@ -322,6 +322,10 @@ def test_cli_prune_inspect_export_eval(capsys, tiny_model_dir, tiny_text, tmp_pa
     assert rc == 0 and "perplexity on" in stdout
     rc, stdout, _ = _cli(capsys, "eval", tmp_path / "dense", "--text", tiny_text, "--seqlen", 48, "--max-windows", 2)
     assert rc == 0 and "perplexity on" in stdout
+    # model-level speed of the pruned folder against the dense export
+    bench = ["bench", "--models", out / "wanda", tmp_path / "dense", "--prompt-tokens", 8, "--new-tokens", 3]
+    rc, stdout, _ = _cli(capsys, *bench, "--repeats", 1, "--warmup", 0, "--threads", 1)
+    assert rc == 0 and "| pruned |" in stdout and "| dense |" in stdout
 
 
 @pytest.mark.parametrize(

@@ -464,6 +464,33 @@ def time_generation(
     }
 
 
+def _bench_models(
+    folders: list[str], dtype: torch.dtype, device: torch.device, prompt: int, new: int, repeats: int, warmup: int
+) -> int:
+    """Prefill and generation speed of whole models: dense Hugging Face folders or folders pruned by armor."""
+    from ..model.io import is_pruned_folder, load_model
+
+    print(f"\nmodel-level: prompt {prompt} tokens (batch 1), {new} generated tokens, median of {repeats}\n")
+    print("| model | kind | prefill tokens/s | generation tokens/s | decode tokens/s | weight bytes |")
+    print("|---|---|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for folder in folders:
+        pruned = is_pruned_folder(folder)
+        model = load_model(folder, dtype=dtype, device=device)
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen)
+        pre = time_prefill(model, ids, repeats=repeats, warmup=warmup)
+        gen_stats = time_generation(model, ids, new, repeats=max(1, repeats // 2), warmup=1)
+        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied embeddings count once
+        stored = sum(t.numel() * t.element_size() for t in unique.values())
+        decode = gen_stats["decode_tokens_per_s"]
+        print(
+            f"| {folder} | {'pruned' if pruned else 'dense'} | {pre['tokens_per_s']:.1f} | "
+            f"{gen_stats['tokens_per_s']:.2f} | {decode if decode is None else f'{decode:.2f}'} | {stored:,} |"
+        )
+        del model
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # CLI
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -530,6 +557,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action="store_true",
         help="small CPU-friendly run: shapes 'quick', batches 1,16,128, 3 repeats, 1 warm-up",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="model-level instead: prefill and generation tokens/s of each folder (dense HF or pruned by armor)",
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length for --models (default 256)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens for --models (default 32)")
     parser.add_argument("--no-storage", action="store_true", help="skip the 7B storage report")
     parser.add_argument("--storage-only", action="store_true", help="only the 7B storage report")
     parser.add_argument(
@@ -569,6 +605,8 @@ def bench_main(args: argparse.Namespace) -> int:
         # CPU timings are only meaningful relative to what else runs on the machine
         where += f", load average at start {os.getloadavg()[0]:.2f}"
     print(f"# armor runtime bench\n\ntorch {torch.__version__}, device {device} ({where}), dtype {dtype}")
+    if getattr(args, "models", None):
+        return _bench_models(args.models, dtype, device, args.prompt_tokens, args.new_tokens, repeats, warmup)
     out: dict[str, Any] = {"torch": torch.__version__, "device": str(device), "device_name": where}
     if not args.storage_only:
         print(
