@@ -248,12 +248,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             }
             if streaming:
                 from .distributed import prune_streaming
-                from .model.io import _resolve_dtype
+                from .model.io import resolve_dtype
 
                 run = prune_streaming(
                     model_path, ids, method, opts, out_dir=mdir, tokenizer=tokenizer, include=args.layers,
                     exclude=args.exclude, calibration_mode=args.calibration_mode, batch_size=args.batch_size,
-                    dtype=_resolve_dtype(args.dtype) or torch.float32, device=args.device or "cpu",
+                    dtype=resolve_dtype(args.dtype) or torch.float32, device=args.device or "cpu",
                     resume=not args.no_resume, executor=executor, extra_config=extra, progress=not args.quiet,
                 )
                 model = None if eval_tokens is None else load_pruned(mdir, dtype=args.dtype, device=args.device)

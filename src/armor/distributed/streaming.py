@@ -628,7 +628,7 @@ def save_streamed_model(
     """
     from safetensors import safe_open
 
-    from ..model.io import MODEL_FORMAT, WEIGHTS_NAME, _plain_config_dict, _versions, _write_json_atomic
+    from ..model.io import MODEL_FORMAT, WEIGHTS_NAME, library_versions, plain_config_dict, write_json_atomic
     from ..runtime import empty_module_from_spec
 
     out = Path(out_dir)
@@ -676,7 +676,7 @@ def save_streamed_model(
     _write_safetensors_streamed(out / WEIGHTS_NAME, entries, meta)
 
     section = {**dict(armor_config), "format": MODEL_FORMAT, "weights": WEIGHTS_NAME}
-    section.update({"layers": dict(specs), "layer_dtypes": dict(dtypes), "versions": _versions()})
+    section.update({"layers": dict(specs), "layer_dtypes": dict(dtypes), "versions": library_versions()})
     try:
         from transformers import GenerationConfig
 
@@ -685,8 +685,8 @@ def save_streamed_model(
         pass
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    cfg = _plain_config_dict(model.config)
+    cfg = plain_config_dict(model.config)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg["armor"] = section
-    _write_json_atomic(cfg, out / "config.json")
+    write_json_atomic(cfg, out / "config.json")
     return out

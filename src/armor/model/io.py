@@ -33,6 +33,10 @@ __all__ = [
     "is_pruned_folder",
     "export_dense",
     "pruned_modules",
+    "plain_config_dict",
+    "library_versions",
+    "write_json_atomic",
+    "resolve_dtype",
 ]
 
 WEIGHTS_NAME = "armor.safetensors"
@@ -48,7 +52,8 @@ def pruned_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of armor, torch and transformers, recorded in a saved model's config."""
     import transformers
 
     from .. import __version__
@@ -56,7 +61,8 @@ def _versions() -> dict[str, str]:
     return {"armor": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """Write JSON through a temporary sibling, fsync and rename, so a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
@@ -66,7 +72,8 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _plain_config_dict(config: Any) -> dict[str, Any]:
+def plain_config_dict(config: Any) -> dict[str, Any]:
+    """A model config as a dict without its quantisation section (a GGUF-loaded model carries one)."""
     d = config.to_dict()
     d.pop("quantization_config", None)
     d.pop("armor", None)
@@ -103,7 +110,7 @@ def save_pruned(
     specs = {name: mod.spec() for name, mod in pruned_modules(model).items()}
     dtypes = {name: str(mod.dtype).removeprefix("torch.") for name, mod in pruned_modules(model).items()}
     section = {**dict(armor_config or {}), "format": MODEL_FORMAT, "weights": WEIGHTS_NAME}
-    section.update({"layers": specs, "layer_dtypes": dtypes, "versions": _versions()})
+    section.update({"layers": specs, "layer_dtypes": dtypes, "versions": library_versions()})
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:
@@ -112,9 +119,9 @@ def save_pruned(
             pass
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    cfg = _plain_config_dict(model.config)
+    cfg = plain_config_dict(model.config)
     cfg["armor"] = section
-    _write_json_atomic(cfg, out / "config.json")
+    write_json_atomic(cfg, out / "config.json")
     return out
 
 
@@ -132,7 +139,8 @@ def is_pruned_folder(path: str | Path) -> bool:
     return read_armor_config(path) is not None
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.float16`` from ``"float16"``/``"fp16"``/``"half"`` and the like; ``None`` stays ``None``."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     aliases = {
@@ -173,7 +181,7 @@ def load_pruned(
     weights = path / section.get("weights", WEIGHTS_NAME)
     if not weights.is_file():
         raise FileNotFoundError(f"pruned model weights missing: {weights}")
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "armor"):
@@ -221,7 +229,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_resolve_dtype(dtype) or torch.float32, local_files_only=True
+        path, dtype=resolve_dtype(dtype) or torch.float32, local_files_only=True
     )
     if device is not None:
         model = model.to(device)
