@@ -25,11 +25,12 @@ from ..model.layers import set_module
 from ..model.prune import (
     LayerRecord,
     PruneRun,
-    fingerprint,
     layer_file,
+    layer_fingerprint,
     load_layer_file,
+    restore_finished,
     save_layer_file,
-    weight_digest,
+    stats_for_layer,
 )
 from ..solvers import METHOD_NEEDS, prune_layer
 from ..stats import LayerStats
@@ -44,14 +45,6 @@ __all__ = [
     "prune_model_parallel",
     "ResultCollector",
 ]
-
-
-def layer_fingerprint(
-    weight: Tensor, method: str, options: Mapping[str, Any], n: int, m: int, run_fingerprint: str
-) -> str:
-    """The resume fingerprint of one layer, exactly as :func:`armor.model.prune_model` computes it."""
-    return fingerprint(method=method, options=dict(options), n=n, m=m, run=run_fingerprint,
-                       weight=weight_digest(weight))
 
 
 @dataclass
@@ -291,16 +284,10 @@ def prune_model_parallel(
     out = Path(out_dir) if out_dir is not None else None
 
     # Finished layers are restored by the driver itself, before any calibration, as prune_model does.
-    done: dict[str, LayerOutcome] = {}
-    if out is not None:
-        for name in names:
-            path = layer_file(out, name)
-            if not resume:
-                path.unlink(missing_ok=True)
-                continue
-            got = load_layer_file(path, name, fps[name], device=layers[name].weight.device)
-            if got is not None:
-                done[name] = _outcome(name, got[0], got[1], reused=True, written=False)
+    done = {
+        name: _outcome(name, module, rec, reused=True, written=False)
+        for name, (module, rec) in restore_finished(layers, out, fps, resume).items()
+    }
     todo = [n_ for n_ in names if n_ not in done]
     layer_stats = (dict(stats(todo)) if todo else {}) if callable(stats) else dict(stats)
 
@@ -320,7 +307,7 @@ def prune_model_parallel(
                 for o in executor.results(until_pending=executor.window - 1):
                     take(o)
             lin = layers[name]
-            st = layer_stats.get(name) if METHOD_NEEDS[method] != "nothing" else None
+            st = stats_for_layer(layer_stats, name, method)
             executor.submit(LayerJob(
                 name=name, weight=lin.weight.detach(), bias=None if lin.bias is None else lin.bias.detach(),
                 stats=st, method=method, options=options, fingerprint=fps[name], n=n, m=m,

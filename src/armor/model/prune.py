@@ -236,6 +236,46 @@ class PruneRun:
         return sum(r.nowag_loss for r in self.records) / k, sum(r.loss for r in self.records) / k
 
 
+
+def layer_fingerprint(
+    weight: Tensor, method: str, options: Mapping[str, Any], n: int, m: int, run_fingerprint: str
+) -> str:
+    """The resume fingerprint of one layer: method, options, pattern, run settings and the dense weight."""
+    return fingerprint(
+        method=method, options=dict(options), n=n, m=m, run=run_fingerprint, weight=weight_digest(weight)
+    )
+
+
+def restore_finished(
+    layers: Mapping[str, nn.Linear], out: Path | None, fps: Mapping[str, str], resume: bool
+) -> dict[str, tuple[nn.Module, LayerRecord]]:
+    """Finished layers of an earlier run in ``out`` whose files are valid for ``fps``; without ``resume`` their
+    files are deleted instead, so nothing stale is picked up later."""
+    done: dict[str, tuple[nn.Module, LayerRecord]] = {}
+    if out is None:
+        return done
+    for name in layers:
+        path = layer_file(out, name)
+        if not resume:
+            path.unlink(missing_ok=True)
+            continue
+        got = load_layer_file(path, name, fps[name], device=layers[name].weight.device)
+        if got is not None:
+            done[name] = got
+    return done
+
+
+def stats_for_layer(layer_stats: Mapping[str, LayerStats | None], name: str, method: str) -> LayerStats | None:
+    """The statistics a layer's solver gets; a clear error when a method that needs them has none.
+
+    Statistics go to magnitude too: its mask ignores them, but its reported losses then use the same weighting
+    as every other method's and stay comparable.
+    """
+    st = layer_stats.get(name)
+    if st is None and METHOD_NEEDS[method] != "nothing":
+        raise ValueError(f"no calibration statistics for layer {name}")
+    return st
+
 def prune_model(
     model: nn.Module,
     layers: Mapping[str, nn.Linear],
@@ -270,29 +310,8 @@ def prune_model(
     start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     names = list(layers)
-    fps = {
-        name: fingerprint(
-            method=method,
-            options=options,
-            n=n,
-            m=m,
-            run=run_fingerprint,
-            weight=weight_digest(layers[name].weight),
-        )
-        for name in names
-    }
-
-    done: dict[str, tuple[nn.Module, LayerRecord]] = {}
-    if out is not None:
-        if not resume and (out / "layers").exists():
-            for name in names:
-                layer_file(out, name).unlink(missing_ok=True)
-        elif resume:
-            for name in names:
-                lin = layers[name]
-                got = load_layer_file(layer_file(out, name), name, fps[name], device=lin.weight.device)
-                if got is not None:
-                    done[name] = got
+    fps = {name: layer_fingerprint(layers[name].weight, method, options, n, m, run_fingerprint) for name in names}
+    done = restore_finished(layers, out, fps, resume)
     todo = [n_ for n_ in names if n_ not in done]
     owned = callable(stats)
     layer_stats = (dict(stats(todo)) if todo else {}) if callable(stats) else stats
@@ -317,11 +336,7 @@ def prune_model(
                 module, rec = done.pop(name)
             else:
                 bar.set_description(f"prune {method} [{k + 1}/{len(names)}] {name}")
-                # Statistics go to magnitude too: its mask ignores them, but its reported losses then use the
-                # same weighting as every other method's and stay comparable.
-                st = layer_stats.get(name)
-                if st is None and METHOD_NEEDS[method] != "nothing":
-                    raise ValueError(f"no calibration statistics for layer {name}")
+                st = stats_for_layer(layer_stats, name, method)
                 result = prune_layer(lin.weight, st, method, n=n, m=m, **options)
                 bias = None if lin.bias is None else lin.bias.detach()
                 module = module_from_result(result, bias, lin.weight.dtype, device=lin.weight.device)
