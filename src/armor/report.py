@@ -1,4 +1,8 @@
-"""Markdown report and per-layer loss plot of an ``armor prune`` run."""
+"""The footprint of a pruned model and the Markdown report / loss plot of an ``armor prune`` run.
+
+Every quality figure armor prints comes with its footprint: the stored bytes of the pruned linear layers and of the
+whole checkpoint relative to dense, the values kept, and the wrapper overhead.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,65 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "write_report", "plot_losses"]
+import torch
+
+from .runtime.packing import packed_index_shape
+from .storage import read_armor_config
+from .storage.atomic import write_text_atomic
+
+__all__ = ["layer_footprint", "folder_footprint", "format_table", "write_report", "plot_losses"]
+
+
+def _elem(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def layer_footprint(spec: Mapping[str, Any], dtype: str) -> dict[str, int]:
+    """Stored values and bytes of one packed layer (from its spec) and of the dense layer it replaces."""
+    out_f, in_f, n, m = int(spec["out_features"]), int(spec["in_features"]), int(spec["n"]), int(spec["m"])
+    elem = _elem(dtype)
+    kept = out_f * in_f // m * n
+    rows, cols = packed_index_shape(out_f, in_f, n, m)
+    wrappers = 0
+    if spec.get("type") == "armor":
+        wrappers = out_f * int(spec["block_size_out"]) + in_f * int(spec["block_size_in"])
+    bias = out_f if spec.get("bias") else 0
+    return {
+        "kept": kept,
+        "wrappers": wrappers,
+        "dense": out_f * in_f,
+        "bytes": (kept + wrappers + bias) * elem + rows * cols,
+        "dense_bytes": (out_f * in_f + bias) * elem,
+    }
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def folder_footprint(folder: str | Path, dense_folder: str | Path | None = None) -> dict[str, Any]:
+    """Footprint of a pruned folder: linear-layer bytes and values vs dense, wrapper overhead, and (given the
+    dense checkpoint) the whole checkpoint's bytes vs dense (same dtype assumed as stored)."""
+    folder = Path(folder)
+    section = read_armor_config(folder) or {}
+    specs, dtypes = section.get("layers", {}), section.get("layer_dtypes", {})
+    tot = {"kept": 0, "wrappers": 0, "dense": 0, "bytes": 0, "dense_bytes": 0}
+    for name, spec in specs.items():
+        for k, v in layer_footprint(spec, dtypes.get(name, "float32")).items():
+            tot[k] += v
+    dense = max(tot["dense"], 1)
+    out = {
+        "layers": len(specs),
+        "linear_bytes_ratio": tot["bytes"] / max(tot["dense_bytes"], 1),
+        "values_kept_ratio": (tot["kept"] + tot["wrappers"]) / dense,
+        "wrapper_overhead": tot["wrappers"] / dense,
+        "linear_bytes": tot["bytes"],
+        "dense_linear_bytes": tot["dense_bytes"],
+        "checkpoint_bytes": _weights_bytes(folder),
+    }
+    if dense_folder is not None:
+        out["checkpoint_bytes_ratio"] = out["checkpoint_bytes"] / max(_weights_bytes(Path(dense_folder)), 1)
+    return out
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -18,13 +80,22 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table: method, perplexity, mean NoWag-P / final proxy loss, pruning time."""
-    head = "| method | ppl | mean NoWag-P loss | mean final loss | prune time (s) |\n" + "|---" * 5 + "|"
+    """Markdown table: perplexity next to the footprint, the proxy losses and the pruning time."""
+    head = (
+        "| method | ppl | linear bytes / dense | checkpoint / dense | values kept | wrapper overhead | "
+        "mean NoWag-P loss | mean final loss | prune s |\n" + "|---" * 9 + "|"
+    )
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_fmt(r.get('ppl'))} | {_fmt(r.get('mean_nowag_loss'), 4)} | "
+            f"| {r['method']} | {_fmt(r.get('ppl'))} | {_pct(r.get('linear_bytes_ratio'))} | "
+            f"{_pct(r.get('checkpoint_bytes_ratio'))} | {_pct(r.get('values_kept_ratio'))} | "
+            f"{_pct(r.get('wrapper_overhead'))} | {_fmt(r.get('mean_nowag_loss'), 4)} | "
             f"{_fmt(r.get('mean_loss'), 4)} | {_fmt(r.get('prune_seconds'), 1)} |"
         )
     return "\n".join(lines)
@@ -70,8 +141,7 @@ def write_report(
     settings: Mapping[str, Any],
     command: str | None = None,
 ) -> Path:
-    """Write ``report.md``, ``loss_per_layer.png`` and ``results.json`` into ``out_dir``; returns the
-    report."""
+    """Write ``report.md``, ``loss_per_layer.png`` and ``results.json`` into ``out_dir``; returns the report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_losses(records, out / "loss_per_layer.png")
@@ -82,9 +152,10 @@ def write_report(
     lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in settings.items()]
     lines += ["", "## Results", "", format_table(rows), ""]
     lines += [
-        "Perplexity: documents joined with blank lines, tokenised once, non-overlapping windows, "
-        "exp(mean NLL). "
-        "Proxy loss: ALGORITHM.md §3 (1.0 = all weights zero), averaged over layers.",
+        "Perplexity: the protocol in the settings above. Linear bytes: the stored pruned linear layers (values, "
+        "2-bit positions, wrappers, bias) over the same layers dense in the same dtype; checkpoint: the weights "
+        "files. Values kept: kept core entries plus wrapper entries over the dense entries of those layers. "
+        "Proxy loss: docs/algorithm.md §3 (1.0 = all weights zero), averaged over layers.",
         "",
     ]
     if png is not None:
@@ -95,17 +166,17 @@ def write_report(
         lines += [
             f"### {method}: per-layer losses",
             "",
-            "| layer | shape | NoWag-P | final | iters | s |",
-            "|---|---|---|---|---|---|",
+            "| layer | shape | blocks (out, in) | NoWag-P | final | iters | s |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in recs:
+            blocks = f"{r.get('block_size_out')}, {r.get('block_size_in')}" if r.get("block_size_out") else "–"
             lines.append(
-                f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['nowag_loss']:.4f} | "
-                f"{r['loss']:.4f} | "
-                f"{r['iterations']} | {r['seconds']:.2f} |"
+                f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {blocks} | {r['nowag_loss']:.4f} | "
+                f"{r['loss']:.4f} | {r['iterations']} | {r['seconds']:.2f} |"
             )
         lines.append("")
     report = out / "report.md"
-    report.write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str))
+    write_text_atomic("\n".join(lines), report)
+    write_text_atomic(json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str), out / "results.json")
     return report

@@ -17,12 +17,14 @@ __all__ = ["PruneResult"]
 class PruneResult:
     """The pruned layer and how it was obtained.
 
-    The pruned weight is ``W_hat = A' (core ⊙ mask) B'``.  For ARMOR, ``a_blocks`` ``(P, bo, bo)`` and
-    ``b_blocks`` ``(Q, bi, bi)`` are the diagonal blocks of ``A' = diag(r) A`` and ``B' = B diag(c)`` (the
-    normalisation is folded in) and ``core`` holds the sparse core in the normalised scale.  For the baselines
-    (no wrappers) ``a_blocks``/``b_blocks`` are ``None`` and ``core`` is the pruned weight itself.
+    One convention for every method: ``core`` is the middle factor of the stored product
+    ``W_hat = A' (core ⊙ mask) B'`` in the original scale of ``W``, where a missing wrapper is the identity.
+    For ARMOR, ``a_blocks`` ``(P, bo, bo)`` and ``b_blocks`` ``(Q, bi, bi)`` are the diagonal blocks of
+    ``A' = diag(r) A`` and ``B' = B diag(c)`` (the NoWag normalisation is folded into them, so ``core`` itself has
+    unit-scale rows and columns); for the baselines they are ``None`` and ``core`` is the pruned weight.
+    :meth:`dense_weight` always gives ``W_hat``.
 
-    Losses are the normalised proxy loss of ALGORITHM.md §3 (1.0 means "all zeros").
+    Losses are the normalised proxy loss of docs/algorithm.md §3 (1.0 means "all zeros").
     """
 
     method: str

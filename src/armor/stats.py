@@ -1,6 +1,6 @@
 """Calibration statistics of one linear layer's input.
 
-ARMOR, NoWag-P and Wanda need only the diagonal ``h_j = (2/N) sum_t x_{t,j}^2`` (ALGORITHM.md §1); SparseGPT
+ARMOR, NoWag-P and Wanda need only the diagonal ``h_j = (2/N) sum_t x_{t,j}^2`` (docs/algorithm.md §1); SparseGPT
 needs the full second-moment matrix ``H = (2/N) X^T X``.  One :class:`LayerStats` carries either: the diagonal is
 always there (it is the diagonal of ``H`` when ``H`` is given), the full matrix only when it was collected.
 """
@@ -16,7 +16,7 @@ __all__ = ["LayerStats", "StatsAccumulator", "repair_hessian_diag"]
 
 
 def repair_hessian_diag(h: Tensor) -> tuple[Tensor, int]:
-    """Replace non-finite or non-positive entries by the mean of the valid ones (ALGORITHM.md §1).
+    """Replace non-finite or non-positive entries by the mean of the valid ones (docs/algorithm.md §1).
 
     Returns the repaired float32 copy and how many entries were replaced.  When no entry is valid (a layer that
     never saw input), every entry becomes 1, which makes the proxy loss plain Frobenius.

@@ -321,7 +321,7 @@ class SparseLinear(_PackedNMLinear):
 
 class ArmorLinear(_PackedNMLinear):
     """An ARMOR layer ``y = A' (S (B' x)) + bias`` with block-diagonal ``A'`` ``(P, bo, bo)``,
-    ``B'`` ``(Q, bi, bi)`` and an n:m sparse core ``S`` ``(out, in)``; see ALGORITHM.md §7.
+    ``B'`` ``(Q, bi, bi)`` and an n:m sparse core ``S`` ``(out, in)``; see docs/algorithm.md §7.
 
     In row-major batch form ``Y = ((X B'^T) S^T) A'^T``: the wrappers are applied as batched ``b x b`` matmuls
     over the feature dimension viewed as ``(..., Q, bi)`` / ``(..., P, bo)``.

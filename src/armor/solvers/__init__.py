@@ -1,4 +1,9 @@
-"""One entry point for every per-layer method: :func:`prune_layer`."""
+"""Per-layer pruning: :func:`prune_layer` runs any registered method (:mod:`armor.solvers.registry`) on one weight.
+
+Where the maths lives: ARMOR itself in :mod:`armor.solvers.armor` (the problem, the exact sparse-core step, the
+paper's schedule), the fast solver in :mod:`armor.solvers.armor_fast`, the baselines in
+:mod:`armor.solvers.baselines`.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,13 @@ from ..result import PruneResult
 from ..sparsity import check_nm_shape, nm_mask_from_scores
 from ..stats import LayerStats, repair_hessian_diag
 from . import baselines
+from .registry import METHODS, STATS_KINDS, Method, Option, get_method, method_names
 
-__all__ = ["prune_layer", "METHODS", "METHOD_NEEDS"]
-
-#: What each method needs from the calibration statistics.
-METHOD_NEEDS: dict[str, str] = {
-    "magnitude": "nothing",
-    "wanda": "diagonal",
-    "nowag": "diagonal",
-    "sparsegpt": "full",
-    "armor": "diagonal",
-    "armor-fast": "diagonal",
-}
-METHODS = tuple(METHOD_NEEDS)
+__all__ = ["prune_layer", "layer_proxy_loss", "METHODS", "STATS_KINDS", "Method", "Option", "get_method", "method_names", "as_stats"]
 
 
-def _as_stats(stats: LayerStats | Tensor | None, in_features: int) -> LayerStats | None:
+def as_stats(stats: LayerStats | Tensor | None, in_features: int) -> LayerStats | None:
+    """``stats`` as :class:`LayerStats`: a ``(n,)`` tensor is the Hessian diagonal, ``(n, n)`` the full Hessian."""
     if stats is None or isinstance(stats, LayerStats):
         out = stats
     elif isinstance(stats, Tensor):
@@ -46,7 +42,7 @@ def _as_stats(stats: LayerStats | Tensor | None, in_features: int) -> LayerStats
 def prune_layer(
     weight: Tensor,
     stats: LayerStats | Tensor | None = None,
-    method: str = "armor",
+    method: str = "armor-fast",
     *,
     n: int = 2,
     m: int = 4,
@@ -57,31 +53,33 @@ def prune_layer(
     Args:
         weight: the dense weight, any float dtype; all work is done in float32 on its device.
         stats: :class:`LayerStats`, or a ``(n,)`` Hessian diagonal, or a ``(n, n)`` Hessian.  ``magnitude``
-            needs none, ``sparsegpt`` needs the full matrix, every other method the diagonal.
-        method: one of :data:`METHODS`: ``"armor"`` (the paper's schedule, see
-            :func:`armor.solvers.armor.armor_faithful`), ``"armor-fast"`` (exact block updates, see
-            :func:`armor.solvers.armor_fast.armor_fast`), ``"nowag"``, ``"wanda"``, ``"magnitude"``,
-            ``"sparsegpt"``.
+            needs none (with statistics its reported losses are weighted like every other method's),
+            ``sparsegpt`` needs the full matrix, every other method the diagonal.
+        method: a name in :data:`METHODS` (``armor.METHODS[name].summary`` says what it does).
         n, m: the pattern; 2:4 by default.
-        **options: method options (ARMOR: ``block_size``, ``iterations``, ``seed``, ...; SparseGPT:
-            ``block_size``, ``damp``).  Unknown options raise a TypeError.
+        **options: the method's options (``armor.METHODS[name].options``); an option the method does not take
+            is a TypeError naming the ones it does.
 
     Returns:
         a :class:`PruneResult`; ``result.loss <= result.nowag_loss`` for the ARMOR methods.
     """
-    if method not in METHOD_NEEDS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    spec: Method = get_method(method)
+    resolved = spec.resolve(options)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         raise TypeError("weight must be a floating-point torch.Tensor")
     check_nm_shape(weight.shape, n, m)
     if not torch.isfinite(weight).all():
         raise ValueError(f"weight of shape {tuple(weight.shape)} has non-finite entries")
     w = weight.detach().to(torch.float32)
-    st = _as_stats(stats, w.shape[1])
+    st = as_stats(stats, w.shape[1])
     if st is None:
-        if METHOD_NEEDS[method] != "nothing":
-            raise ValueError(f"method {method!r} needs calibration statistics ({METHOD_NEEDS[method]} Hessian)")
+        if spec.needs != "none":
+            raise ValueError(f"method {method!r} needs calibration statistics ({spec.needs} Hessian)")
         st = LayerStats(torch.ones(w.shape[1], device=w.device))
+    if spec.needs == "full" and st.hessian is None:
+        raise ValueError(
+            f"method {method!r} needs the full input second-moment matrix: collect LayerStats with full=True"
+        )
     h, n_repaired = repair_hessian_diag(st.hessian_diag.to(w.device))
     st = LayerStats(h, None if st.hessian is None else st.hessian.to(w.device), st.n_tokens)
 
@@ -90,23 +88,23 @@ def prune_layer(
     nowag_loss = float(proxy_loss(wn * nowag_mask, wn, h))
 
     start = time.perf_counter()
-    if method in ("armor", "armor-fast"):
-        if method == "armor":
-            from .armor import armor_faithful as solve
-        else:
-            from .armor_fast import armor_fast as solve
-        result = solve(wn, h, nowag_mask, r, c, n=n, m=m, **options)
+    if spec.wrappers:
+        result = spec.solve(wn, h, nowag_mask, r, c, n=n, m=m, **resolved)
         result.nowag_loss = nowag_loss
     else:
-        fn = {
-            "magnitude": baselines.magnitude,
-            "wanda": baselines.wanda,
-            "nowag": baselines.nowag_p,
-            "sparsegpt": baselines.sparsegpt,
-        }[method]
-        pruned, mask = fn(w, st, n=n, m=m, **options)
+        pruned, mask = spec.solve(w, st, n=n, m=m, **resolved)
         loss = float(proxy_loss(pruned / r[:, None] / c, wn, h))
         result = PruneResult(method, pruned, mask, loss, nowag_loss, n=n, m=m, history=[loss], raw_history=[loss])
     result.seconds = time.perf_counter() - start
     result.repaired_stats = n_repaired
     return result
+
+
+def layer_proxy_loss(weight: Tensor, stats: LayerStats | Tensor, w_hat: Tensor) -> float:
+    """The proxy loss (docs/algorithm.md §3) of a reconstruction ``w_hat`` of ``weight``, in the normalised scale
+    the solvers use, whatever dtype ``w_hat`` was stored in (it is compared in float32)."""
+    w = weight.detach().to(torch.float32)
+    st = as_stats(stats, w.shape[1])
+    h, _ = repair_hessian_diag(st.hessian_diag.to(w.device))
+    wn, r, c = normalize_weight(w)
+    return float(proxy_loss(w_hat.to(device=w.device, dtype=torch.float32) / r[:, None] / c, wn, h))

@@ -1,4 +1,4 @@
-"""ARMOR for one layer: ``Wn_hat = A (W' ⊙ M) B`` fitted by block coordinate descent (ALGORITHM.md §4–6).
+"""ARMOR for one layer: ``Wn_hat = A (W' ⊙ M) B`` fitted by block coordinate descent (docs/algorithm.md §4–6).
 
 This file holds the paper's algorithm:
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..factors import choose_block_size, identity_blocks
+from ..factors import DEFAULT_WRAPPER_BUDGET, choose_block_size, identity_blocks, resolve_block_sizes, wrapper_overhead
 from ..result import PruneResult
 from ..sparsity import nm_supports
 
@@ -36,6 +36,7 @@ __all__ = [
     "solve_groups",
     "sparse_core_step",
     "multi_group_step",
+    "tile_losses",
     "armor_faithful",
     "finish_result",
 ]
@@ -61,21 +62,61 @@ class ArmorState:
 
 
 class ArmorProblem:
-    """The layer-wise proxy loss ``||(A S B - Wn) diag(sqrt h)||^2 / ||Wn diag(sqrt h)||^2`` and its tiling."""
+    """The layer-wise proxy loss and its tiling.
 
-    def __init__(self, wn: Tensor, h: Tensor, block_out: int, block_in: int, n: int = 2, m: int = 4) -> None:
+    Two objectives share every step of the solvers:
+
+    * diagonal (the paper's, ``h_blocks=None``): ``||(A S B - Wn) diag(sqrt h)||^2 / ||Wn diag(sqrt h)||^2``;
+    * block-Hessian (``h_blocks`` given, ``(Q, bi, bi)``): ``tr(E Hq E^T)`` summed over the column blocks ``q``
+      of ``E = A S B - Wn``, with ``Hq`` the ``bi x bi`` diagonal block of ``2 X^T X / N`` (normalised the same
+      way).  Because ``B`` has the same column blocks, the loss still splits by tile.
+
+    Every step needs the objective only through :meth:`weigh` (``E`` times the weight: ``E diag(h)`` or
+    ``E blockdiag(Hq)``) and :meth:`weighted_rows` (rows of ``B_q`` times the weight).  ``h`` is always the
+    diagonal of the weight.
+    """
+
+    def __init__(
+        self,
+        wn: Tensor,
+        h: Tensor,
+        block_out: int,
+        block_in: int,
+        n: int = 2,
+        m: int = 4,
+        h_blocks: Tensor | None = None,
+    ) -> None:
         self.wn = wn
-        self.h = h
-        self.sqrt_h = h.sqrt()
         self.rows, self.cols = wn.shape
         self.bo = choose_block_size(self.rows, block_out)
         self.bi = choose_block_size(self.cols, block_in, multiple_of=m)
         self.P = self.rows // self.bo
         self.Q = self.cols // self.bi
         self.n, self.m = n, m
-        self.denominator = float((wn.square() * h).sum())
+        if h_blocks is not None and tuple(h_blocks.shape) != (self.Q, self.bi, self.bi):
+            raise ValueError(
+                f"h_blocks must be ({self.Q}, {self.bi}, {self.bi}) for input blocks of {self.bi}, "
+                f"got {tuple(h_blocks.shape)}"
+            )
+        self.h_blocks = h_blocks
+        self.h = h if h_blocks is None else h_blocks.diagonal(dim1=1, dim2=2).reshape(self.cols)
+        self.denominator = float((wn * self.weigh(wn)).sum())
         if not self.denominator > 0:
             raise ValueError("the weight is all zeros (or the statistics are): the proxy loss is undefined")
+
+    @property
+    def objective(self) -> str:
+        return "diagonal" if self.h_blocks is None else "block-hessian"
+
+    def weigh(self, x: Tensor) -> Tensor:
+        """``X`` times the loss weight: ``X diag(h)`` or ``X blockdiag(H_q)``, ``(m, n)``."""
+        return x * self.h if self.h_blocks is None else self.right(x, self.h_blocks)
+
+    def weighted_rows(self, b_rows: Tensor, q_idx: Tensor) -> Tensor:
+        """Rows ``(G, k, bi)`` of ``B_q`` (block ``q_idx[g]``) times the weight of their column block."""
+        if self.h_blocks is None:
+            return b_rows * self.h.reshape(self.Q, 1, self.bi)[q_idx]
+        return torch.bmm(b_rows, self.h_blocks[q_idx])
 
     # -- block-diagonal products -------------------------------------------------------------------------
     def left(self, a: Tensor, x: Tensor) -> Tensor:
@@ -100,7 +141,7 @@ class ArmorProblem:
         return self.reconstruct(state) - self.wn
 
     def loss_of_residual(self, e: Tensor) -> float:
-        return float((e.square() * self.h).sum()) / self.denominator
+        return float((e * self.weigh(e)).sum()) / self.denominator
 
     def gradients(self, state: ArmorState, e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Exact gradients of the proxy loss w.r.t. ``A`` blocks, ``B`` blocks and the dense core.
@@ -108,7 +149,7 @@ class ArmorProblem:
         The core gradient is for every entry (pruned ones included); the continuous step masks it, the
         sparse-core step samples groups by its L1 norm.
         """
-        r = e * (self.h * (2.0 / self.denominator))  # dL/dW_hat
+        r = self.weigh(e) * (2.0 / self.denominator)  # dL/dW_hat
         sb = self.right(state.core, state.b)
         grad_a = torch.bmm(
             r.reshape(self.P, self.bo, self.cols), sb.reshape(self.P, self.bo, self.cols).transpose(1, 2)
@@ -122,7 +163,7 @@ class ArmorProblem:
         return grad_a, grad_b, grad_core
 
     def initial_state(self, mask: Tensor) -> ArmorState:
-        """NoWag-P (ALGORITHM.md §5): ``A = B = I``, ``W' = Wn`` on the given mask."""
+        """NoWag-P (docs/algorithm.md §5): ``A = B = I``, ``W' = Wn`` on the given mask."""
         dev = self.wn.device
         return ArmorState(
             identity_blocks(self.P, self.bo, dev), identity_blocks(self.Q, self.bi, dev), self.wn * mask, mask.clone()
@@ -148,11 +189,13 @@ class GroupSolution:
 def solve_groups(problem: ArmorProblem, state: ArmorState, e: Tensor, tile: Tensor, pick: Tensor) -> GroupSolution:
     """Solve group ``pick`` (row-major index within the tile, ``i * (bi/m) + g``) of each listed tile exactly.
 
-    With the group zeroed, the tile residual is ``R0 = (A_p S_pq B_q - Wn_pq) diag(sqrt h_q)``; writing values
-    ``v`` on support ``s`` adds ``a v^T Bt_s`` where ``a = A_p[:, i]`` and ``Bt`` are the group's rows of
-    ``B_q diag(sqrt h_q)``.  The best ``v`` on ``s`` solves ``G_s v = -f_s / |a|^2`` with ``G_s = Bt_s Bt_s^T``
-    and ``f_s = Bt_s R0^T a``.  Every candidate, the current values included, is scored by its exact change
-    ``2 v.f + |a|^2 v^T G v``, so the choice never raises the loss, even where ``G_s`` is singular.
+    With the group zeroed, the tile residual is ``E0 = A_p S_pq B_q - Wn_pq`` and the tile loss
+    ``tr(E0 H_q E0^T)`` (``H_q = diag(h_q)`` for the paper's objective); writing values ``v`` on support ``s``
+    adds ``a v^T B_s`` where ``a = A_p[:, i]`` and ``B_s`` are the group's rows of ``B_q``.  The best ``v`` on
+    ``s`` solves ``G_s v = -f_s / |a|^2`` with ``G = B_g H_q B_g^T`` and ``f = B_g H_q E0^T a`` (with a factor
+    ``L_q L_q^T = H_q`` this is the paper's ``Bt = B_g L_q`` form).  Every candidate, the current values
+    included, is scored by its exact change ``2 v.f + |a|^2 v^T G v``, so the choice never raises the loss,
+    even where ``G_s`` is singular.
     """
     Q, bo, bi, m = problem.Q, problem.bo, problem.bi, problem.m
     gpr = bi // m
@@ -165,8 +208,7 @@ def solve_groups(problem: ArmorProblem, state: ArmorState, e: Tensor, tile: Tens
     a_col = state.a[p_idx, :, local_i]  # (G, bo)
     a_sq = a_col.square().sum(1)
     b_rows = state.b[q_idx[:, None], local_g[:, None] + torch.arange(m, device=dev)]  # (G, m, bi)
-    sqrt_hq = problem.sqrt_h.reshape(Q, bi)[q_idx]
-    bt = b_rows * sqrt_hq[:, None, :]
+    bh = problem.weighted_rows(b_rows, q_idx)  # B_g H_q, (G, m, bi)
     old = state.core[row[:, None], cols]
     old_mask = state.mask[row[:, None], cols]
     # E_pq^T a for every group: with one group per tile a pass over E's tiles; with many, rows of A^T E
@@ -176,9 +218,8 @@ def solve_groups(problem: ArmorProblem, state: ArmorState, e: Tensor, tile: Tens
     else:
         at_e = problem.left_t(state.a, e).reshape(problem.rows, Q, bi)
         et_a = at_e[row, q_idx]
-    u = et_a * sqrt_hq - torch.einsum("gkl,gk->gl", bt, old) * a_sq[:, None]  # R0^T a
-    f_all = torch.einsum("gkl,gl->gk", bt, u)
-    g_all = torch.bmm(bt, bt.transpose(1, 2))
+    g_all = torch.bmm(bh, b_rows.transpose(1, 2))  # B_g H_q B_g^T
+    f_all = torch.einsum("gkl,gl->gk", bh, et_a) - torch.einsum("gkj,gj->gk", g_all, old) * a_sq[:, None]
 
     supports = nm_supports(problem.n, m, dev)
     f_s = f_all[:, supports]  # (G, C, n)
@@ -271,20 +312,21 @@ def multi_group_step(problem: ArmorProblem, state: ArmorState, e: Tensor, gains:
     if tile.numel() == 0:
         return 0.0
     sol = solve_groups(problem, state, e, tile, pick[useful])
-    before = _tile_losses(problem, e)
+    before = tile_losses(problem, e)
     _apply(problem, state, e, sol)
-    worse = _tile_losses(problem, e) > before
+    worse = tile_losses(problem, e) > before
     if bool(worse.any()):  # put those tiles back
         undo = worse[sol.tile]
         state.core[sol.row[undo][:, None], sol.cols[undo]] = sol.old[undo]
         state.mask[sol.row[undo][:, None], sol.cols[undo]] = sol.old_mask[undo]
         e.copy_(problem.residual(state))
-    after = _tile_losses(problem, e)
+    after = tile_losses(problem, e)
     return float((after - before).sum()) / problem.denominator
 
 
-def _tile_losses(problem: ArmorProblem, e: Tensor) -> Tensor:
-    w = (e.square() * problem.h).reshape(problem.P, problem.bo, problem.Q, problem.bi)
+def tile_losses(problem: ArmorProblem, e: Tensor) -> Tensor:
+    """The weighted loss of every ``bo x bi`` tile of the residual ``e`` (not normalised), ``(P*Q,)``."""
+    w = (e * problem.weigh(e)).reshape(problem.P, problem.bo, problem.Q, problem.bi)
     return w.sum((1, 3)).reshape(-1)
 
 
@@ -325,7 +367,15 @@ def finish_result(
     stopped_early: bool,
     extras: dict,
 ) -> PruneResult:
-    """Fold the normalisation into the wrappers (``A' = diag(r) A``, ``B' = B diag(c)``) and package."""
+    """Fold the normalisation into the wrappers (``A' = diag(r) A``, ``B' = B diag(c)``) and package.
+
+    ``extras`` gets the objective and ``wrapper_overhead`` (wrapper values / dense values of the layer).
+    """
+    extras = {
+        **extras,
+        "objective": problem.objective,
+        "wrapper_overhead": wrapper_overhead(problem.rows, problem.cols, problem.bo, problem.bi),
+    }
     a_folded = best.a * r.reshape(problem.P, problem.bo, 1)
     b_folded = best.b * c.reshape(problem.Q, 1, problem.bi)
     return PruneResult(
@@ -357,7 +407,8 @@ def armor_faithful(
     *,
     n: int = 2,
     m: int = 4,
-    block_size: int = 128,
+    block_size: int | None = None,
+    wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
     iterations: int = 20_000,
     lr: float = 1e-4,
     patience: int = 100,
@@ -372,8 +423,10 @@ def armor_faithful(
     iteration, i.e. one Adam step old, which saves a second backward pass).  Stops after ``iterations`` or when
     the best loss has not improved by a relative ``rtol`` for ``patience`` iterations (``patience=0`` never stops
     early).  Returns the best state seen.  ``callback(iteration, best_loss)`` is called every iteration.
+    Wrapper blocks: see :func:`armor.factors.resolve_block_sizes` (``block_size`` wins over ``wrapper_budget``).
     """
-    problem = ArmorProblem(wn, h, block_size, block_size, n, m)
+    bo, bi = resolve_block_sizes(wn.shape[0], wn.shape[1], block_size, wrapper_budget, m)
+    problem = ArmorProblem(wn, h, bo, bi, n, m)
     gen = torch.Generator(device=wn.device).manual_seed(seed)
     state = problem.initial_state(mask)
     e = problem.residual(state)
@@ -405,5 +458,11 @@ def armor_faithful(
         if stopper.update(best_loss):
             stopped_early = True
             break
-    extras = {"mode": "faithful", "lr": lr, "seed": seed, "solve_seconds": time.perf_counter() - t0}
+    extras = {
+        "mode": "faithful",
+        "lr": lr,
+        "seed": seed,
+        "solve_seconds": time.perf_counter() - t0,
+        **({} if block_size is not None else {"wrapper_budget": wrapper_budget}),
+    }
     return finish_result("armor", problem, best, best_loss, r, c, history, raw_history, it, stopped_early, extras)

@@ -19,15 +19,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes
 from ..result import PruneResult
 from ..sparsity import nm_supports
-from .armor import ArmorProblem, ArmorState, finish_result, multi_group_step
+from .armor import ArmorProblem, ArmorState, finish_result, tile_losses
 
-__all__ = ["armor_fast", "group_gains"]
+__all__ = [
+    "armor_fast",
+    "run_sweeps",
+    "GroupMoves",
+    "group_moves",
+    "group_gains",
+    "greedy_mask_step",
+    "update_a",
+    "update_b",
+    "update_core_cg",
+]
 
 
 def _solve_spd(normal: Tensor, rhs: Tensor, damping: float) -> Tensor:
@@ -38,22 +50,24 @@ def _solve_spd(normal: Tensor, rhs: Tensor, damping: float) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(normal + (damping * diag_mean)[:, None, None] * eye)
     if bool((info > 0).any()):  # very ill-conditioned: fall back to a least-squares solve
         return torch.linalg.lstsq(normal.transpose(1, 2), rhs.transpose(1, 2)).solution.transpose(1, 2)
-    return torch.cholesky_solve(rhs.transpose(1, 2), chol).transpose(1, 2)
+    # an explicit inverse and one bmm: for many tiny blocks, batched triangular solves are far slower (and
+    # erratic on a busy machine); the block update is checked against the old loss anyway
+    return torch.bmm(rhs, torch.cholesky_inverse(chol))
 
 
 def _row_block_losses(problem: ArmorProblem, e: Tensor) -> Tensor:
-    return (e.square() * problem.h).reshape(problem.P, problem.bo * problem.cols).sum(1)
+    return (e * problem.weigh(e)).reshape(problem.P, problem.bo * problem.cols).sum(1)
 
 
 def _col_block_losses(problem: ArmorProblem, e: Tensor) -> Tensor:
-    return (e.square() * problem.h).reshape(problem.rows, problem.Q, problem.bi).sum((0, 2))
+    return (e * problem.weigh(e)).reshape(problem.rows, problem.Q, problem.bi).sum((0, 2))
 
 
 def update_a(problem: ArmorProblem, state: ArmorState, e: Tensor, damping: float) -> Tensor:
     """Exact least-squares update of every ``A`` block; returns the new residual."""
     P, bo, n = problem.P, problem.bo, problem.cols
     c = problem.right(state.core, state.b).reshape(P, bo, n)
-    ch = c * problem.h
+    ch = problem.weigh(c.reshape(problem.rows, n)).reshape(P, bo, n)
     normal = torch.bmm(ch, c.transpose(1, 2))  # C_p H C_p^T
     rhs = torch.bmm(problem.wn.reshape(P, bo, n), ch.transpose(1, 2))  # Wn_p H C_p^T
     a_new = _solve_spd(normal, rhs, damping)
@@ -86,11 +100,12 @@ def update_core_cg(problem: ArmorProblem, state: ArmorState, e: Tensor, steps: i
         return e
     mask = state.mask.to(e.dtype)
     a_sq = state.a.square().sum(1).reshape(problem.rows)  # |A_p[:, i]|^2 per global row
-    bh = (state.b.square() * problem.h.reshape(problem.Q, 1, problem.bi)).sum(2).reshape(problem.cols)
+    q_all = torch.arange(problem.Q, device=e.device)
+    bh = (problem.weighted_rows(state.b, q_all) * state.b).sum(2).reshape(problem.cols)  # diag(B_q H_q B_q^T)
     precond = mask / (a_sq[:, None] * bh[None, :]).clamp_min(1e-30)
 
     def grad_of(res: Tensor) -> Tensor:
-        return problem.right(problem.left_t(state.a, res * problem.h), state.b, transpose=True) * mask
+        return problem.right(problem.left_t(state.a, problem.weigh(res)), state.b, transpose=True) * mask
 
     g = grad_of(e)
     z = precond * g
@@ -101,13 +116,14 @@ def update_core_cg(problem: ArmorProblem, state: ArmorState, e: Tensor, steps: i
         if rz <= 0:
             break
         ad = problem.reconstruct(ArmorState(state.a, state.b, d, state.mask))  # A d B: change of E per unit
-        curvature = float((ad.square() * problem.h).sum())
+        w_ad = problem.weigh(ad)
+        curvature = float((ad * w_ad).sum())
         if curvature <= 0:
             break
         alpha = rz / curvature
         state.core.add_(d, alpha=alpha)
         e = e + alpha * ad
-        g = g + alpha * (problem.right(problem.left_t(state.a, ad * problem.h), state.b, transpose=True) * mask)
+        g = g + alpha * (problem.right(problem.left_t(state.a, w_ad), state.b, transpose=True) * mask)
         z = precond * g
         rz_new = float((g * z).sum())
         d = -z + (rz_new / rz) * d
@@ -119,18 +135,29 @@ def update_core_cg(problem: ArmorProblem, state: ArmorState, e: Tensor, steps: i
     return e
 
 
-def group_gains(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> Tensor:
-    """Exact loss decrease (in ``H``-weighted units) of re-solving each group alone, ``(m_rows, n_cols/m)``.
+@dataclass
+class GroupMoves:
+    """The exact best re-solve of every group as if alone, ``(rows, cols/m)`` layout."""
 
-    For group (row ``i``, columns ``g``) of tile ``(p, q)``: ``F = Bt R0^T a`` with the group zeroed equals
-    ``den/2 * dL/dS[i, g] - G s |a|^2`` with ``G = Bt Bt^T``, so all groups cost one elementwise pass once the
-    core gradient is known.
+    gain: Tensor  # decrease of the weighted loss (not normalised), >= 0; 0 where the current group is kept
+    support: Tensor  # (rows, groups, n) long: the best support's positions within the group
+    values: Tensor  # (rows, groups, n) its optimal values
+
+
+def group_moves(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> GroupMoves:
+    """Exact best support, values and loss decrease of re-solving each group alone.
+
+    For group (row ``i``, columns ``g``) of tile ``(p, q)``: with ``G = B_g H_q B_g^T`` and ``a = A_p[:, i]``,
+    ``f = B_g H_q E0^T a`` (the group zeroed) equals ``den/2 * dL/dS[i, g] - G s |a|^2``, so every group costs
+    one elementwise pass once the core gradient is known; ``G`` is shared by all rows.
     """
     rows, cols, m, n = problem.rows, problem.cols, problem.m, problem.n
     gpr = problem.bi // m
     a_sq = state.a.square().sum(1).reshape(rows, 1)  # (rows, 1)
-    bt = (state.b * problem.sqrt_h.reshape(problem.Q, 1, problem.bi)).reshape(problem.Q, gpr, m, problem.bi)
-    gm = torch.einsum("qgkl,qgjl->qgkj", bt, bt).reshape(cols // m, m, m)  # per column group
+    q_all = torch.arange(problem.Q, device=grad_core.device)
+    bh = problem.weighted_rows(state.b, q_all).reshape(problem.Q, gpr, m, problem.bi)
+    b4 = state.b.reshape(problem.Q, gpr, m, problem.bi)
+    gm = torch.einsum("qgkl,qgjl->qgkj", bh, b4).reshape(cols // m, m, m)  # B_g H_q B_g^T per column group
     s = state.core.reshape(rows, cols // m, m)
     gs = torch.bmm(s.transpose(0, 1), gm).transpose(0, 1)  # G s per group (G symmetric): (rows, groups, m)
     f = grad_core.reshape(rows, cols // m, m) * (problem.denominator / 2) - gs * a_sq[:, :, None]
@@ -141,10 +168,59 @@ def group_gains(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> 
     eye = torch.eye(n, device=grad_core.device)
     ridge = 1e-10 * g_s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
     g_inv = torch.linalg.inv(g_s + ridge * eye)  # shared by all rows
-    # f^T G^-1 f for every row, group and support: n*n elementwise terms beat a batched einsum by far
-    quad = sum(f_s[..., i] * g_inv[..., i, j] * f_s[..., j] for i in range(n) for j in range(n))
-    best = -quad / a_sq.clamp_min(1e-30)[:, :, None]
-    return (cur - best.min(-1).values).clamp_min(0)
+    # G^-1 f for every row, group and support: n*n elementwise terms beat a batched matmul by far
+    g_inv_f = torch.stack([sum(g_inv[..., i, j] * f_s[..., j] for j in range(n)) for i in range(n)], -1)
+    inv_a_sq = 1 / a_sq.clamp_min(1e-30)
+    values = -g_inv_f * inv_a_sq[:, :, None, None]  # optimal values on each support
+    # exact change of each candidate, 2 v.f + |a|^2 v^T G v, so a near-singular G can never look better than it is
+    g_v = torch.stack([sum(g_s[..., i, j] * values[..., j] for j in range(n)) for i in range(n)], -1)
+    delta = 2 * (values * f_s).sum(-1) + a_sq[:, :, None] * (values * g_v).sum(-1)
+    best_delta, best = delta.min(-1)
+    gain = (cur - best_delta).clamp_min(0)
+    pick = best[..., None, None].expand(rows, cols // m, 1, n)
+    return GroupMoves(gain, supports[best], values.gather(2, pick).squeeze(2))
+
+
+def group_gains(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> Tensor:
+    """Exact loss decrease (in weighted, unnormalised units) of re-solving each group alone,
+    ``(rows, cols/m)``; see :func:`group_moves`."""
+    return group_moves(problem, state, grad_core).gain
+
+
+def greedy_mask_step(problem: ArmorProblem, state: ArmorState, e: Tensor, per_tile: int) -> tuple[Tensor, float]:
+    """Apply the ``per_tile`` best group moves of every tile at once, checked tile by tile.
+
+    Each move is exact for its group alone; groups of one tile interact only through ``a_i . a_j`` and
+    ``B_g H B_h^T``, which are small near ``A = B = I``.  A tile whose loss did not fall is put back, so the step
+    never raises the loss.  Returns the new residual and the change of the proxy loss.
+    """
+    P, Q, bo, m, rows, cols = problem.P, problem.Q, problem.bo, problem.m, problem.rows, problem.cols
+    gpr = problem.bi // m
+    _, _, grad_core = problem.gradients(state, e)
+    moves = group_moves(problem, state, grad_core)
+    tiled = moves.gain.reshape(P, bo, Q, gpr)
+    k = min(per_tile, bo * gpr)
+    kth = tiled.permute(0, 2, 1, 3).reshape(P, Q, bo * gpr).topk(k, dim=2).values[..., -1]
+    chosen = ((tiled >= kth[:, None, :, None]) & (tiled > 0)).reshape(rows, cols // m)
+    if not bool(chosen.any()):
+        return e, 0.0
+    old_core, old_mask = state.core.clone(), state.mask.clone()
+    new_vals = torch.zeros(rows, cols // m, m, device=e.device).scatter_(2, moves.support, moves.values)
+    new_mask = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=e.device).scatter_(2, moves.support, True)
+    sel = chosen[:, :, None]
+    state.core.copy_(torch.where(sel, new_vals, state.core.reshape(rows, cols // m, m)).reshape(rows, cols))
+    state.mask.copy_(torch.where(sel, new_mask, state.mask.reshape(rows, cols // m, m)).reshape(rows, cols))
+    before = tile_losses(problem, e)
+    e_new = problem.residual(state)
+    after = tile_losses(problem, e_new)
+    worse = after > before
+    if bool(worse.any()):  # put those tiles back
+        back = worse.reshape(P, 1, Q, 1).expand(P, bo, Q, problem.bi).reshape(rows, cols)
+        state.core.copy_(torch.where(back, old_core, state.core))
+        state.mask.copy_(torch.where(back, old_mask, state.mask))
+        e_new = torch.where(back, e, e_new)
+        after = torch.where(worse, before, after)
+    return e_new, float((after - before).sum()) / problem.denominator
 
 
 def armor_fast(
@@ -156,7 +232,8 @@ def armor_fast(
     *,
     n: int = 2,
     m: int = 4,
-    block_size: int = 128,
+    block_size: int | None = None,
+    wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
     sweeps: int = 40,
     cg_steps: int = 4,
     mask_steps: int = 1,
@@ -165,15 +242,55 @@ def armor_fast(
     patience: int = 3,
     rtol: float = 1e-4,
     max_seconds: float | None = None,
-    seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> PruneResult:
-    """Fast ARMOR: ``sweeps`` rounds of exact ``A`` and ``B`` updates, ``cg_steps`` CG steps on the core values
-    and ``mask_steps`` greedy sparse-core steps.  Stops early when ``patience`` sweeps in a row improve the loss
-    by less than a relative ``rtol``, or after ``max_seconds``.  Deterministic (``seed`` is unused by the greedy
-    choice and kept for interface symmetry).  ``history[k]`` is the loss after sweep ``k``.
+    """Fast ARMOR on the paper's (diagonal) proxy loss: ``sweeps`` rounds of exact ``A`` and ``B`` updates,
+    ``cg_steps`` CG steps on the core values and ``mask_steps`` greedy sparse-core steps.  Stops early when
+    ``patience`` sweeps in a row improve the loss by less than a relative ``rtol``, or after ``max_seconds``.
+    Deterministic.  ``history[k]`` is the loss after sweep ``k``.  Wrapper blocks: ``block_size`` when given,
+    else the largest that add at most ``wrapper_budget`` x the layer's dense values
+    (:func:`armor.factors.resolve_block_sizes`).
     """
-    problem = ArmorProblem(wn, h, block_size, block_size, n, m)
+    bo, bi = resolve_block_sizes(wn.shape[0], wn.shape[1], block_size, wrapper_budget, m)
+    problem = ArmorProblem(wn, h, bo, bi, n, m)
+    return run_sweeps(
+        "armor-fast",
+        problem,
+        mask,
+        r,
+        c,
+        sweeps=sweeps,
+        cg_steps=cg_steps,
+        mask_steps=mask_steps,
+        groups_per_tile=groups_per_tile,
+        damping=damping,
+        patience=patience,
+        rtol=rtol,
+        max_seconds=max_seconds,
+        callback=callback,
+        extras={} if block_size is not None else {"wrapper_budget": wrapper_budget},
+    )
+
+
+def run_sweeps(
+    method: str,
+    problem: ArmorProblem,
+    mask: Tensor,
+    r: Tensor,
+    c: Tensor,
+    *,
+    sweeps: int,
+    cg_steps: int,
+    mask_steps: int,
+    groups_per_tile: int,
+    damping: float,
+    patience: int,
+    rtol: float,
+    max_seconds: float | None,
+    callback: Callable[[int, float], None] | None,
+    extras: dict,
+) -> PruneResult:
+    """The fast solver's sweeps on any :class:`ArmorProblem` (either objective), from the NoWag-P ``mask``."""
     state = problem.initial_state(mask)
     e = problem.residual(state)
     loss = problem.loss_of_residual(e)
@@ -187,11 +304,9 @@ def armor_fast(
         e = update_b(problem, state, e, damping)
         e = update_core_cg(problem, state, e, cg_steps)
         for _ in range(mask_steps):
-            _, _, grad_core = problem.gradients(state, e)
-            gains = group_gains(problem, state, grad_core)
-            if not bool((gains > 0).any()):
+            e, change = greedy_mask_step(problem, state, e, groups_per_tile)
+            if change == 0:
                 break
-            multi_group_step(problem, state, e, gains, groups_per_tile)
         e = problem.residual(state)
         loss = problem.loss_of_residual(e)
         if loss > before:  # only rounding can do this: go back to the sweep's start and stop
@@ -218,5 +333,6 @@ def armor_fast(
         "cg_steps": cg_steps,
         "mask_steps": mask_steps,
         "solve_seconds": time.perf_counter() - t0,
+        **extras,
     }
-    return finish_result("armor-fast", problem, state, loss, r, c, history, raw_history, sweep, stopped_early, extras)
+    return finish_result(method, problem, state, loss, r, c, history, raw_history, sweep, stopped_early, extras)

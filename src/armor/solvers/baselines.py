@@ -1,4 +1,4 @@
-"""The pruning baselines under ARMOR's interface: magnitude, Wanda, NoWag-P and SparseGPT (ALGORITHM.md §8).
+"""The pruning baselines under ARMOR's interface: magnitude, Wanda, NoWag-P and SparseGPT (docs/algorithm.md §8).
 
 Each takes the float32 weight ``(out, in)`` and :class:`~armor.stats.LayerStats` and returns the pruned weight and
 its n:m mask in the original scale.
@@ -33,7 +33,7 @@ def wanda(weight: Tensor, stats: LayerStats, n: int = 2, m: int = 4) -> tuple[Te
 
 
 def nowag_scores(weight_normalized: Tensor, h: Tensor) -> Tensor:
-    """NoWag-P's importance ``Wn_ij^2 * h_j`` (ALGORITHM.md §5)."""
+    """NoWag-P's importance ``Wn_ij^2 * h_j`` (docs/algorithm.md §5)."""
     return weight_normalized.square() * h
 
 
@@ -49,19 +49,20 @@ def sparsegpt(
     stats: LayerStats,
     n: int = 2,
     m: int = 4,
-    block_size: int = 128,
+    column_batch: int = 128,
     damp: float = 0.01,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): OBS mask choice and weight update with the full Hessian.
 
     Works column by column through the inverse Hessian's upper Cholesky factor; the n:m mask of each group of
     ``m`` columns is chosen when the sweep reaches the group, by ``w^2 / [H^-1]_jj^2`` on the updated weights.
-    ``damp`` is the fraction of the mean diagonal added to the diagonal (1% as in the paper).
+    ``damp`` is the fraction of the mean diagonal added to the diagonal (1% as in the paper); ``column_batch``
+    columns are updated together before their error is pushed to the rest (lazy batch updates, as in the paper).
     """
     if stats.hessian is None:
         raise ValueError(
             "sparsegpt needs the full input second-moment matrix: collect LayerStats with full=True "
-            "(armor calibrate/prune does this automatically for --method sparsegpt)"
+            "(the pipeline does this for sparsegpt by itself)"
         )
     w = weight.to(torch.float64).clone()
     rows, cols = w.shape
@@ -74,8 +75,8 @@ def sparsegpt(
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess)), upper=True)
 
     mask = torch.zeros_like(w, dtype=torch.bool)
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
+    for start in range(0, cols, column_batch):
+        end = min(start + column_batch, cols)
         w_blk = w[:, start:end].clone()
         hinv_blk = hinv[start:end, start:end]
         err_blk = torch.zeros_like(w_blk)

@@ -9,9 +9,12 @@ Ray is an optional dependency (``pip install 'armor-prune[distributed]'``); it i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from .jobs import LayerJob, LayerOutcome, run_layer_job
 
@@ -39,7 +42,10 @@ def init_ray(workers: int | None = None, address: str | None = None, **kwargs: A
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False, **kwargs)
+        try:
+            ray.init(address=address, log_to_driver=False, **kwargs)
+        except Exception as exc:  # Ray raises ConnectionError, TimeoutError or its own errors here
+            raise ConnectionError(f"could not connect to the Ray cluster at {address}: {exc}") from None
         return True
     if workers is None or workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -68,10 +74,6 @@ def _job_task(
     hook: Callable[[str], None] | None,
 ) -> LayerOutcome:
     """Body of one Ray task (module-level so that workers import it rather than unpickle code)."""
-    import dataclasses
-
-    import torch
-
     if hook is not None:  # test/fault-injection hook, run before any work
         hook(meta.name)
     # Use exactly the CPUs the task reserved: tasks must not oversubscribe the node (torch would take all).
@@ -80,14 +82,12 @@ def _job_task(
         weight = weight.cuda()
         bias = None if bias is None else bias.cuda()
         stats = None if stats is None else stats.to("cuda")
-    outcome = run_layer_job(dataclasses.replace(meta, weight=weight, bias=bias, stats=stats))
-    outcome.module_obj = None  # only the packed state goes back through the object store
-    outcome.state = {k: v.cpu() for k, v in outcome.state.items()}
-    return outcome
+    # only the packed state goes back through the object store
+    return run_layer_job(dataclasses.replace(meta, weight=weight, bias=bias, stats=stats)).shippable()
 
 
 class RayExecutor:
-    """Runs :class:`~armor.distributed.jobs.LayerJob` s as Ray tasks.
+    """Runs :class:`~armor.pipeline.jobs.LayerJob` s as Ray tasks.
 
     Args:
         workers: start a local Ray with this many CPUs (ignored when Ray is already initialised).
@@ -181,3 +181,9 @@ class RayExecutor:
         if self._owns:
             self.ray.shutdown()
             self._owns = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -11,9 +11,10 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module"]
+__all__ = ["find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module", "model_device"]
 
 # Attribute paths used by common Hugging Face causal LMs, tried before the generic scan.
 _KNOWN_PATHS = (
@@ -24,6 +25,14 @@ _KNOWN_PATHS = (
     "transformer.blocks",  # MPT
     "model.language_model.layers",  # multimodal wrappers with a text decoder
 )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (where inputs must go); CPU for a model without parameters."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
 
 
 def get_module(root: nn.Module, name: str) -> nn.Module:

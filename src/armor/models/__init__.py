@@ -1,0 +1,19 @@
+"""What armor knows about Hugging Face causal LMs: where the decoder blocks are and which linear layers to prune."""
+
+from .layers import (
+    find_decoder_layers,
+    find_prunable_layers,
+    get_module,
+    model_device,
+    name_matches,
+    set_module,
+)
+
+__all__ = [
+    "find_decoder_layers",
+    "find_prunable_layers",
+    "get_module",
+    "set_module",
+    "model_device",
+    "name_matches",
+]

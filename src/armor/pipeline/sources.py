@@ -1,0 +1,151 @@
+"""Where a model's weights come from during pruning: memory, or a checkpoint read block by block.
+
+The driver sees both through the same few calls, so whole-model and streamed runs are one code path:
+
+* :class:`InMemorySource` — a model already in memory; it is pruned in place.
+* :class:`CheckpointSource` — a Hugging Face folder with safetensors weights; the model is a skeleton on the
+  ``meta`` device and holds real weights only for the part in use (the embeddings while the calibration inputs
+  are captured, then one decoder block at a time).  The pruned model is written from the per-layer files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..models import find_decoder_layers, get_module, model_device, set_module
+from ..runtime import empty_module_from_spec
+from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
+from ..storage.checkpoint import materialise, release
+
+__all__ = ["InMemorySource", "CheckpointSource", "ModelSource"]
+
+
+class InMemorySource:
+    """A model in memory.  Loading and releasing are no-ops; pruned modules replace the dense ones for good."""
+
+    streamed = False
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a torch model or a checkpoint folder, got {type(model).__name__}")
+        self.model = model
+        self.prefix, self.blocks = find_decoder_layers(model)
+        self.device = model_device(model)
+
+    def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
+        lin = get_module(self.model, name)
+        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+
+    def load_embeddings(self) -> None:
+        pass
+
+    def release_embeddings(self) -> None:
+        pass
+
+    def load_block(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
+    def release_block(self, index: int) -> None:
+        pass
+
+    def place(self, name: str, module: nn.Module) -> None:
+        set_module(self.model, name, module.to(self.device))
+
+    def save(
+        self, out_dir: Path, run_dir: Path, specs: Mapping[str, dict], dtypes: Mapping[str, str],
+        run_info: Mapping[str, Any], tokenizer: Any,
+    ) -> Path:
+        return save_pruned(self.model, out_dir, tokenizer=tokenizer, run_info=run_info)
+
+
+class CheckpointSource:
+    """A checkpoint folder read tensor by tensor; at most one decoder block (plus the embeddings while the
+    calibration inputs are captured, or the embeddings and the head while they are used) holds real weights.
+
+    A pruned folder works too (its packed layers are put in the skeleton from their specs): that is how a
+    pruned model is evaluated block by block.  ``dtype`` casts floating-point weights of dense checkpoints
+    (default float32); a pruned folder's tensors keep their stored dtypes unless ``dtype`` is given.
+    """
+
+    streamed = True
+
+    def __init__(
+        self, path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> None:
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"not a model folder (no config.json): {self.path}")
+        section = read_armor_config(self.path)
+        self.pruned = section is not None
+        self.model = meta_skeleton(self.path, strip_quantization=self.pruned)
+        if not self.pruned and getattr(self.model.config, "quantization_config", None) is not None:
+            raise ValueError(f"{self.path} is a quantized checkpoint; pruning needs plain float weights")
+        self.prefix, self.blocks = find_decoder_layers(self.model)  # before packed modules replace the linears
+        if self.pruned:
+            for name, spec in section.get("layers", {}).items():
+                layer_dtype = getattr(torch, section.get("layer_dtypes", {}).get(name, "float32"))
+                set_module(self.model, name, empty_module_from_spec(spec, dtype=layer_dtype, device="meta"))
+        self.reader = ShardReader(self.path)
+        self.dtype = dtype if dtype is not None or self.pruned else torch.float32
+        self.device = torch.device(device)
+        head = self.model.get_output_embeddings()
+        self._head = [f"{mn}." for mn, mod in self.model.named_modules() if head is not None and mod is head and mn]
+        self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        self._outer_loaded: list[str] = []
+
+    def _outer_keys(self, with_head: bool) -> list[str]:
+        keys = [k for k in self.model.state_dict(keep_vars=True) if not k.startswith(self.prefix + ".")]
+        if with_head and not self._tied:
+            return keys
+        # a tied head is the embedding matrix itself: re-tied after loading, never read twice
+        return [k for k in keys if not any(k.startswith(h) for h in self._head)]
+
+    def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """The dense weight (and bias) of one layer, read from the checkpoint in the run's dtype."""
+        keys = [f"{name}.weight"] + ([f"{name}.bias"] if get_module(self.model, name).bias is not None else [])
+        loaded = self.reader.load(keys, self.dtype)
+        return loaded[keys[0]], loaded.get(f"{name}.bias")
+
+    def load_embeddings(self, with_head: bool = False) -> None:
+        """Everything outside the decoder blocks (the head only when ``with_head``)."""
+        keys = self._outer_keys(with_head)
+        self._outer_loaded = materialise(self.model, "", self.reader, self.dtype, self.device, keys=keys)
+        if with_head and self._tied and hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+
+    def release_embeddings(self) -> None:
+        release(self.model, self._outer_loaded)
+        if self._tied and hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+        self._outer_loaded = []
+        release_memory()
+
+    def load_block(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        materialise(block, f"{self.prefix}.{index}.", self.reader, self.dtype, self.device)
+        return block
+
+    def release_block(self, index: int) -> None:
+        # Drops the block's weights (and any pruned modules placed in it) before the next block is loaded.
+        self.blocks[index] = self.blocks[index].to("meta")
+        release_memory()
+
+    def place(self, name: str, module: nn.Module) -> None:
+        set_module(self.model, name, module.to(self.device))
+
+    def save(
+        self, out_dir: Path, run_dir: Path, specs: Mapping[str, dict], dtypes: Mapping[str, str],
+        run_info: Mapping[str, Any], tokenizer: Any,
+    ) -> Path:
+        return save_pruned_streamed(
+            self.path, out_dir, specs, dtypes, run_dir, run_info=run_info, tokenizer=tokenizer, dtype=self.dtype,
+            reader=self.reader,
+        )
+
+
+ModelSource = InMemorySource | CheckpointSource

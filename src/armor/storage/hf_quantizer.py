@@ -1,0 +1,198 @@
+"""Loading pruned folders with plain ``AutoModelForCausalLM.from_pretrained``: transformers' quantizer hooks.
+
+transformers loads pre-quantised checkpoints through two registries (``transformers.quantizers.auto``): a
+*quantization config* class chosen by ``config.json``'s ``quantization_config.quant_method``, and an
+*HfQuantizer* that may rewrite the freshly built (meta-device) model before the weights are read.  armor
+registers both under ``quant_method = "armor"`` when ``armor`` (or ``armor.storage``) is imported:
+
+* :class:`ArmorConfig` holds what a pruned folder's ``quantization_config`` says: the folder format, the packed
+  module spec of every pruned layer, their dtypes, the library versions and the run's provenance (``run``).
+* :class:`ArmorHfQuantizer` replaces each ``nn.Linear`` named in ``layers`` by an EMPTY packed module
+  (:class:`armor.runtime.ArmorLinear` / :class:`armor.runtime.SparseLinear` built by
+  :func:`armor.runtime.empty_module_from_spec` on the meta device) before loading; the packed tensors
+  (``<name>.values``, ``.indices``, ``.a_blocks``, ``.b_blocks``, ``.bias``) then load by key like any other
+  parameter.  No dense weight is ever built, nothing runs remote code and nothing is unpickled.
+
+The same replacement (:func:`install_packed_modules`) serves :func:`armor.storage.load_pruned`, so both doors
+build the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..models import get_module, set_module
+from ..runtime import empty_module_from_spec
+from .checkpoint import open_safetensors
+
+__all__ = ["QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules"]
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "armor"
+MODEL_FORMAT = "armor-model-v2"
+
+_SPEC_KINDS = ("armor", "sparse")
+
+
+def _check_spec(name: str, spec: Any) -> None:
+    if not isinstance(spec, Mapping) or spec.get("type") not in _SPEC_KINDS:
+        raise ValueError(f"quantization_config.layers[{name!r}] is not an armor layer spec: {spec!r}")
+    for key in ("in_features", "out_features"):
+        if not isinstance(spec.get(key), int) or spec[key] < 1:
+            raise ValueError(f"quantization_config.layers[{name!r}] has no valid {key!r}: {spec!r}")
+
+
+class ArmorConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of an armor-pruned folder (``quant_method = "armor"``).
+
+    Args:
+        layers: pruned layer name -> module spec (``ArmorLinear.spec()`` / ``SparseLinear.spec()``).
+        layer_dtypes: pruned layer name -> dtype name the packed tensors were saved in (``"float16"``...).
+        format: the folder format; only :data:`MODEL_FORMAT` is understood.
+        versions: armor / torch / transformers versions that wrote the folder.
+        run: provenance of the pruning run (method, options, pattern, calibration, records, ...).
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, Mapping[str, Any]] | None = None,
+        layer_dtypes: Mapping[str, str] | None = None,
+        format: str = MODEL_FORMAT,  # noqa: A002 - the key's name in config.json
+        versions: Mapping[str, str] | None = None,
+        run: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.layers = {str(k): dict(v) for k, v in (layers or {}).items()}
+        self.layer_dtypes = {str(k): str(v) for k, v in (layer_dtypes or {}).items()}
+        self.versions = dict(versions or {})
+        self.run = dict(run or {})
+        kwargs.pop("quant_method", None)
+        for key, value in kwargs.items():  # keys a newer armor wrote: kept, so a re-save does not drop them
+            setattr(self, key, value)
+        self.post_init()
+
+    def post_init(self) -> None:
+        if self.format != MODEL_FORMAT:
+            raise ValueError(
+                f"this armor reads pruned folders of format {MODEL_FORMAT!r}, the folder says {self.format!r}; "
+                "upgrade armor (pip install -U armor) to load it"
+            )
+        for name, spec in self.layers.items():
+            _check_spec(name, spec)
+        for name, dt in self.layer_dtypes.items():
+            if not isinstance(getattr(torch, dt, None), torch.dtype):
+                raise ValueError(f"quantization_config.layer_dtypes[{name!r}] = {dt!r} is not a torch dtype")
+
+
+def install_packed_modules(
+    model: nn.Module,
+    layers: Mapping[str, Mapping[str, Any]],
+    dtype: torch.dtype | Mapping[str, str] | None,
+    device: torch.device | str,
+) -> None:
+    """Replace each ``nn.Linear`` of ``model`` named in ``layers`` by an empty packed module of that spec.
+
+    ``dtype`` is one dtype for every layer, or a mapping layer name -> dtype name (``float32`` when absent).
+    Raises ValueError naming the layer when the model has no such ``nn.Linear`` or its shape differs from the
+    spec (the folder was written for another architecture).
+    """
+    for name, spec in layers.items():
+        try:
+            target = get_module(model, name)
+        except AttributeError:
+            raise ValueError(
+                f"the pruned folder names layer {name!r}, which {type(model).__name__} does not have; "
+                "the folder's config.json and quantization_config disagree"
+            ) from None
+        if not isinstance(target, nn.Linear):
+            raise ValueError(f"pruned layer {name!r} is a {type(target).__name__} in the model, not an nn.Linear")
+        shape = (int(spec["out_features"]), int(spec["in_features"]))
+        if (target.out_features, target.in_features) != shape:
+            raise ValueError(
+                f"pruned layer {name!r} is {shape[0]}x{shape[1]} in the folder but "
+                f"{target.out_features}x{target.in_features} in the model"
+            )
+        if isinstance(dtype, Mapping):
+            layer_dtype = getattr(torch, dtype.get(name, "float32"))
+        else:
+            layer_dtype = dtype if dtype is not None else torch.float32
+        set_module(model, name, empty_module_from_spec(dict(spec), dtype=layer_dtype, device=device))
+
+
+def check_weight_files(files: Iterable[str | Path]) -> None:
+    """Open every safetensors file once: a truncated or corrupt one raises CheckpointError naming it."""
+    for f in files:
+        if str(f).endswith(".safetensors"):
+            with open_safetensors(f):
+                pass
+
+
+class ArmorHfQuantizer(HfQuantizer):
+    """Loads armor-pruned folders (pre-pruned only: transformers cannot prune at load time)."""
+
+    requires_calibration = True  # from_pretrained(quantization_config=ArmorConfig()) on a dense model is refused
+    quantization_config: ArmorConfig
+
+    load_dtype: torch.dtype | None = None
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # transformers' hook that sees the model's load dtype (resolved from dtype=..., "auto" or the default)
+        self.load_dtype = dtype
+        return dtype
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, Mapping) and "disk" in set(device_map.values()):
+            raise ValueError("armor-pruned models cannot be offloaded to disk; use a device_map without 'disk'")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        check_weight_files(kwargs.get("checkpoint_files") or [])
+        # The packed layers follow the dtype the model is loaded in, like every other floating-point tensor
+        # (from_pretrained(dtype=...) casts all of them); the saved dtypes are the fallback for a caller that
+        # never resolved one.
+        dtype = self.load_dtype
+        layer_dtypes = dtype if isinstance(dtype, torch.dtype) else self.quantization_config.layer_dtypes
+        install_packed_modules(model, self.quantization_config.layers, layer_dtypes, "meta")
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        # transformers re-creates loaded parameters as trainable; packed layers are frozen (is_trainable is
+        # False), and a frozen module may cache its unpacked form between forwards.
+        for name in self.quantization_config.layers:
+            get_module(model, name).requires_grad_(False)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _register() -> None:
+    # Guarded: a second import (importlib.reload, two armor copies) must not fail on "already registered".
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(ArmorConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(ArmorHfQuantizer)
+
+
+_register()
