@@ -69,7 +69,7 @@ def paragraph_sentences(text: str) -> list[list[str]]:
             sentences.append(current)
         merged: list[str] = []
         for s in sentences:
-            if merged and not s[0].isupper() and not s[0] in "\"'(":
+            if merged and not s[0].isupper() and s[0] not in "\"'(":
                 merged[-1] = f"{merged[-1]} {s}"
             else:
                 merged.append(s)

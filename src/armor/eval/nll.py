@@ -89,6 +89,11 @@ def _plain_linear_weight(head: nn.Module) -> tuple[Tensor, Tensor | None] | None
     return head.weight, head.bias
 
 
+def _vocab_slice(hidden: Tensor, weight: Tensor, bias: Tensor | None, v0: int, v1: int) -> Tensor:
+    """float32 head output for vocabulary rows ``v0:v1`` (the matmul itself in the model's dtype, as the model)."""
+    return F.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1]).float()
+
+
 def _nll_rows(
     hidden: Tensor,
     targets: Tensor,
@@ -107,8 +112,7 @@ def _nll_rows(
     target_logit = torch.zeros_like(lse)
     for v0 in range(0, vocab, chunk_vocab):
         v1 = min(v0 + chunk_vocab, vocab)
-        logits = F.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1]).float()
-        logits = transform(logits)
+        logits = transform(_vocab_slice(hidden, weight, bias, v0, v1))
         lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
         inside = (targets >= v0) & (targets < v1)
         if inside.any():
@@ -124,10 +128,8 @@ def _head_logits(hidden: Tensor, head: nn.Module, transform: LogitTransform, chu
     if linear is None:
         return transform(head(hidden).float())
     weight, bias = linear
-    parts = [
-        transform(F.linear(hidden, weight[v0 : v0 + chunk_vocab], None if bias is None else bias[v0 : v0 + chunk_vocab]).float())
-        for v0 in range(0, weight.shape[0], chunk_vocab)
-    ]
+    starts = range(0, weight.shape[0], chunk_vocab)
+    parts = [transform(_vocab_slice(hidden, weight, bias, v0, v0 + chunk_vocab)) for v0 in starts]
     return torch.cat(parts, -1)
 
 

@@ -177,8 +177,9 @@ def perplexity(
         raise ValueError(f"seqlen {proto.seqlen} is larger than the {name} ({total} tokens)")
     complete = max_windows is None or max_windows >= len(planned)
     planned = planned[:max_windows]
-    # Longest windows first: batches of similar length waste little padding (the sums do not depend on order).
-    order = sorted(planned, key=lambda kw: -(kw[1].end - kw[1].begin))
+    # Disjoint windows are batched in text order (armor.pipeline.evaluate relies on it); windows of varying
+    # length go longest first, so batches waste little padding (the sums do not depend on the order).
+    order = planned if proto.windowing == "disjoint" else sorted(planned, key=lambda kw: -(kw[1].end - kw[1].begin))
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = int(pad_id) if pad_id is not None else 0
     device = model_device(model)

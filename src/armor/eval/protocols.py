@@ -24,7 +24,10 @@ A :class:`PerplexityProtocol` holds all of them; :data:`PROTOCOLS` has the prese
     Hugging Face's "Perplexity of fixed-length models" guide: documents joined with ``"\\n\\n"`` and tokenised
     once with the tokenizer's defaults, windows of ``seqlen`` tokens that start every ``stride`` tokens; each
     window scores only the tokens no earlier window scored, so every token after the first is scored once with
-    at least ``seqlen - stride`` tokens of context. ``stride == seqlen`` gives disjoint windows.
+    at least ``seqlen - stride`` tokens of context. ``stride == seqlen`` gives disjoint windows. The NLL is
+    averaged over the scored tokens exactly (the guide's loop weights each window's mean loss by its number of
+    valid labels minus one, which undercounts every window after the first by one token, so its number differs
+    in the fourth or fifth digit).
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ def plan_windows(n_tokens: int, protocol: PerplexityProtocol) -> list[Window]:
     """The windows ``protocol`` scores on a stream of ``n_tokens`` tokens (prefix token included, if any)."""
     length = protocol.seqlen
     if protocol.windowing == "disjoint":
-        return [Window(k * length, (k + 1) * length, k * length + 1, (k + 1) * length) for k in range(n_tokens // length)]
+        starts = range(0, n_tokens - length + 1, length)
+        return [Window(b, b + length, b + 1, b + length) for b in starts]
     if protocol.windowing == "rolling":
         # lm_eval.utils.get_rolling_token_windows(context_len=1) + make_disjoint_window, in stream positions:
         # target stream position j is document token j - 1 when a prefix token leads the stream.

@@ -2,12 +2,14 @@
 
 Architecture-agnostic: the decoder blocks are found as a ``nn.ModuleList`` (the usual attribute paths first,
 else the largest ``ModuleList`` whose entries contain linear layers), and every ``nn.Linear`` inside them is a
-candidate.  Embeddings, final norm and ``lm_head`` live outside the blocks and therefore stay dense.
+candidate (see :func:`find_prunable_layers` for what is left dense and how that is reported).  Embeddings,
+final norm and ``lm_head`` live outside the blocks and therefore stay dense.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Iterable, Sequence
 
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 
 __all__ = ["find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module", "model_device"]
+
+logger = logging.getLogger(__name__)
 
 # Attribute paths used by common Hugging Face causal LMs, tried before the generic scan.
 _KNOWN_PATHS = (
@@ -88,6 +92,34 @@ def _matches_any(name: str, patterns: Iterable[str]) -> bool:
     return any(name_matches(name, p) for p in patterns)
 
 
+def _block_pattern(name: str, prefix: str) -> str:
+    """``model.layers.3.mlp.experts.down_proj`` -> ``model.layers.*.mlp.experts.down_proj``."""
+    rest = name[len(prefix) + 1 :]
+    return f"{prefix}.*.{rest.split('.', 1)[1]}" if "." in rest else name
+
+
+def _describe_grouped(items: Sequence[tuple[str, tuple[int, ...]]], prefix: str) -> str:
+    """``name (shape)`` per distinct layer across blocks: ``model.layers.*.mlp.x (64x3) in 2 blocks``."""
+    groups: dict[tuple[str, tuple[int, ...]], int] = {}
+    for name, shape in items:
+        key = (_block_pattern(name, prefix), shape)
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(
+        f"{pattern} ({'x'.join(map(str, shape))})" + (f" in {count} blocks" if count > 1 else "")
+        for (pattern, shape), count in groups.items()
+    )
+
+
+def _stacked_expert_params(prefix: str, blocks: nn.ModuleList) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameters of 3 or more dimensions inside the blocks (mixture-of-experts weights stacked per expert)."""
+    found = []
+    for i, block in enumerate(blocks):
+        for sub, param in block.named_parameters():
+            if param.dim() >= 3:
+                found.append((f"{prefix}.{i}.{sub}", tuple(param.shape)))
+    return found
+
+
 def find_prunable_layers(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -96,12 +128,21 @@ def find_prunable_layers(
 ) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers of the decoder blocks to prune, by full dotted name, in forward order.
 
+    Fused projections (Phi-3 ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX ``query_key_value``) are ordinary
+    ``nn.Linear`` layers and are pruned as one layer each.  What cannot be pruned is left dense and logged as a
+    warning (logger ``armor.models.layers``) that names it and its shape:
+
+    * a layer whose ``in_features`` is not a multiple of ``m`` (the n:m groups run along the input dimension);
+    * mixture-of-experts weights that transformers stores as stacked 3-D parameters (Mixtral, Qwen3-MoE, ...):
+      they are not ``nn.Linear`` layers, so no statistics are gathered for them.
+
     Args:
         include: patterns (see :func:`name_matches`); when given, only matching layers are kept.
         exclude: patterns of layers to leave dense.
-        m: group size of the n:m pattern; layers whose ``in_features`` is not a multiple are an error when
-        they
-            were explicitly included, and skipped otherwise.
+        m: group size of the n:m pattern.
+
+    Raises:
+        ValueError: when nothing at all can be pruned, saying why.
     """
     prefix, blocks = find_decoder_layers(model)
     for p in [*(include or []), *(exclude or [])]:
@@ -110,7 +151,7 @@ def find_prunable_layers(
                 re.compile(p[3:])
             except re.error as exc:
                 raise ValueError(f"bad layer pattern {p!r}: {exc}") from None
-    out: dict[str, nn.Linear] = {}
+    selected: dict[str, nn.Linear] = {}
     for i, block in enumerate(blocks):
         for sub, mod in block.named_modules():
             if not isinstance(mod, nn.Linear) or not sub:
@@ -120,16 +161,32 @@ def find_prunable_layers(
                 continue
             if exclude and _matches_any(name, exclude):
                 continue
-            if mod.in_features % m:
-                if include:
-                    raise ValueError(
-                        f"layer {name} has in_features={mod.in_features}, not a multiple of {m}; exclude it"
-                    )
-                continue
-            out[name] = mod
-    if not out:
-        raise ValueError(
-            f"no prunable layers selected (include={list(include or [])}, exclude={list(exclude or [])}); "
-            f"layer names look like {prefix}.0.<sub>"
+            selected[name] = mod
+    out = {name: mod for name, mod in selected.items() if mod.in_features % m == 0}
+    odd = [(name, (mod.out_features, mod.in_features)) for name, mod in selected.items() if name not in out]
+    experts = _stacked_expert_params(prefix, blocks)
+    if experts:
+        logger.warning(
+            "not pruning %d mixture-of-experts weight tensor(s), left dense: %s; transformers stores these experts "
+            "as stacked 3-D parameters, not nn.Linear layers, and armor prunes nn.Linear layers only",
+            len(experts), _describe_grouped(experts, prefix),
         )
+    if odd and out:
+        logger.warning(
+            "leaving %d linear layer(s) dense: in_features not a multiple of %d (needed for the n:%d pattern): %s",
+            len(odd), m, m, _describe_grouped(odd, prefix),
+        )
+    if not out:
+        if odd:
+            raise ValueError(
+                f"no prunable layers: all {len(odd)} selected linear layers have in_features not divisible by {m} "
+                f"(shapes are out x in): {_describe_grouped(odd, prefix)}"
+            )
+        why = "no nn.Linear layers in the decoder blocks"
+        if experts:
+            stacked = _describe_grouped(experts, prefix)
+            why += f" (their mixture-of-experts weights are stacked 3-D parameters: {stacked})"
+        if include or exclude:
+            why = f"no linear layer matches include={list(include or [])}, exclude={list(exclude or [])}"
+        raise ValueError(f"no prunable layers selected: {why}; layer names look like {prefix}.0.<sub>")
     return out

@@ -239,11 +239,11 @@ def prune(
         elif sequential:
             finished[outcome.name] = outcome
 
-    def restore(name: str) -> None:
+    def restore(name: str) -> LayerOutcome:
         got = load_layer_file(layer_file(out, name), name, fps[name], device=source.device)  # type: ignore[arg-type]
         if got is None:
             raise RuntimeError(f"layer file of {name} vanished or changed during the run; start it again")
-        take(outcome_from_module(name, got[0], got[1], reused=True, written=False))
+        return outcome_from_module(name, got[0], got[1], reused=True, written=False)
 
     finished: dict[str, LayerOutcome] = {}
     try:
@@ -257,13 +257,12 @@ def prune(
             block_names = [name for name in names if block_of[name] == i]
             if i > last:  # nothing left to prune or calibrate: only finished layers to restore
                 for name in block_names:
-                    restore(name)
+                    take(restore(name))
                 continue
             block = source.load_block(i)
             block_todo = [name for name in block_names if name not in done]
-            for name in block_names:
-                if name in done:
-                    restore(name)
+            # Restored layers go in place only after the statistics pass: a block is calibrated dense.
+            restored = [restore(name) for name in block_names if name in done]
             tracker.bar.set_description(f"prune {method} [block {i + 1}/{last + 1}]")
             hooks = StatsHooks({k: layers[k] for k in block_todo}, kinds) if block_todo else None
             want_out = i < last
@@ -272,6 +271,8 @@ def prune(
                 # one-pass: the dense outputs come out of the statistics pass itself
                 run_block(block, calls[i], inputs, None if sequential else outputs, source.device, hooks)
             stats = hooks.finish() if hooks is not None else {}
+            for outcome in restored:
+                take(outcome)
             for name in block_todo:
                 while executor.pending >= executor.window:
                     for o in executor.results(until_pending=executor.window - 1):

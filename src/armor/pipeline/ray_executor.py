@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ def init_ray(workers: int | None = None, address: str | None = None, **kwargs: A
     if ray.is_initialized():
         return False
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, **kwargs)
         except Exception as exc:  # Ray raises ConnectionError, TimeoutError or its own errors here
@@ -62,6 +64,21 @@ def init_ray(workers: int | None = None, address: str | None = None, **kwargs: A
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
              **kwargs)
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the address in the message, when nothing listens there (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} must look like host:port or ray://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"could not connect to the Ray cluster at {address}: {exc}") from None
 
 
 def _job_task(

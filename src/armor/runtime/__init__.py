@@ -1,11 +1,15 @@
 """Inference runtime for pruned layers: packed n:m storage, :class:`ArmorLinear` / :class:`SparseLinear`
-modules and layer/model benchmarks (:mod:`armor.runtime.bench`)."""
+modules, CPU kernels that run from the packed state (:mod:`armor.runtime.kernels`, numba) and layer/model
+benchmarks (:mod:`armor.runtime.bench`)."""
 
+from .kernels import numba_available
 from .modules import (
+    CPU_PACKED_MAX_TOKENS,
     ArmorLinear,
     SparseLinear,
     empty_module_from_spec,
     module_from_result,
+    packed_status,
     semi_structured_status,
     state_nbytes,
 )
@@ -17,6 +21,9 @@ __all__ = [
     "module_from_result",
     "empty_module_from_spec",
     "semi_structured_status",
+    "packed_status",
+    "numba_available",
+    "CPU_PACKED_MAX_TOKENS",
     "state_nbytes",
     "pack_nm",
     "unpack_nm",

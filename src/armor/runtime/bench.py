@@ -1,17 +1,14 @@
 """Layer and model timing for the runtime: dense ``F.linear`` vs plain 2:4 (:class:`SparseLinear`) vs ARMOR
-(:class:`ArmorLinear`), storage of the packed state, and tokens/s helpers for any Hugging Face causal LM.
+(:class:`ArmorLinear`) on each backend, stored and resident bytes, and decode tokens/s / peak memory helpers
+for any Hugging Face causal LM.
 
-The CLI owner wires ``armor bench`` with :func:`add_bench_arguments` and :func:`bench_main`; the script
-``benchmarks/bench_runtime.py`` does the same stand-alone.
+Library only (no argument parsing, no printing): ``armor bench`` (:mod:`armor.cli.bench`) and
+``benchmarks/bench_runtime.py`` drive it; the ``format_*`` functions return Markdown strings.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import model_device
 from ..result import PruneResult
 from ..sparsity import nm_supports
 from .modules import empty_module_from_spec, module_from_result, state_nbytes
@@ -28,15 +26,22 @@ from .modules import empty_module_from_spec, module_from_result, state_nbytes
 __all__ = [
     "SHAPE_SETS",
     "DEFAULT_BATCHES",
+    "LLAMA7B_STACK",
+    "default_backends",
     "random_nm_result",
     "run_layer_bench",
+    "crossover",
     "storage_report",
     "format_layer_table",
+    "format_crossover_table",
     "format_storage_table",
+    "format_model_table",
+    "model_resident_bytes",
+    "rss_bytes",
+    "peak_rss_bytes",
+    "reset_peak_rss",
     "time_prefill",
     "time_generation",
-    "add_bench_arguments",
-    "bench_main",
 ]
 
 #: Named shape lists, ``(out_features, in_features)``.
@@ -50,9 +55,6 @@ SHAPE_SETS: dict[str, list[tuple[int, int]]] = {
 DEFAULT_BATCHES = (1, 16, 128, 2048)
 #: Llama-2-7B decoder linear layers: (out, in) -> count over 32 layers.
 LLAMA7B_STACK: dict[tuple[int, int], int] = {(4096, 4096): 32 * 4, (11008, 4096): 32 * 2, (4096, 11008): 32}
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 # ----------------------------------------------------------------------------------------------------
 # random layers
@@ -99,7 +101,7 @@ def random_nm_result(
 
 
 # ----------------------------------------------------------------------------------------------------
-# timing primitives
+# timing and memory primitives
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,13 +120,37 @@ def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, w
     return statistics.median(times)
 
 
-def _rss_bytes() -> int | None:
-    """Current resident set size of this process (Linux /proc), or None where unavailable."""
+def _status_kib(field: str) -> int | None:
     try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size of this process (Linux ``/proc``), or None where unavailable."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process since start or the last :func:`reset_peak_rss` (Linux)."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class _MemProbe:
@@ -141,7 +167,7 @@ class _MemProbe:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            self.start = _rss_bytes()
+            self.start = rss_bytes()
         self.peak: int | None = None
         return self
 
@@ -150,13 +176,13 @@ class _MemProbe:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
         else:
-            end = _rss_bytes()
+            end = rss_bytes()
             self.peak = None if end is None or self.start is None else end - self.start
 
 
-def _module_resident_bytes(mod: nn.Module) -> int:
-    cache = mod.cache_nbytes() if hasattr(mod, "cache_nbytes") else 0
-    return state_nbytes(mod) + cache
+def default_backends(device: torch.device | str) -> tuple[str, ...]:
+    """The backends :func:`run_layer_bench` times by default: the fast path of the device, then transient dense."""
+    return ("semi_structured", "dense") if torch.device(device).type == "cuda" else ("packed", "dense")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,7 +198,7 @@ def _build_layer(
             def fn() -> Tensor:
                 return F.linear(x, w)
 
-            used, stored = "F.linear", w.numel() * w.element_size()
+            stored = w.numel() * w.element_size()
         else:
             layer = empty_module_from_spec(proto.spec(), dtype=x.dtype, device=device, backend=backend)
             layer.load_state_dict(proto.state_dict())
@@ -180,16 +206,17 @@ def _build_layer(
             def fn() -> Tensor:
                 return layer(x)
 
-            stored = state_nbytes(layer)
-        for _ in range(max(1, warmup)):  # at least one: it builds the lazy caches
+            stored = layer.stored_nbytes()
+        for _ in range(max(1, warmup)):  # at least one: it builds the lazy semi-structured cache on CUDA
             fn()
         _sync(device)
-    if not isinstance(proto, Tensor):
-        used = layer.active_backend  # after the first forward: auto may have fallen back
-    resident = stored if isinstance(proto, Tensor) else _module_resident_bytes(layer)
+    if isinstance(proto, Tensor):
+        active, resident = "F.linear", stored
+    else:
+        active, resident = layer.active_backend, layer.resident_nbytes()  # after a forward: what really ran
     return {
         "fn": fn,
-        "backend": used,
+        "active_backend": active,
         "stored_bytes": stored,
         "resident_bytes": resident,
         "peak_mem_bytes": probe.peak,
@@ -205,73 +232,69 @@ def run_layer_bench(
     repeats: int = 20,
     warmup: int = 3,
     block_size: int = 128,
-    armor_backend: str = "auto",
-    sparse_backend: str = "auto",
+    backends: Sequence[str] | None = None,
     seed: int = 0,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time ``y = layer(x)`` for ``x`` of shape ``(batch, in)``: dense ``F.linear`` vs :class:`SparseLinear`
-    (2:4) vs :class:`ArmorLinear` (2:4 core, ``block_size`` wrapper blocks), random weights and mask.
+    (2:4) vs :class:`ArmorLinear` (2:4 core, ``block_size`` wrapper blocks), each pruned layer on every backend
+    in ``backends`` (default :func:`default_backends`), random weights and mask.
 
-    For each (shape, batch) the three layers are built and warmed up, then timed in interleaved rounds
-    (one call of each per round) so that a load change on a shared machine hits all three alike.
+    For each (shape, batch) all layers are built and warmed up, then timed in interleaved rounds (one call of
+    each per round) so that a load change on a shared machine hits all of them alike.
 
-    Returns one record per (shape, batch, method): the median seconds over ``repeats`` rounds (CUDA
-    synchronised), tokens/s (= batch / median), ``speedup_vs_dense`` (dense median / method median, > 1 is
-    faster), ``stored_bytes`` (packed ``state_dict`` bytes; the weight itself for dense), ``resident_bytes``
-    (stored + runtime caches such as the unpacked core), ``peak_mem_bytes`` and ``mem_method``:
-    ``cuda_max_memory_allocated`` (peak above the level before the build, over build + warm-up) or
-    ``cpu_rss_delta`` (RSS after build + warm-up minus before; indicative only).
+    Returns one record per (shape, batch, method, backend): ``median_s`` over ``repeats`` rounds (CUDA
+    synchronised), ``tokens_per_s`` (= batch / median), ``speedup_vs_dense`` (dense median / this median, > 1
+    is faster), ``backend`` (requested) and ``active_backend`` (what ran), ``stored_bytes`` (packed
+    ``state_dict``; the weight itself for dense), ``resident_bytes`` (what the module keeps between calls:
+    state + runtime cache), ``peak_mem_bytes`` and ``mem_method``: ``cuda_max_memory_allocated`` (peak above
+    the level before the build, over build + warm-up) or ``cpu_rss_delta`` (RSS after build + warm-up minus
+    before; indicative only).
     """
     device = torch.device(device)
+    backends = tuple(default_backends(device) if backends is None else backends)
     records: list[dict[str, Any]] = []
     armor_name = f"armor-b{block_size}"
     for out_f, in_f in shapes:
         # Pack once per shape (CPU); each timed layer is then a fresh load of that state on the device, which
         # is also how a saved model comes back.
         dense_src = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)) * in_f**-0.5
-        protos: dict[str, Any] = {
-            "dense": dense_src.to(dtype),
-            "sparse-2:4": module_from_result(random_nm_result(out_f, in_f, None, seed=seed), None, dtype),
-            armor_name: module_from_result(
-                random_nm_result(out_f, in_f, block_size, seed=seed + 1), None, dtype
-            ),
-        }
-        backends = {"sparse-2:4": sparse_backend, armor_name: armor_backend}
-        if armor_backend == "auto":
-            # the factorised path with a dense core, whatever auto picks (on CPU auto folds W_hat)
-            protos[armor_name + "-factorised"] = protos[armor_name]
-            backends[armor_name + "-factorised"] = "dense"
+        protos: dict[tuple[str, str], Any] = {("dense", "F.linear"): dense_src.to(dtype)}
+        sparse = module_from_result(random_nm_result(out_f, in_f, None, seed=seed), None, dtype)
+        armor = module_from_result(random_nm_result(out_f, in_f, block_size, seed=seed + 1), None, dtype)
+        for backend in backends:
+            protos[("sparse-2:4", backend)] = sparse
+            protos[(armor_name, backend)] = armor
         for batch in batches:
             with torch.inference_mode():
                 x = torch.randn(batch, in_f).to(device=device, dtype=dtype)
-                built = {
-                    name: _build_layer(p, backends.get(name, ""), x, device, warmup)
-                    for name, p in protos.items()
-                }
-                times: dict[str, list[float]] = {name: [] for name in built}
+                built = {key: _build_layer(p, key[1], x, device, warmup) for key, p in protos.items()}
+                times: dict[tuple[str, str], list[float]] = {key: [] for key in built}
                 for _ in range(max(1, repeats)):
-                    for name, b in built.items():
+                    for key, b in built.items():
                         _sync(device)
                         start = time.perf_counter()
                         b["fn"]()
                         _sync(device)
-                        times[name].append(time.perf_counter() - start)
-            dense_sec = statistics.median(times["dense"])
-            for name, b in built.items():
-                sec = statistics.median(times[name])
+                        times[key].append(time.perf_counter() - start)
+            dense_sec = statistics.median(times[("dense", "F.linear")])
+            dense_bytes = built[("dense", "F.linear")]["stored_bytes"]
+            for (method, backend), b in built.items():
+                sec = statistics.median(times[(method, backend)])
                 rec = {
                     "shape": f"{out_f}x{in_f}",
                     "out_features": out_f,
                     "in_features": in_f,
                     "batch": batch,
-                    "method": name,
-                    "backend": b["backend"],
+                    "method": method,
+                    "backend": backend,
+                    "active_backend": b["active_backend"],
                     "median_s": sec,
                     "tokens_per_s": batch / sec,
                     "speedup_vs_dense": dense_sec / sec,
                     "stored_bytes": b["stored_bytes"],
                     "resident_bytes": b["resident_bytes"],
+                    "resident_vs_dense": b["resident_bytes"] / dense_bytes,
                     "peak_mem_bytes": b["peak_mem_bytes"],
                     "mem_method": b["mem_method"],
                     "dtype": str(dtype).replace("torch.", ""),
@@ -284,9 +307,38 @@ def run_layer_bench(
                     progress(rec)
             del built, x
             gc.collect()
-        del protos, dense_src
+        del protos, dense_src, sparse, armor
         gc.collect()
     return records
+
+
+def crossover(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (dtype, shape, method, backend) of :func:`run_layer_bench` records: the speed-up at every timed
+    batch and ``dense_wins_from``, the smallest timed batch from which dense is at least as fast at every
+    larger timed batch (None when the backend is still faster at the largest one)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["method"] != "dense":
+            groups.setdefault((r["dtype"], r["shape"], r["method"], r["backend"]), []).append(r)
+    rows = []
+    for (dtype, shape, method, backend), recs in groups.items():
+        recs = sorted(recs, key=lambda r: r["batch"])
+        dense_wins_from = None
+        for r in reversed(recs):
+            if r["speedup_vs_dense"] > 1.0:
+                break
+            dense_wins_from = r["batch"]
+        rows.append(
+            {
+                "dtype": dtype,
+                "shape": shape,
+                "method": method,
+                "backend": backend,
+                "speedups": {r["batch"]: r["speedup_vs_dense"] for r in recs},
+                "dense_wins_from": dense_wins_from,
+            }
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,18 +388,30 @@ def _fmt_bytes(n: int | None) -> str:
 def format_layer_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown table of :func:`run_layer_bench` records."""
     head = (
-        "| shape (out x in) | batch | method | backend | median ms | tokens/s | speed-up vs dense | stored | "
-        "resident | peak mem |\n|---|---:|---|---|---:|---:|---:|---:|---:|---:|"
+        "| dtype | shape (out x in) | batch | method | backend (ran) | median ms | speed-up vs dense | stored | "
+        "resident | resident / dense | peak mem |\n|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in records:
-        sp = r["speedup_vs_dense"]
+        ran = r["backend"] if r["active_backend"] == r["backend"] else f"{r['backend']} ({r['active_backend']})"
         lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['method']} | {r['backend']} | {r['median_s'] * 1e3:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {'n/a' if sp is None else f'{sp:.2f}x'} | "
-            f"{_fmt_bytes(r['stored_bytes'])} | "
-            f"{_fmt_bytes(r['resident_bytes'])} | {_fmt_bytes(r['peak_mem_bytes'])} |"
+            f"| {r['dtype']} | {r['shape']} | {r['batch']} | {r['method']} | {ran} | {r['median_s'] * 1e3:.3f} | "
+            f"{r['speedup_vs_dense']:.2f}x | {_fmt_bytes(r['stored_bytes'])} | {_fmt_bytes(r['resident_bytes'])} | "
+            f"{r['resident_vs_dense']:.4f} | {_fmt_bytes(r['peak_mem_bytes'])} |"
         )
+    return "\n".join(lines)
+
+
+def format_crossover_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`crossover` rows."""
+    lines = [
+        "| dtype | shape (out x in) | method | backend | speed-up vs dense by batch | dense wins from batch |",
+        "|---|---|---|---|---|---:|",
+    ]
+    for r in rows:
+        ups = ", ".join(f"{b}: {x:.2f}x" for b, x in r["speedups"].items())
+        lose = f"> {max(r['speedups'])}" if r["dense_wins_from"] is None else str(r["dense_wins_from"])
+        lines.append(f"| {r['dtype']} | {r['shape']} | {r['method']} | {r['backend']} | {ups} | {lose} |")
     return "\n".join(lines)
 
 
@@ -372,12 +436,35 @@ def format_storage_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of model-level rows: ``name``, ``kind``, :func:`time_generation` fields, ``resident_bytes``
+    (:func:`model_resident_bytes`), ``peak_rss_bytes`` and ``base_rss_bytes`` (RSS before loading)."""
+    lines = [
+        "| model | kind | prefill tokens/s | decode tokens/s | resident weights | peak RSS | peak RSS above start |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        decode = r.get("decode_tokens_per_s")
+        peak, base = r.get("peak_rss_bytes"), r.get("base_rss_bytes")
+        above = None if peak is None or base is None else peak - base
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {r['prefill_tokens_per_s']:.1f} | "
+            f"{'n/a' if decode is None else f'{decode:.2f}'} | {_fmt_bytes(r['resident_bytes'])} | "
+            f"{_fmt_bytes(peak)} | {_fmt_bytes(above)} |"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # model-level helpers
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def model_resident_bytes(model: nn.Module) -> int:
+    """Bytes a model keeps between forwards: every distinct parameter/buffer storage (tied weights once) plus
+    the runtime caches of its packed modules."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+    cache = sum(m.cache_nbytes() for m in model.modules() if hasattr(m, "cache_nbytes"))
+    return sum(seen.values()) + cache
 
 
 def time_prefill(model: nn.Module, input_ids: Tensor, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
@@ -386,7 +473,7 @@ def time_prefill(model: nn.Module, input_ids: Tensor, repeats: int = 3, warmup: 
     Returns ``{"batch", "prompt_tokens", "seconds", "tokens_per_s", "repeats"}`` with tokens/s counting every
     prompt token of the batch.
     """
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids)
     was_training = model.training
@@ -420,7 +507,7 @@ def time_generation(
     "decode_tokens_per_s", "repeats"}``: ``tokens_per_s`` is generated tokens (all sequences) over the whole
     call; ``decode_tokens_per_s`` removes one cached prefill forward (timed separately) from it.
     """
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids)
     gen_cfg = getattr(model, "generation_config", None)
@@ -462,182 +549,3 @@ def time_generation(
         "decode_tokens_per_s": batch * max(made - 1, 0) / decode if decode > 0 else None,
         "repeats": repeats,
     }
-
-
-def _bench_models(
-    folders: list[str], dtype: torch.dtype, device: torch.device, prompt: int, new: int, repeats: int, warmup: int
-) -> int:
-    """Prefill and generation speed of whole models: dense Hugging Face folders or folders pruned by armor."""
-    from ..model.io import is_pruned_folder, load_model
-
-    print(f"\nmodel-level: prompt {prompt} tokens (batch 1), {new} generated tokens, median of {repeats}\n")
-    print("| model | kind | prefill tokens/s | generation tokens/s | decode tokens/s | weight bytes |")
-    print("|---|---|---:|---:|---:|---:|")
-    gen = torch.Generator().manual_seed(0)
-    for folder in folders:
-        pruned = is_pruned_folder(folder)
-        model = load_model(folder, dtype=dtype, device=device)
-        ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen)
-        pre = time_prefill(model, ids, repeats=repeats, warmup=warmup)
-        gen_stats = time_generation(model, ids, new, repeats=max(1, repeats // 2), warmup=1)
-        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied embeddings count once
-        stored = sum(t.numel() * t.element_size() for t in unique.values())
-        decode = gen_stats["decode_tokens_per_s"]
-        print(
-            f"| {folder} | {'pruned' if pruned else 'dense'} | {pre['tokens_per_s']:.1f} | "
-            f"{gen_stats['tokens_per_s']:.2f} | {decode if decode is None else f'{decode:.2f}'} | {stored:,} |"
-        )
-        del model
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-def _parse_shapes(text: str) -> list[tuple[int, int]]:
-    if text in SHAPE_SETS:
-        return list(SHAPE_SETS[text])
-    shapes = []
-    for part in text.split(","):
-        try:
-            o, i = part.lower().split("x")
-            shapes.append((int(o), int(i)))
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(
-                f"bad shape {part!r}: use OUTxIN (e.g. 11008x4096) or one of {', '.join(SHAPE_SETS)}"
-            ) from err
-    return shapes
-
-
-def _parse_ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the layer-benchmark options to ``parser`` (for ``armor bench`` and benchmarks/bench_runtime.py)."""
-    parser.add_argument(
-        "--shapes",
-        type=_parse_shapes,
-        default=None,
-        help=f"preset ({', '.join(SHAPE_SETS)}) or OUTxIN list, e.g. 4096x4096,11008x4096 "
-        "(default: 'default' = Llama-2-7B + Qwen2.5-14B shapes; 'quick' with --quick)",
-    )
-    parser.add_argument(
-        "--batches", type=_parse_ints, default=None, help="comma list (default 1,16,128,2048)"
-    )
-    parser.add_argument(
-        "--dtype", choices=list(_DTYPES), default=None, help="default: float16 on CUDA, float32 on CPU"
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed calls per point (default 20 CUDA, 5 CPU)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed calls first (default 3 CUDA, 2 CPU)"
-    )
-    parser.add_argument("--block-size", type=int, default=128, help="ARMOR wrapper block size (default 128)")
-    parser.add_argument(
-        "--armor-backend",
-        default="auto",
-        choices=["auto", "semi_structured", "dense", "folded"],
-        help="force the ArmorLinear backend (default auto)",
-    )
-    parser.add_argument(
-        "--sparse-backend",
-        default="auto",
-        choices=["auto", "semi_structured", "dense"],
-        help="force the SparseLinear backend (default auto)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="small CPU-friendly run: shapes 'quick', batches 1,16,128, 3 repeats, 1 warm-up",
-    )
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=None,
-        metavar="DIR",
-        help="model-level instead: prefill and generation tokens/s of each folder (dense HF or pruned by armor)",
-    )
-    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length for --models (default 256)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens for --models (default 32)")
-    parser.add_argument("--no-storage", action="store_true", help="skip the 7B storage report")
-    parser.add_argument("--storage-only", action="store_true", help="only the 7B storage report")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads for CPU runs (default: torch's choice)",
-    )
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write all records as JSON here")
-    return parser
-
-
-def bench_main(args: argparse.Namespace) -> int:
-    """Run the benchmark ``args`` describe (see :func:`add_bench_arguments`), print Markdown; 0 on success."""
-    dev_text = args.device
-    if dev_text == "auto":
-        dev_text = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(dev_text)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda asked but CUDA is not available")
-        return 2
-    on_cuda = device.type == "cuda"
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
-    shapes = args.shapes or (SHAPE_SETS["quick"] if args.quick else SHAPE_SETS["default"])
-    batches = args.batches or ([1, 16, 128] if args.quick else list(DEFAULT_BATCHES))
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else (20 if on_cuda else 5))
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if on_cuda else 2))
-
-    where = (
-        torch.cuda.get_device_name(device)
-        if on_cuda
-        else f"{platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
-    )
-    if not on_cuda and hasattr(os, "getloadavg"):
-        # CPU timings are only meaningful relative to what else runs on the machine
-        where += f", load average at start {os.getloadavg()[0]:.2f}"
-    print(f"# armor runtime bench\n\ntorch {torch.__version__}, device {device} ({where}), dtype {dtype}")
-    if getattr(args, "models", None):
-        return _bench_models(args.models, dtype, device, args.prompt_tokens, args.new_tokens, repeats, warmup)
-    out: dict[str, Any] = {"torch": torch.__version__, "device": str(device), "device_name": where}
-    if not args.storage_only:
-        print(
-            f"shapes {shapes}, batches {batches}, repeats {repeats}, warm-up {warmup}, "
-            f"block {args.block_size}\n"
-        )
-        records = run_layer_bench(
-            shapes,
-            batches,
-            dtype,
-            device,
-            repeats,
-            warmup,
-            args.block_size,
-            armor_backend=args.armor_backend,
-            sparse_backend=args.sparse_backend,
-        )
-        print(format_layer_table(records))
-        mem = records[0]["mem_method"] if records else ""
-        print(
-            f"\nspeed-up = dense median / method median (> 1 is faster); stored = packed state_dict bytes; "
-            f"resident = stored + runtime caches; peak mem = {mem}"
-        )
-        out["layers"] = records
-        if not on_cuda and hasattr(os, "getloadavg"):
-            print(f"load average at end {os.getloadavg()[0]:.2f}")
-    if not args.no_storage:
-        rep = storage_report(block_size=args.block_size)
-        print("\n" + format_storage_table(rep))
-        out["storage"] = rep
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
-    return 0

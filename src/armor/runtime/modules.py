@@ -5,19 +5,23 @@ dtype) and ``indices`` (uint8, 2 bits per kept entry for 2:4), plus ``a_blocks``
 optional ``bias``.  ``state_dict()`` holds exactly those tensors, so it can be written with safetensors as is
 and the file is about 0.56x (2:4) / 0.61x (ARMOR, 128 blocks, 7B shapes) of the dense fp16 size.
 
-Whatever the compute path needs beyond that (a dense copy of the core, the semi-structured CUDA form) is
-built lazily at the first forward on the module's device/dtype, kept outside ``state_dict()``, rebuilt when
-the state changes (``load_state_dict``, ``.to()``) and freed by :meth:`drop_cache`.
+Resident memory is the packed state: no dense copy of the core (or of ``W_hat``) is ever kept.  The one cache
+is the semi-structured CUDA form of the core (itself compressed, about the packed size), built at the first
+forward on a capable GPU, kept outside ``state_dict()``, rebuilt when the state changes (``load_state_dict``,
+``.to()``) and freed by :meth:`drop_cache`.  :meth:`resident_nbytes` counts state plus cache.
 
-Backends (``module.backend``; ``module.active_backend`` says which path runs now):
+Backends (``module.backend`` is the request; ``module.active_backend`` says which path ran last, or would run
+for one token before any forward; :meth:`backend_for` answers for a given token count):
 
-* ``"auto"`` (default): ``"semi_structured"`` when it can run, else ``"dense"`` (SparseLinear) or
-  ``"folded"`` (ArmorLinear);
+* ``"auto"`` (default): on CUDA ``"semi_structured"`` when it can run, else ``"dense"``; on CPU ``"packed"``
+  for token batches up to :data:`CPU_PACKED_MAX_TOKENS` (decoding; a measured crossover, see
+  benchmarks/RESULTS_runtime.md) and ``"dense"`` above it (prefill), or ``"dense"`` when numba is missing;
+* ``"packed"``: the CPU kernels of :mod:`armor.runtime.kernels` compute straight from ``values``/``indices``
+  (and the wrapper blocks read in place), summing in float32 (numba; CPU; float32, bfloat16, float16);
 * ``"semi_structured"``: 2:4 sparse tensor cores through ``torch.sparse.to_sparse_semi_structured`` (CUDA,
   compute capability >= 8.0, float16/bfloat16, 2:4 pattern);
-* ``"dense"``: the core unpacked to a dense matrix (cached) and ``F.linear``; the CPU path;
-* ``"folded"`` (ArmorLinear only): the whole ``W_hat = A' S B'`` cached as one dense matrix, a single
-  ``F.linear``; fastest where there is no sparse hardware (CPU), same memory as a dense layer.
+* ``"dense"``: the core unpacked to a TRANSIENT dense matrix for the call (freed after) and ``F.linear``; for
+  ARMOR the wrappers are batched block matmuls around it.  Also the path autograd takes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 
 from ..factors import block_product
 from ..result import PruneResult
+from .kernels import armor_matmul, kernel_dtypes, nm_matmul, numba_available
 from .packing import pack_nm, packed_index_shape, unpack_nm
 
 __all__ = [
@@ -39,10 +44,16 @@ __all__ = [
     "module_from_result",
     "empty_module_from_spec",
     "semi_structured_status",
+    "packed_status",
     "state_nbytes",
+    "CPU_PACKED_MAX_TOKENS",
 ]
 
 _SEMI_DTYPES = (torch.float16, torch.bfloat16)
+
+#: ``auto`` on CPU runs the packed kernels for token batches up to this many rows of ``x`` (per module dtype)
+#: and the transient-dense path above: the crossover measured on the 7B shapes (benchmarks/RESULTS_runtime.md).
+CPU_PACKED_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 8, torch.bfloat16: 64, torch.float16: 64}
 
 
 def semi_structured_status(
@@ -64,6 +75,18 @@ def semi_structured_status(
     return None
 
 
+def packed_status(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """``None`` when the packed CPU kernels can run for this device/dtype, else why not."""
+    device = torch.device(device)
+    if not numba_available():
+        return "the packed CPU kernels need numba, which is not installed (pip install numba)"
+    if device.type != "cpu":
+        return f"the packed kernels run on CPU, the module is on {device}"
+    if dtype not in kernel_dtypes():
+        return f"the packed kernels support float32, bfloat16 and float16, the module is {dtype}"
+    return None
+
+
 def _to_semi_structured(dense: Tensor) -> Tensor:
     """Compress a 2:4 dense CUDA matrix; cuSPARSELt when present, CUTLASS otherwise."""
     from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
@@ -82,10 +105,22 @@ def state_nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-class _PackedNMLinear(nn.Module):
-    """Shared machinery: packed core storage, lazy caches and backend choice."""
+def _tensor_nbytes(obj: Any) -> int:
+    if type(obj) is Tensor:
+        return obj.numel() * obj.element_size()
+    total = 0
+    if isinstance(obj, Tensor):  # semi-structured subclass: count its compressed parts
+        for attr in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask"):
+            part = getattr(obj, attr, None)
+            if isinstance(part, Tensor):
+                total += part.numel() * part.element_size()
+    return total
 
-    _BACKENDS: tuple[str, ...] = ("auto", "semi_structured", "dense")
+
+class _PackedNMLinear(nn.Module):
+    """Shared machinery: packed core storage, the semi-structured cache and backend choice."""
+
+    _BACKENDS: tuple[str, ...] = ("auto", "packed", "semi_structured", "dense")
 
     def __init__(
         self,
@@ -123,12 +158,14 @@ class _PackedNMLinear(nn.Module):
             self.register_parameter("bias", None)
         self._cache: dict[str, tuple[tuple, Any]] = {}
         self._semi_failed: str | None = None  # why the semi-structured path failed at build/first use (auto)
+        self._last_backend: str | None = None
+        self._packed_max_tokens: int | None = None  # auto on CPU: packed up to this many tokens (-1: cannot)
         self.backend = backend
 
     # -- backend choice ----------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """Requested backend: ``"auto"``, ``"semi_structured"``, ``"dense"`` (or ``"folded"``, ARMOR only)."""
+        """Requested backend: ``"auto"``, ``"packed"``, ``"semi_structured"`` or ``"dense"``."""
         return self._backend
 
     @backend.setter
@@ -139,6 +176,8 @@ class _PackedNMLinear(nn.Module):
             )
         self._backend = value
         self._semi_failed = None
+        self._last_backend = None
+        self._packed_max_tokens = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -150,36 +189,62 @@ class _PackedNMLinear(nn.Module):
 
     @property
     def active_backend(self) -> str:
-        """The compute path a forward takes now; raises RuntimeError when a forced backend cannot run here."""
+        """The compute path the last forward took (before any forward: the one a single token would take).
+
+        Raises RuntimeError when a forced backend cannot run here."""
+        if self._last_backend is not None:
+            return self._last_backend
+        return self.backend_for(1)
+
+    def backend_for(self, n_tokens: int) -> str:
+        """The compute path a forward over ``n_tokens`` rows of input takes now (without gradients).
+
+        Raises RuntimeError when a forced backend cannot run here."""
         if self._backend == "semi_structured":
             why = semi_structured_status(self.device, self.dtype, self.n, self.m)
             if why is not None:
                 raise RuntimeError(f"backend 'semi_structured' was forced but cannot run: {why}")
             return "semi_structured"
+        if self._backend == "packed":
+            why = packed_status(self.device, self.dtype)
+            if why is not None:
+                raise RuntimeError(f"backend 'packed' was forced but cannot run: {why}")
+            return "packed"
         if self._backend == "auto":
-            ok = semi_structured_status(self.device, self.dtype, self.n, self.m) is None
-            return "semi_structured" if ok and self._semi_failed is None else self._fallback_backend()
-        return self._backend
-
-    def _fallback_backend(self) -> str:
+            if self.device.type == "cuda":
+                ok = semi_structured_status(self.device, self.dtype, self.n, self.m) is None
+                return "semi_structured" if ok and self._semi_failed is None else "dense"
+            if self._packed_max_tokens is None:  # memo: the device/dtype checks cost more than a small forward
+                ok = packed_status(self.device, self.dtype) is None
+                self._packed_max_tokens = CPU_PACKED_MAX_TOKENS.get(self.dtype, 0) if ok else -1
+            if self._packed_max_tokens >= 0:
+                return "packed" if n_tokens <= self._packed_max_tokens else "dense"
         return "dense"
 
-    # -- caches ------------------------------------------------------------------------------------------
+    def _choose(self, x: Tensor) -> str:
+        n_tokens = x.numel() // self.in_features if self.in_features else 0
+        backend = self.backend_for(n_tokens)
+        if backend != "dense" and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            backend = "dense"  # the only differentiable path
+        self._last_backend = backend
+        return backend
+
+    # -- the semi-structured cache -----------------------------------------------------------------------
     def _state_key(self) -> tuple:
         # data_ptr + version counter change on .to(), load_state_dict's in-place copy and any in-place edit
         # (inference tensors have no version counter; they cannot be edited outside inference mode anyway).
         return tuple(
-            (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in self._cached_from()
+            (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in (self.values, self.indices)
         )
-
-    def _cached_from(self) -> tuple[Tensor, ...]:
-        return (self.values, self.indices)
 
     def _cached(self, name: str, build) -> Any:
         key = self._state_key()
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
+        self._cache.pop(name, None)  # free the stale copy before building the new one
         # Built as a normal tensor even under inference_mode, so a cache made during an evaluation can still
         # be used later by ordinary (e.g. no_grad) forwards.
         with torch.inference_mode(False), torch.no_grad():
@@ -188,26 +253,23 @@ class _PackedNMLinear(nn.Module):
         return obj
 
     def drop_cache(self) -> None:
-        """Free the dense / semi-structured copies built for the forward (rebuilt at the next forward)."""
+        """Free the semi-structured copy built for the forward (rebuilt at the next forward)."""
         self._cache.clear()
 
     def cache_nbytes(self) -> int:
-        """Bytes held by the runtime caches (dense core, semi-structured form, folded weight)."""
-        total = 0
-        for _, obj in self._cache.values():
-            if type(obj) is Tensor:
-                total += obj.numel() * obj.element_size()
-            elif isinstance(obj, Tensor):  # semi-structured subclass: count its compressed parts
-                for attr in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask"):
-                    part = getattr(obj, attr, None)
-                    if isinstance(part, Tensor):
-                        total += part.numel() * part.element_size()
-        return total
+        """Bytes held by the runtime cache (only the semi-structured CUDA form; 0 on CPU)."""
+        return sum(_tensor_nbytes(obj) for _, obj in self._cache.values())
+
+    def resident_nbytes(self) -> int:
+        """Bytes this module keeps between forwards: its packed state plus the runtime cache."""
+        return self.stored_nbytes() + self.cache_nbytes()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # .to()/.half()/.cuda() make every cache stale; free them now rather than at the next forward.
         self.drop_cache()
         self._semi_failed = None
+        self._last_backend = None
+        self._packed_max_tokens = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -216,12 +278,8 @@ class _PackedNMLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _dense_core(self) -> Tensor:
-        """The unpacked ``(out, in)`` core in the module dtype (cached unless gradients flow to values)."""
-        if torch.is_grad_enabled() and self.values.requires_grad:
-            return unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
-        return self._cached(
-            "dense_core", lambda: unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
-        )
+        """The unpacked ``(out, in)`` core in the module dtype: transient, never stored on the module."""
+        return unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
 
     def _semi_core(self) -> Tensor:
         # Unpacked straight into the compressor: the dense core is not kept next to the compressed copy.
@@ -233,7 +291,9 @@ class _PackedNMLinear(nn.Module):
         )
 
     def _core_matmul(self, x2: Tensor, backend: str) -> Tensor:
-        """``x2 @ S^T`` for ``x2`` ``(T, in)``, on the semi-structured path when asked, else dense."""
+        """``x2 @ S^T`` for ``x2`` ``(T, in)`` on the given backend (packed: float32 result)."""
+        if backend == "packed":
+            return nm_matmul(self.values, self.indices, x2, self.n, self.m)
         if backend == "semi_structured":
             try:
                 return F.linear(x2.contiguous(), self._semi_core())
@@ -243,6 +303,7 @@ class _PackedNMLinear(nn.Module):
                 # auto: remember the failure so later calls go straight to dense, and say so once.
                 self._semi_failed = f"{type(err).__name__}: {err}"
                 self._cache.pop("semi_core", None)
+                self._last_backend = "dense"
                 warnings.warn(
                     f"{type(self).__name__}({self.out_features}x{self.in_features}): "
                     f"semi-structured 2:4 path failed ({self._semi_failed}); falling back to dense",
@@ -302,13 +363,14 @@ class SparseLinear(_PackedNMLinear):
         super().__init__(in_features, out_features, n, m, bias, dtype, device, backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = self.active_backend
-        if backend == "semi_structured":
-            shape = x.shape
-            y = self._core_matmul(x.reshape(-1, self.in_features), backend)
-            y = y.reshape(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self._dense_core(), self.bias)
+        backend = self._choose(x)
+        if backend == "dense":
+            return F.linear(x, self._dense_core(), self.bias)
+        shape = x.shape
+        y = self._core_matmul(x.reshape(-1, self.in_features), backend)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.dtype).reshape(*shape[:-1], self.out_features)
 
     def dense_weight(self) -> Tensor:
         """The pruned weight ``(out, in)`` in the module dtype."""
@@ -326,8 +388,6 @@ class ArmorLinear(_PackedNMLinear):
     In row-major batch form ``Y = ((X B'^T) S^T) A'^T``: the wrappers are applied as batched ``b x b`` matmuls
     over the feature dimension viewed as ``(..., Q, bi)`` / ``(..., P, bo)``.
     """
-
-    _BACKENDS = ("auto", "semi_structured", "dense", "folded")
 
     def __init__(
         self,
@@ -354,39 +414,34 @@ class ArmorLinear(_PackedNMLinear):
         self.a_blocks = nn.Parameter(eye_o, requires_grad=False)
         self.b_blocks = nn.Parameter(eye_i, requires_grad=False)
 
-    def _cached_from(self) -> tuple[Tensor, ...]:
-        return (self.values, self.indices, self.a_blocks, self.b_blocks)
-
-    def _fallback_backend(self) -> str:
-        # Without sparse kernels the factorised path costs a dense matmul plus the wrappers; one dense matmul
-        # with the folded W_hat is faster, rounds once, and holds the same memory as the unpacked core.
-        return "folded"
-
     @staticmethod
     def _blocks(x2: Tensor, blocks: Tensor) -> Tensor:
         """``x2`` ``(T, k*b)`` times the transposed block diagonal: block ``j`` of a row -> ``x_j B_j^T``."""
         t = x2.shape[0]
         k, b, _ = blocks.shape
+        dtype = x2.dtype
+        if x2.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            # CPU batched matmuls in 16-bit floats are up to 50x slower than in float32 (measured); the
+            # float32 copies are transient and the size of the wrappers, not of the layer.
+            x2, blocks = x2.float(), blocks.float()
         # (k, T, b) @ (k, b, b): one bmm over the k blocks.
         y = torch.bmm(x2.reshape(t, k, b).transpose(0, 1), blocks.transpose(1, 2))
-        return y.transpose(0, 1).reshape(t, k * b)
+        return y.transpose(0, 1).reshape(t, k * b).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = self.active_backend
-        if backend == "folded":
-            return F.linear(x, self._folded(), self.bias)
+        backend = self._choose(x)
         shape = x.shape
-        h = self._blocks(x.reshape(-1, self.in_features), self.b_blocks)
-        h = self._core_matmul(h, backend)
-        y = self._blocks(h, self.a_blocks).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def _folded(self) -> Tensor:
-        if torch.is_grad_enabled() and any(
-            t.requires_grad for t in (self.values, self.a_blocks, self.b_blocks)
-        ):
-            return self._reconstruct()
-        return self._cached("folded", self._reconstruct)
+        x2 = x.reshape(-1, self.in_features)
+        if backend == "packed":
+            # float32 from the input to the output, one rounding to the module dtype at the end
+            y = armor_matmul(self.b_blocks, self.values, self.indices, self.a_blocks, x2, self.n, self.m)
+        else:
+            h = self._blocks(x2, self.b_blocks)
+            h = self._core_matmul(h, backend)
+            y = self._blocks(h, self.a_blocks)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.dtype).reshape(*shape[:-1], self.out_features)
 
     def _reconstruct(self) -> Tensor:
         core = unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)

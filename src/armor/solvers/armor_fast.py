@@ -52,7 +52,9 @@ def _solve_spd(normal: Tensor, rhs: Tensor, damping: float) -> Tensor:
         return torch.linalg.lstsq(normal.transpose(1, 2), rhs.transpose(1, 2)).solution.transpose(1, 2)
     # an explicit inverse and one bmm: for many tiny blocks, batched triangular solves are far slower (and
     # erratic on a busy machine); the block update is checked against the old loss anyway
-    return torch.bmm(rhs, torch.cholesky_inverse(chol))
+    inv = torch.cholesky_inverse(chol)
+    x = torch.bmm(rhs, inv)
+    return x + torch.bmm(rhs - torch.bmm(x, normal), inv)  # one step of refinement: back to a solve's accuracy
 
 
 def _row_block_losses(problem: ArmorProblem, e: Tensor) -> Tensor:
@@ -168,17 +170,23 @@ def group_moves(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> 
     eye = torch.eye(n, device=grad_core.device)
     ridge = 1e-10 * g_s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
     g_inv = torch.linalg.inv(g_s + ridge * eye)  # shared by all rows
-    # G^-1 f for every row, group and support: n*n elementwise terms beat a batched matmul by far
-    g_inv_f = torch.stack([sum(g_inv[..., i, j] * f_s[..., j] for j in range(n)) for i in range(n)], -1)
+    # f^T G^-1 f for every row, group and support: n*n elementwise terms beat a batched matmul by far
+    quad = sum(f_s[..., i] * g_inv[..., i, j] * f_s[..., j] for i in range(n) for j in range(n))
+    best = quad.argmax(-1)  # the best support has the largest f^T G^-1 f (its loss change is -quad / |a|^2)
+    f_b = f_s.gather(2, best[..., None, None].expand(rows, cols // m, 1, n)).squeeze(2)  # (rows, groups, n)
+    group_idx = torch.arange(cols // m, device=grad_core.device)
+    g_b = g_s[group_idx, best]  # (rows, groups, n, n)
+    g_inv_b = g_inv[group_idx, best]
     inv_a_sq = 1 / a_sq.clamp_min(1e-30)
-    values = -g_inv_f * inv_a_sq[:, :, None, None]  # optimal values on each support
-    # exact change of each candidate, 2 v.f + |a|^2 v^T G v, so a near-singular G can never look better than it is
-    g_v = torch.stack([sum(g_s[..., i, j] * values[..., j] for j in range(n)) for i in range(n)], -1)
-    delta = 2 * (values * f_s).sum(-1) + a_sq[:, :, None] * (values * g_v).sum(-1)
-    best_delta, best = delta.min(-1)
+    values = (
+        -torch.stack([sum(g_inv_b[..., i, j] * f_b[..., j] for j in range(n)) for i in range(n)], -1)
+        * inv_a_sq[:, :, None]
+    )
+    # the exact change 2 v.f + |a|^2 v^T G v of the chosen values, so a near-singular G never looks better than it is
+    g_v = torch.stack([sum(g_b[..., i, j] * values[..., j] for j in range(n)) for i in range(n)], -1)
+    best_delta = 2 * (values * f_b).sum(-1) + a_sq * (values * g_v).sum(-1)
     gain = (cur - best_delta).clamp_min(0)
-    pick = best[..., None, None].expand(rows, cols // m, 1, n)
-    return GroupMoves(gain, supports[best], values.gather(2, pick).squeeze(2))
+    return GroupMoves(gain, supports[best], values)
 
 
 def group_gains(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> Tensor:

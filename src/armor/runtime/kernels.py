@@ -1,0 +1,389 @@
+"""CPU kernels that compute straight from the packed n:m state (numba, optional).
+
+Why numba: it installs from PyPI as wheels (numba + llvmlite) for every platform torch supports and compiles at
+run time with its bundled LLVM, so a user needs no compiler; the compiled code is cached on disk
+(``cache=True``).  The hot 2:4 loop is written as LLVM vector IR (``<16 x float>``, an ``@intrinsic``), which
+LLVM lowers to whatever the CPU has (AVX-512, AVX2, NEON): numba's own loop vectoriser widens the 2-bit
+position arithmetic to 64-bit lanes and runs about 2x slower.  See benchmarks/RESULTS_runtime.md.
+
+Data layout (unchanged from :mod:`armor.runtime.packing`): ``values`` ``(out, kept)`` and ``indices``
+``(out, kept / 4)`` uint8 for 2:4, 2 bits per kept entry, first entry in the lowest bits.  Nothing dense is
+built: for a token batch ``x`` ``(T, in)`` the kernel forms, per call, the small ``(T, 4, kept)`` float32 table
+``xs[t, j, k] = x[t, 4 * (k // 2) + j]`` (2 x the input size), so that every kept value ``k`` picks its input
+with three vector selects on its position bits instead of a gather; each group of 4 output rows shares the
+table loads.  Rows are split over numba's threads.  Values are read in their stored dtype (float32, bfloat16
+or float16) and converted in registers; products are summed in float32.
+
+Other n:m patterns (4:8, 1:4, ...) use a plain scalar loop over the same packed data (correct, not tuned).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # optional dependency: without numba the modules run their pure-PyTorch path
+    import numba
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    numba = None
+
+__all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "block_diag_matmul"]
+
+#: dtypes whose values the kernels read directly (float16 only where LLVM converts it in hardware or software).
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# numba's workqueue threading layer aborts the process on concurrent launches from two Python threads; one
+# launch at a time costs nothing here (a layer's forward is one launch).
+_LAUNCH_LOCK = threading.Lock()
+
+
+def numba_available() -> bool:
+    """True when numba is importable, i.e. the ``packed`` CPU backend can run."""
+    return numba is not None
+
+
+def kernel_dtypes() -> tuple[torch.dtype, ...]:
+    """The module dtypes the packed kernels support."""
+    return _KERNEL_DTYPES if numba is not None else ()
+
+
+if numba is not None:
+    _VEC = 16  # lanes of the vector loop: 16 kept values = 32 bits of positions = one uint32 per row
+
+    def _value_kind(ty) -> str:
+        """How the raw value bits are read: float32 as is, uint16 = bfloat16 bits, int16 = float16 bits."""
+        dt = getattr(ty, "dtype", ty)
+        if dt == types.float32:
+            return "f32"
+        if dt == types.uint16:
+            return "bf16"
+        if dt == types.int16:
+            return "f16"
+        raise TypeError(f"unsupported value type {dt}")
+
+    def _to_f32(builder, val, kind: str, lanes: int | None):
+        """Convert raw value bits (scalar or vector) of ``kind`` to float32, exactly."""
+        f32 = ir.FloatType()
+        if kind == "f32":
+            return val
+        if kind == "bf16":
+            i32 = ir.IntType(32) if lanes is None else ir.VectorType(ir.IntType(32), lanes)
+            out = f32 if lanes is None else ir.VectorType(f32, lanes)
+            wide = builder.zext(val, i32)
+            shift = ir.Constant(i32, 16) if lanes is None else ir.Constant(i32, [16] * lanes)
+            return builder.bitcast(builder.shl(wide, shift), out)
+        half = ir.HalfType() if lanes is None else ir.VectorType(ir.HalfType(), lanes)
+        out = f32 if lanes is None else ir.VectorType(f32, lanes)
+        return builder.fpext(builder.bitcast(val, half), out)
+
+    @intrinsic
+    def _as_f32(typingctx, val):
+        """A stored value (float32, or the raw bits of bfloat16 / float16) as float32."""
+        kind = _value_kind(val)
+
+        def codegen(context, builder, sig, args):
+            return _to_f32(builder, args[0], kind, None)
+
+        return types.float32(val), codegen
+
+    def _byte_ptr(builder, base, offset):
+        return builder.gep(builder.bitcast(base, ir.IntType(8).as_pointer()), [offset])
+
+    @intrinsic(prefer_literal=True)
+    def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok):
+        """``out[tok0 + t, row0 + r] = sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
+        first ``16 * nwords`` kept entries, for ``r < n_rows`` and ``t < n_tok`` (both compile-time
+        constants), from the position words in ``idx`` and the selection table ``xs`` ``(T, 4, K16)``."""
+        if not isinstance(n_rows, types.IntegerLiteral) or not isinstance(n_tok, types.IntegerLiteral):
+            return None
+        rows, toks = n_rows.literal_value, n_tok.literal_value
+        kind = _value_kind(values)
+        elem_bytes = 4 if kind == "f32" else 2
+        sig = types.void(values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok)
+
+        def codegen(context, builder, signature, args):
+            v_ary, i_ary, x_ary, o_ary, row0_v, tok0_v, nwords_v = args[:7]
+            v_ty, i_ty, x_ty, o_ty = signature.args[:4]
+            va = context.make_array(v_ty)(context, builder, v_ary)
+            ia = context.make_array(i_ty)(context, builder, i_ary)
+            xa = context.make_array(x_ty)(context, builder, x_ary)
+            oa = context.make_array(o_ty)(context, builder, o_ary)
+            v_s = cgutils.unpack_tuple(builder, va.strides, 2)
+            i_s = cgutils.unpack_tuple(builder, ia.strides, 2)
+            x_s = cgutils.unpack_tuple(builder, xa.strides, 3)
+            o_s = cgutils.unpack_tuple(builder, oa.strides, 2)
+            i64 = ir.IntType(64)
+            i32 = ir.IntType(32)
+            f32 = ir.FloatType()
+            vf = ir.VectorType(f32, _VEC)
+            vi = ir.VectorType(i32, _VEC)
+            raw_elem = f32 if kind == "f32" else ir.IntType(16)
+            vraw = ir.VectorType(raw_elem, _VEC)
+            row0_v = builder.sext(row0_v, i64) if row0_v.type.width < 64 else row0_v
+            tok0_v = builder.sext(tok0_v, i64) if tok0_v.type.width < 64 else tok0_v
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            # Base byte pointers of each row / token, hoisted out of the loop.
+            v_rows = [
+                _byte_ptr(builder, va.data, builder.mul(builder.add(row0_v, c64(r)), v_s[0])) for r in range(rows)
+            ]
+            i_rows = [
+                _byte_ptr(builder, ia.data, builder.mul(builder.add(row0_v, c64(r)), i_s[0])) for r in range(rows)
+            ]
+            x_toks = [
+                [
+                    _byte_ptr(
+                        builder,
+                        xa.data,
+                        builder.add(builder.mul(builder.add(tok0_v, c64(t)), x_s[0]), builder.mul(c64(j), x_s[1])),
+                    )
+                    for j in range(4)
+                ]
+                for t in range(toks)
+            ]
+            accs = [
+                [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(toks)] for _ in range(rows)
+            ]
+            shifts = ir.Constant(vi, [2 * i for i in range(_VEC)])
+            one = ir.Constant(vi, [1] * _VEC)
+            two = ir.Constant(vi, [2] * _VEC)
+            zero = ir.Constant(vi, [0] * _VEC)
+            undef_i = ir.Constant(vi, ir.Undefined)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
+            splat_mask = ir.Constant(vi, [0] * _VEC)
+            with cgutils.for_range(builder, nwords_v) as loop:
+                w = builder.sext(loop.index, i64) if loop.index.type.width < 64 else loop.index
+                val_off = builder.mul(w, c64(_VEC * elem_bytes))
+                x_off = builder.mul(w, c64(_VEC * 4))
+                idx_off = builder.mul(w, c64(4))
+                decoded = []
+                for r in range(rows):
+                    word_ptr = builder.bitcast(builder.gep(i_rows[r], [idx_off]), i32.as_pointer())
+                    word = builder.load(word_ptr, align=1)
+                    first = builder.insert_element(undef_i, word, ir.Constant(i32, 0))
+                    spl = builder.shuffle_vector(first, undef_i, splat_mask)
+                    pos = builder.lshr(spl, shifts)
+                    odd = builder.icmp_unsigned("!=", builder.and_(pos, one), zero)
+                    high = builder.icmp_unsigned("!=", builder.and_(pos, two), zero)
+                    vptr = builder.bitcast(builder.gep(v_rows[r], [val_off]), vraw.as_pointer())
+                    vals = _to_f32(builder, builder.load(vptr, align=elem_bytes), kind, _VEC)
+                    decoded.append((odd, high, vals))
+                for t in range(toks):
+                    cand = [
+                        builder.load(builder.bitcast(builder.gep(x_toks[t][j], [x_off]), vf.as_pointer()), align=4)
+                        for j in range(4)
+                    ]
+                    for r, (odd, high, vals) in enumerate(decoded):
+                        low_pair = builder.select(odd, cand[1], cand[0])
+                        high_pair = builder.select(odd, cand[3], cand[2])
+                        picked = builder.select(high, high_pair, low_pair)
+                        acc = builder.load(accs[r][t])
+                        builder.store(builder.call(fma, [vals, picked, acc]), accs[r][t])
+            for r in range(rows):
+                for t in range(toks):
+                    acc = builder.load(accs[r][t])
+                    # pairwise tree reduction of the 16 lanes
+                    width = _VEC
+                    while width > 1:
+                        width //= 2
+                        half = ir.VectorType(i32, width)
+                        lo = builder.shuffle_vector(acc, acc, ir.Constant(half, list(range(width))))
+                        hi = builder.shuffle_vector(acc, acc, ir.Constant(half, list(range(width, 2 * width))))
+                        acc = builder.fadd(lo, hi)
+                    total = builder.extract_element(acc, ir.Constant(i32, 0))
+                    off = builder.add(
+                        builder.mul(builder.add(tok0_v, c64(t)), o_s[0]),
+                        builder.mul(builder.add(row0_v, c64(r)), o_s[1]),
+                    )
+                    builder.store(total, builder.bitcast(_byte_ptr(builder, oa.data, off), f32.as_pointer()))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @njit(cache=True, inline="always")
+    def _dot24_tail(values, idx, x, out, o, t, k_start):
+        """Kept entries ``k_start..`` of row ``o`` for token ``t`` (scalar), added to ``out[t, o]``."""
+        acc = numba.float32(0.0)
+        for k in range(k_start, values.shape[1]):
+            pos = (idx[o, k >> 2] >> ((k & 3) * 2)) & 3
+            acc += _as_f32(values[o, k]) * x[t, 4 * (k >> 1) + pos]
+        out[t, o] += acc
+
+    @njit(parallel=True, cache=True)
+    def _nm24_into(values, idx, x, out):
+        """``out[t, o] = sum_k values[o, k] x[t, 4 (k // 2) + pos(o, k)]`` for the 2:4 pattern."""
+        n_out, kept = values.shape
+        n_tok = x.shape[0]
+        nwords = kept // _VEC
+        k16 = nwords * _VEC
+        # the selection table: xs[t, j, k] = x[t, 4 (k // 2) + j], each group's inputs once per kept entry
+        xs = np.empty((n_tok, 4, k16), dtype=np.float32)
+        for t in range(n_tok):
+            for j in range(4):
+                for k in range(k16):
+                    xs[t, j, k] = x[t, 4 * (k >> 1) + j]
+        n_quads = n_out // 4
+        for q in prange(n_quads + (n_out - 4 * n_quads)):
+            if q < n_quads:
+                row = 4 * q
+                t = 0
+                while t < n_tok:
+                    left = n_tok - t
+                    if left >= 4:
+                        _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 4)
+                        t += 4
+                    elif left >= 2:
+                        _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 2)
+                        t += 2
+                    else:
+                        _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 1)
+                        t += 1
+                last = row + 4
+            else:
+                row = 4 * n_quads + (q - n_quads)
+                for t in range(n_tok):
+                    _dot24_rows(values, idx, xs, out, row, t, nwords, 1, 1)
+                last = row + 1
+            if k16 < kept:
+                for o in range(row, last):
+                    for t in range(n_tok):
+                        _dot24_tail(values, idx, x, out, o, t, k16)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _nm_generic_into(values, idx, x, out, n, m):
+        """Any n:m pattern: ``out[t, o] = sum_k values[o, k] x[t, m (k // n) + pos(o, k)]`` (scalar loop)."""
+        n_out, kept = values.shape
+        n_tok = x.shape[0]
+        bits = 1 if m == 2 else (2 if m <= 4 else 4)
+        per_byte = 8 // bits
+        field = (1 << bits) - 1
+        for o in prange(n_out):
+            for t in range(n_tok):
+                acc = numba.float32(0.0)
+                for k in range(kept):
+                    pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
+                    acc += _as_f32(values[o, k]) * x[t, m * (k // n) + pos]
+                out[t, o] = acc
+
+    @njit(cache=True)
+    def _core_into(values, idx, x, out, n, m):
+        if n == 2 and m == 4:
+            _nm24_into(values, idx, x, out)
+        else:
+            _nm_generic_into(values, idx, x, out, n, m)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _block_diag_into(blocks, x, out):
+        """``out[t, q b + i] = sum_j blocks[q, i, j] x[t, q b + j]``: ``x`` times the transposed block diagonal."""
+        n_blocks, size, _ = blocks.shape
+        n_tok = x.shape[0]
+        for r in prange(n_blocks * size):
+            q = r // size
+            i = r - q * size
+            base = q * size
+            for t in range(n_tok):
+                acc = numba.float32(0.0)
+                for j in range(size):
+                    acc += _as_f32(blocks[q, i, j]) * x[t, base + j]
+                out[t, r] = acc
+
+    @njit(cache=True)
+    def _sparse_forward(values, idx, x, n, m):
+        out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
+        _core_into(values, idx, x, out, n, m)
+        return out
+
+    @njit(cache=True)
+    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m):
+        n_tok = x.shape[0]
+        h = np.empty((n_tok, x.shape[1]), dtype=np.float32)
+        _block_diag_into(b_blocks, x, h)
+        z = np.empty((n_tok, values.shape[0]), dtype=np.float32)
+        _core_into(values, idx, h, z, n, m)
+        out = np.empty_like(z)
+        _block_diag_into(a_blocks, z, out)
+        return out
+
+
+def _raw_numpy(t: Tensor):
+    """A zero-copy numpy view of a float32 / bfloat16 / float16 tensor (16-bit floats as their raw bits)."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy()
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy()
+    if t.dtype == torch.float32:
+        return t.numpy()
+    raise TypeError(f"the packed CPU kernels support float32, bfloat16 and float16, got {t.dtype}")
+
+
+def _check_ready(*tensors: Tensor) -> None:
+    if numba is None:
+        raise RuntimeError("the packed CPU kernels need numba (pip install numba)")
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise RuntimeError(f"the packed CPU kernels run on CPU tensors, got one on {t.device}")
+
+
+def _float32_rows(x: Tensor, width: int) -> Tensor:
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"x must be (tokens, {width}), got {tuple(x.shape)}")
+    x = x.detach()
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+
+
+def _launch(kernel, *args):
+    with _LAUNCH_LOCK:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        return torch.from_numpy(kernel(*args))
+
+
+def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Tensor:
+    """``x @ S^T`` for the packed n:m core ``S`` (``values`` ``(out, kept)``, ``indices`` uint8) and ``x``
+    ``(T, in)`` (any float dtype, any strides): a new float32 ``(T, out)`` tensor.  No dense core is formed."""
+    _check_ready(values, indices, x)
+    x32 = _float32_rows(x, values.shape[1] // n * m)
+    return _launch(_sparse_forward, _raw_numpy(values), indices.detach().numpy(), x32.numpy(), n, m)
+
+
+def armor_matmul(
+    b_blocks: Tensor, values: Tensor, indices: Tensor, a_blocks: Tensor, x: Tensor, n: int, m: int
+) -> Tensor:
+    """``x @ (A' S B')^T`` in one call: ``x`` ``(T, in)`` through the block diagonal ``B'``, the packed core and
+    ``A'``, all summed in float32; a new float32 ``(T, out)`` tensor.  No dense matrix is formed."""
+    _check_ready(b_blocks, values, indices, a_blocks, x)
+    x32 = _float32_rows(x, b_blocks.shape[0] * b_blocks.shape[1])
+    if a_blocks.shape[0] * a_blocks.shape[1] != values.shape[0]:
+        raise ValueError(f"a_blocks {tuple(a_blocks.shape)} do not tile {values.shape[0]} output features")
+    return _launch(
+        _armor_forward,
+        _raw_numpy(b_blocks),
+        _raw_numpy(values),
+        indices.detach().numpy(),
+        _raw_numpy(a_blocks),
+        x32.numpy(),
+        n,
+        m,
+    )
+
+
+def block_diag_matmul(blocks: Tensor, x: Tensor) -> Tensor:
+    """``x`` ``(T, k*b)`` times the transposed block diagonal of ``blocks`` ``(k, b, b)``: block ``q`` of a row
+    becomes ``x_q B_q^T``.  Float32 ``(T, k*b)`` result, sums in float32, blocks read in their stored dtype."""
+    _check_ready(blocks, x)
+    x32 = _float32_rows(x, blocks.shape[0] * blocks.shape[1])
+    out = torch.empty(x32.shape[0], x32.shape[1], dtype=torch.float32)
+    with _LAUNCH_LOCK:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        _block_diag_into(_raw_numpy(blocks), x32.numpy(), out.numpy())
+    return out

@@ -1,0 +1,169 @@
+"""The ``armor`` command on a tiny random Llama: prune (whole-model, streamed, sequential, Ray), inspect, export,
+eval, and the one-line errors a user gets for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from armor.cli import main
+from armor.storage import read_armor_config
+from armor.storage.resume import layer_file
+
+
+def _cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _small(model_dir, text, out, *extra):
+    return [
+        "prune", "--model", model_dir, "--calib-text", text, "--eval-text", text, "--nsamples", 4, "--seqlen", 48,
+        "--eval-seqlen", 48, "--eval-windows", 3, "--output", out, "--quiet", *extra,
+    ]
+
+
+def test_prune_inspect_export_eval(capsys, tiny_model_dir, tiny_text, tmp_path):
+    out = tmp_path / "out"
+    rc, stdout, err = _cli(
+        capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "armor-fast", "--compare", "nowag,magnitude",
+                        "-O", "sweeps=1", "--block-size", 16)
+    )
+    assert rc == 0, err
+    assert "| dense |" in stdout and "| armor-fast |" in stdout and "| nowag |" in stdout
+    assert (out / "report.md").is_file() and (out / "loss_per_layer.png").is_file()
+    assert not (out / "armor-fast" / "layers").exists()  # resume files removed once the model is saved
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["dense", "nowag", "magnitude", "armor-fast"]
+    assert all(math.isfinite(r["ppl"]) for r in results)
+    nowag = next(r for r in results if r["method"] == "nowag")
+    armor_row = next(r for r in results if r["method"] == "armor-fast")
+    # bytes next to every perplexity: a 2:4 layer stores half the values plus 2-bit positions
+    assert nowag["values_kept_ratio"] == pytest.approx(0.5) and nowag["wrapper_overhead"] == 0
+    assert 0.5 < nowag["linear_bytes_ratio"] < 0.6
+    assert armor_row["wrapper_overhead"] > 0 and armor_row["linear_bytes_ratio"] > nowag["linear_bytes_ratio"]
+    report = (out / "report.md").read_text()
+    assert "linear bytes / dense" in report and "| 16, 16 |" in report  # the block sizes actually used
+
+    rc, stdout, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "armor-fast", "--compare",
+                                         "none", "-O", "sweeps=1", "--block-size", 16))
+    assert rc == 0 and "already pruned" in stdout
+
+    rc, stdout, _ = _cli(capsys, "inspect", out / "armor-fast", "--layers")
+    assert rc == 0 and "method:        armor-fast" in stdout and "model.layers.1.mlp.down_proj" in stdout
+    assert "block sizes:   16x16" in stdout and "footprint:" in stdout
+    rc, stdout, _ = _cli(capsys, "export", out / "armor-fast", tmp_path / "dense")
+    assert rc == 0 and (tmp_path / "dense" / "model.safetensors").is_file()
+    rc, _, err = _cli(capsys, "export", out / "armor-fast", tmp_path / "dense")
+    assert rc == 2 and "not empty" in err  # never over a folder that holds something
+    for folder in (out / "armor-fast", tmp_path / "dense"):
+        rc, stdout, err = _cli(capsys, "eval", folder, "--eval-text", tiny_text, "--eval-seqlen", 48,
+                               "--eval-windows", 2)
+        assert rc == 0 and "perplexity" in stdout, err
+
+
+def test_streaming_sequential_and_ray(capsys, tiny_model_dir, tiny_text, tmp_path):
+    pytest.importorskip("ray")
+    common = ["--method", "wanda", "--compare", "none", "--keep-layers"]
+    rc, out_whole, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "whole", *common))
+    assert rc == 0, err
+    rc, out_stream, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "stream", *common, "--streaming"))
+    assert rc == 0, err
+    section = read_armor_config(tmp_path / "stream" / "wanda")
+    assert section["streamed"] and section["calibration"]["mode"] == "one-pass"
+    whole = read_armor_config(tmp_path / "whole" / "wanda")
+    assert [r["loss"] for r in whole["records"]] == [r["loss"] for r in section["records"]]
+    # the streamed run evaluates block by block and gets the same perplexity
+    ppl = [json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("whole", "stream")]
+    assert ppl[0][1]["ppl"] == pytest.approx(ppl[1][1]["ppl"], rel=1e-6)
+
+    # sequential works for both sources; a finished one-pass folder is not taken for a sequential one
+    for extra in ([], ["--streaming"]):
+        rc, stdout, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "stream", *common, *extra,
+                                               "--calibration-mode", "sequential"))
+        assert rc == 0, err
+        assert read_armor_config(tmp_path / "stream" / "wanda")["calibration"]["mode"] == "sequential"
+    assert "already pruned" in stdout
+
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "ray", *common, "--workers", 2))
+    assert rc == 0, err
+    for rec in whole["records"]:
+        with safe_open(str(layer_file(tmp_path / "whole" / "wanda", rec["name"])), "pt") as a, \
+                safe_open(str(layer_file(tmp_path / "ray" / "wanda", rec["name"])), "pt") as b:
+            assert a.metadata()["fingerprint"] == b.metadata()["fingerprint"]
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--method", "bogus"], "unknown method 'bogus'"),
+        (["--compare", "nowag,bogus2"], "unknown method 'bogus2'"),
+        (["--seqlen", "100000"], "seqlen 100000 is larger than the calibration text"),
+        (["--eval-seqlen", "100000"], "larger than the evaluation text"),
+        (["--nsamples", "0"], "--nsamples must be > 0"),
+        (["--layers", "no_such_layer"], "no prunable layers selected"),
+        (["-O", "sweeps"], "NAME=VALUE"),
+        (["--method", "nowag", "--compare", "none", "-O", "sweeps=2"], "option 'sweeps' is not taken by nowag"),
+        (["-O", "sweeps=many"], "must be a int"),
+        (["--method", "nowag", "--compare", "none", "--block-size", "16"], "option 'block_size' is not taken"),
+        (["--device", "cuda"], "CUDA is not available"),
+    ],
+)
+def test_errors_are_one_line(capsys, tiny_model_dir, tiny_text, tmp_path, extra, needle):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", *extra))
+    assert rc == 2
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
+
+
+def test_errors_name_bad_paths_and_folders(capsys, tiny_model_dir, tiny_text, tmp_path):
+    rc, _, err = _cli(capsys, "prune", "--model", tmp_path / "missing-model")
+    assert rc == 2 and "model path not found" in err and "missing-model" in err
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tmp_path / "nope.txt", tmp_path / "o"))
+    assert rc == 2 and "nope.txt" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, empty, tmp_path / "o"))
+    assert rc == 2 and "empty" in err and "empty.txt" in err
+    rc, _, err = _cli(capsys, "inspect", tiny_model_dir)
+    assert rc == 2 and "not an armor-pruned model" in err
+    rc, _, err = _cli(capsys, "export", tmp_path / "nothing", tmp_path / "x")
+    assert rc == 2 and "nothing" in err
+    rc, _, err = _cli(capsys, "eval", tmp_path / "nothing")
+    assert rc == 2 and "model path not found" in err
+    # an output folder that holds something else is refused, untouched
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("precious")
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, busy, "--method", "nowag", "--compare", "none"))
+    assert rc == 2 and "not empty" in err and "--overwrite" in err
+    assert sorted(p.name for p in busy.iterdir()) == ["thesis.tex"]
+
+
+def test_corrupt_weights_are_a_clear_error(capsys, tiny_model_dir, tiny_text, tmp_path):
+    weights = Path(tiny_model_dir) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 1000])
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "--method", "nowag", "--compare",
+                                      "none"))
+    assert rc == 2 and "model.safetensors" in err and ("truncated" in err or "damaged" in err)
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o2", "--method", "nowag", "--compare",
+                                      "none", "--streaming"))
+    assert rc == 2 and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_help_has_no_doubled_none_and_lists_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "--eval-windows" in text
+    rc, stdout, _ = _cli(capsys, "prune", "--help-methods")
+    assert rc == 0 and "column_batch=128" in stdout and "sweeps=40" in stdout

@@ -1,0 +1,171 @@
+"""Every decoder family on tiny random configs: prune with every method through ``armor.prune``, save, load both
+ways (``armor.load`` and ``AutoModelForCausalLM.from_pretrained``), same logits as the pruned model and its
+dense reconstruction; mixture-of-experts weights and layers of odd widths are left dense with a clear message."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import armor
+from armor.models import find_decoder_layers, find_prunable_layers, set_module
+from armor.runtime import ArmorLinear, SparseLinear
+from armor.storage import pruned_modules, read_armor_config
+
+VOCAB = 128
+TOKENS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+COMMON = {
+    **TOKENS, "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 64,
+}
+ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")
+
+# family -> (config, blocks path, linear layers of one block)
+FAMILIES = {
+    "llama": (lambda: tf.LlamaConfig(num_key_value_heads=2, **COMMON), "model.layers", ATTN_MLP),
+    "mistral": (lambda: tf.MistralConfig(num_key_value_heads=2, **COMMON), "model.layers", ATTN_MLP),
+    "qwen2": (lambda: tf.Qwen2Config(num_key_value_heads=2, **COMMON), "model.layers", ATTN_MLP),
+    "qwen3": (lambda: tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **COMMON), "model.layers", ATTN_MLP),
+    "gemma2": (lambda: tf.Gemma2Config(num_key_value_heads=2, head_dim=16, **COMMON), "model.layers", ATTN_MLP),
+    "gemma3": (lambda: tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, **COMMON), "model.layers", ATTN_MLP),
+    "phi3": (
+        lambda: tf.Phi3Config(num_key_value_heads=2, **COMMON), "model.layers",
+        ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    ),
+    "olmo2": (lambda: tf.Olmo2Config(num_key_value_heads=2, **COMMON), "model.layers", ATTN_MLP),
+    "gpt_neox": (
+        lambda: tf.GPTNeoXConfig(**COMMON), "gpt_neox.layers",
+        ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    ),
+    "opt": (
+        lambda: tf.OPTConfig(
+            **TOKENS, vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=64, max_position_embeddings=64,
+        ),
+        "model.decoder.layers",
+        ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"),
+    ),
+}
+
+# every method, with the fewest iterations that still exercise its code (block_size: the layers are tiny)
+METHODS = {
+    "magnitude": {},
+    "wanda": {},
+    "nowag": {},
+    "sparsegpt": {},
+    "armor-fast": {"block_size": 8, "sweeps": 2},
+    "armor": {"block_size": 8, "iterations": 3},
+}
+
+CALIBRATION = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def build(config: tf.PretrainedConfig) -> nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(CALIBRATION).logits
+
+
+def dense_reconstruction(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every packed layer replaced by an ``nn.Linear`` holding its dense weight."""
+    twin = copy.deepcopy(model)
+    for name, mod in pruned_modules(twin).items():
+        w = mod.dense_weight()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+        set_module(twin, name, lin)
+    return twin
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_layer_discovery_finds_every_block_and_projection(family):
+    make_config, blocks, per_block = FAMILIES[family]
+    model = build(make_config())
+    prefix, found = find_decoder_layers(model)
+    assert prefix == blocks and len(found) == 2
+    assert set(find_prunable_layers(model)) == {f"{blocks}.{i}.{sub}" for i in range(2) for sub in per_block}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prune_save_load_both_ways(family, method, tmp_path):
+    make_config, _, per_block = FAMILIES[family]
+    run = armor.prune(build(make_config()), CALIBRATION, method, options=METHODS[method], output=tmp_path / "out")
+    assert len(run.records) == 2 * len(per_block)
+    pruned = run.model
+    kind = ArmorLinear if method.startswith("armor") else SparseLinear
+    assert {type(m) for m in pruned_modules(pruned).values()} == {kind}
+    ref = logits(pruned)
+    assert torch.isfinite(ref).all()
+
+    explicit = armor.load(tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for loaded in (explicit, hf):
+        mods = pruned_modules(loaded)
+        assert set(mods) == set(pruned_modules(pruned)) and {type(m) for m in mods.values()} == {kind}
+        torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(dense_reconstruction(hf)), ref, rtol=1e-5, atol=1e-5)
+    assert read_armor_config(tmp_path / "out")["method"] == method
+
+
+@pytest.mark.parametrize(
+    "family,make_config",
+    [
+        ("mixtral", lambda: tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                             **COMMON)),
+        ("qwen3_moe", lambda: tf.Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, num_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=32, **COMMON)),
+    ],
+)
+def test_mixture_of_experts_weights_are_skipped_with_a_message(family, make_config, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="armor.models.layers")
+    run = armor.prune(build(make_config()), CALIBRATION, "wanda", output=tmp_path / "out")
+    messages = [r.getMessage() for r in caplog.records if r.name == "armor.models.layers"]
+    assert messages, "no message about the skipped experts"
+    msg = messages[0]
+    assert "mixture-of-experts" in msg and "left dense" in msg and "not nn.Linear" in msg
+    assert "model.layers.*.mlp.experts.gate_up_proj" in msg and "model.layers.*.mlp.experts.down_proj" in msg
+    # the attention projections are still pruned, and the folder loads both ways with the same logits
+    assert set(pruned_modules(run.model)) == {f"model.layers.{i}.{s}" for i in range(2) for s in ATTN_MLP[:4]}
+    ref = logits(run.model)
+    torch.testing.assert_close(logits(armor.load(tmp_path / "out")), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), ref, rtol=0, atol=0)
+
+
+def test_layers_of_odd_width_stay_dense_with_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="armor.models.layers")
+    config = tf.LlamaConfig(**{**COMMON, "intermediate_size": 130}, num_key_value_heads=2)
+    run = armor.prune(build(config), CALIBRATION, "magnitude", output=tmp_path / "out")
+    msg = " ".join(r.getMessage() for r in caplog.records if r.name == "armor.models.layers")
+    assert "leaving 2 linear layer(s) dense" in msg and "model.layers.*.mlp.down_proj (64x130) in 2 blocks" in msg
+    assert not any(name.endswith("down_proj") for name in pruned_modules(run.model))
+    assert len(pruned_modules(run.model)) == 12
+    ref = logits(run.model)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), ref, rtol=0, atol=0)
+
+
+def test_nothing_prunable_says_why_and_writes_nothing(tmp_path: Path):
+    config = tf.LlamaConfig(**{**COMMON, "hidden_size": 66, "num_attention_heads": 3, "intermediate_size": 130},
+                            num_key_value_heads=3)
+    model = build(config)
+    with pytest.raises(ValueError, match=r"all 14 selected linear layers have in_features not divisible by 4") as err:
+        armor.prune(model, CALIBRATION, "magnitude", output=tmp_path / "out")
+    assert "model.layers.*.self_attn.q_proj (66x66) in 2 blocks" in str(err.value)
+    assert "model.layers.*.mlp.down_proj (66x130) in 2 blocks" in str(err.value)
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert not any(isinstance(m, (ArmorLinear, SparseLinear)) for m in model.modules())

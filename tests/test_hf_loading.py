@@ -1,0 +1,330 @@
+"""Pruned folders as Hugging Face models: ``AutoModelForCausalLM.from_pretrained`` through armor's registered
+quantizer, next to ``armor.storage.load_pruned``, the dense reconstruction, save_pretrained, pipelines, lm-eval,
+the legacy v1 format and damaged weight files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, pipeline
+
+import armor.runtime.modules as runtime_modules
+from armor.models import find_prunable_layers, set_module
+from armor.runtime import ArmorLinear, SparseLinear, module_from_result
+from armor.solvers import prune_layer
+from armor.storage import (
+    CheckpointError,
+    export_dense,
+    is_pruned_folder,
+    load_pruned,
+    pruned_modules,
+    read_armor_config,
+    save_pruned,
+)
+from armor.storage.hf_quantizer import ArmorConfig
+from conftest import make_char_tokenizer, make_tiny_model
+
+VOCAB = len(make_char_tokenizer())
+
+RUN_INFO = {
+    "method": "armor-fast",
+    "options": {"sweeps": 2},
+    "pattern": "2:4",
+    "calibration": {"nsamples": 2, "seqlen": 16},
+    "records": [{"name": "x", "loss": 0.5, "nowag_loss": 0.6}],
+    "base_model": "tiny-llama",
+}
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    return make_tiny_model(VOCAB, seed=seed)
+
+
+def prune_by_hand(model: nn.Module, method: str) -> nn.Module:
+    """Every decoder linear layer replaced by its packed pruned module (random positive Hessian diagonals)."""
+    gen = torch.Generator().manual_seed(1)
+    for name, lin in find_prunable_layers(model).items():
+        w = lin.weight.detach()
+        diag = torch.rand(w.shape[1], generator=gen) + 0.5
+        options = {"block_size": 8, "sweeps": 2} if method == "armor-fast" else {}
+        result = prune_layer(w, diag, method, **options)
+        set_module(model, name, module_from_result(result, lin.bias, torch.float32))
+    return model
+
+
+IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module", params=["armor-fast", "wanda"], ids=["armor", "2of4"])
+def folder(request, tmp_path_factory) -> tuple[Path, torch.Tensor, str]:
+    """A saved pruned folder (ARMOR or plain 2:4), the in-memory model's logits and the method."""
+    model = prune_by_hand(tiny_llama(), request.param)
+    out = tmp_path_factory.mktemp(request.param) / "pruned"
+    save_pruned(model, out, tokenizer=make_char_tokenizer(), run_info={**RUN_INFO, "method": request.param})
+    return out, logits(model), request.param
+
+
+def expected_type(method: str) -> type:
+    return ArmorLinear if method == "armor-fast" else SparseLinear
+
+
+def test_folder_is_a_plain_hf_folder(folder):
+    path, _, _ = folder
+    cfg = json.loads((path / "config.json").read_text())
+    assert (path / "model.safetensors").is_file()
+    assert not (path / "armor.safetensors").exists()
+    assert "sparsity_config" not in cfg and "armor" not in cfg
+    quant = cfg["quantization_config"]
+    assert quant["quant_method"] == "armor" and quant["format"] == "armor-model-v2"
+    assert set(quant["layers"]) == set(find_prunable_layers(tiny_llama()))
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    name = "model.layers.0.self_attn.q_proj"
+    assert {f"{name}.values", f"{name}.indices"} <= keys
+    assert f"{name}.weight" not in keys
+    assert "lm_head.weight" not in keys  # tied to the embeddings: stored once, as save_pretrained does
+
+
+def test_from_pretrained_equals_load_pruned_and_dense(folder, tmp_path):
+    path, ref, method = folder
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    explicit = load_pruned(path)
+    for model in (hf, explicit):
+        mods = pruned_modules(model)
+        assert len(mods) == len(find_prunable_layers(tiny_llama()))
+        assert all(type(m) is expected_type(method) for m in mods.values())
+    torch.testing.assert_close(logits(hf), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(explicit), ref, rtol=0, atol=0)
+    dense_dir = export_dense(path, tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    assert not pruned_modules(dense)
+    assert "quantization_config" not in json.loads((dense_dir / "config.json").read_text())
+    torch.testing.assert_close(logits(dense), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_builds_no_dense_weight(folder, monkeypatch):
+    path, ref, method = folder
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dense weight was built while loading")
+
+    monkeypatch.setattr(runtime_modules, "unpack_nm", forbidden)
+    monkeypatch.setattr(runtime_modules, "block_product", forbidden)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    explicit = load_pruned(path)
+    monkeypatch.undo()
+    for model in (hf, explicit):
+        mods = pruned_modules(model)
+        assert all(m.cache_nbytes() == 0 for m in mods.values())
+        assert not any(p.requires_grad for m in mods.values() for p in m.parameters())
+        # the pruned layers hold their packed tensors only: half the values of the dense weight
+        for m in mods.values():
+            assert m.values.numel() == m.out_features * m.in_features // 2
+            assert not any(isinstance(x, nn.Linear) for x in m.modules())
+    torch.testing.assert_close(logits(hf), ref, rtol=0, atol=0)
+
+
+def test_save_pretrained_round_trip_keeps_logits_and_provenance(folder, tmp_path):
+    path, ref, method = folder
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    hf.save_pretrained(tmp_path / "resaved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
+    torch.testing.assert_close(logits(again), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "resaved")), ref, rtol=0, atol=0)
+    info = read_armor_config(tmp_path / "resaved")
+    assert info["method"] == method and info["records"] == RUN_INFO["records"]
+    # an armor.load-ed model re-saved by transformers, and by armor without run_info, also keeps both
+    load_pruned(path).save_pretrained(tmp_path / "resaved2")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "resaved2")), ref, rtol=0, atol=0)
+    save_pruned(again, tmp_path / "resaved3")
+    assert read_armor_config(tmp_path / "resaved3")["calibration"] == RUN_INFO["calibration"]
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "resaved3")), ref, rtol=0, atol=0)
+
+
+def test_read_armor_config_has_the_cli_keys(folder):
+    path, _, method = folder
+    info = read_armor_config(path)
+    for key in ("method", "options", "pattern", "calibration", "records", "layers", "layer_dtypes", "versions"):
+        assert key in info, key
+    assert info["method"] == method and info["base_model"] == "tiny-llama"
+    assert info["format"] == "armor-model-v2" and info["weights"] == "model.safetensors"
+    assert set(info["layer_dtypes"].values()) == {"float32"}
+    assert is_pruned_folder(path)
+    assert load_pruned(path).armor_config == info
+
+
+def test_generate_and_text_generation_pipeline(folder):
+    path, _, _ = folder
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    explicit = load_pruned(path)
+    prompt = IDS[:1, :5]
+    out_hf = hf.generate(prompt, max_new_tokens=6, do_sample=False)
+    out_explicit = explicit.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert out_hf.shape[1] > prompt.shape[1]
+    assert torch.equal(out_hf, out_explicit)
+    gen = pipeline("text-generation", model=str(path), device="cpu")
+    assert type(gen.model.model.layers[0].mlp.down_proj) is expected_type(folder[2])
+    text = gen("The fox", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The fox") and len(text) > len("The fox")
+
+
+def test_from_pretrained_dtype_applies_to_packed_layers(folder):
+    path, ref, _ = folder
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    mods = pruned_modules(hf)
+    assert {m.dtype for m in mods.values()} == {torch.bfloat16}
+    assert all(m.indices.dtype == torch.uint8 for m in mods.values())
+    explicit = load_pruned(path, dtype=torch.bfloat16)
+    torch.testing.assert_close(logits(hf), logits(explicit), rtol=0, atol=0)
+    torch.testing.assert_close(logits(hf).float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_lm_eval_hf_model_loads_the_folder(folder):
+    lm_eval_models = pytest.importorskip("lm_eval.models.huggingface", reason="lm_eval is not installed")
+    from lm_eval.api.instance import Instance
+
+    path, _, method = folder
+    requests = [Instance("loglikelihood", {}, ("The quick", " brown fox"), 0)]
+    by_path = lm_eval_models.HFLM(pretrained=str(path), device="cpu", batch_size=1)
+    assert type(by_path.model.model.layers[1].self_attn.o_proj) is expected_type(method)
+    by_model = lm_eval_models.HFLM(pretrained=load_pruned(path), tokenizer=str(path), device="cpu", batch_size=1)
+    (ll_path, _), = by_path.loglikelihood(requests)
+    (ll_model, _), = by_model.loglikelihood(requests)
+    assert ll_path == pytest.approx(ll_model, abs=1e-5) and ll_path < 0
+
+
+def test_v1_folder_still_loads_through_armor_load(folder, tmp_path):
+    """A folder armor 0.1 wrote (armor.safetensors + an 'armor' config section) loads via armor.load."""
+    path, ref, method = folder
+    model = load_pruned(path)
+    state = model.state_dict()
+    state.pop("lm_head.weight")
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(v1 / "armor.safetensors"),
+        metadata={"format": "armor-model-v1", "aliases": json.dumps({"lm_head.weight": "model.embed_tokens.weight"})},
+    )
+    cfg = json.loads((path / "config.json").read_text())
+    quant = cfg.pop("quantization_config")
+    cfg["armor"] = {
+        **quant["run"], "format": "armor-model-v1", "weights": "armor.safetensors", "layers": quant["layers"],
+        "layer_dtypes": quant["layer_dtypes"], "versions": quant["versions"],
+    }
+    (v1 / "config.json").write_text(json.dumps(cfg))
+    assert read_armor_config(v1)["method"] == method and is_pruned_folder(v1)
+    torch.testing.assert_close(logits(load_pruned(v1)), ref, rtol=0, atol=0)
+    # and the upgrade the docs name: load it, save it again -> a folder from_pretrained reads
+    save_pruned(load_pruned(v1), tmp_path / "v2")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "v2")), ref, rtol=0, atol=0)
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header", "cut_in_data"])
+def test_damaged_weights_give_a_clear_error_both_ways(folder, tmp_path, damage):
+    path, _, _ = folder
+    bad = copy_folder(path, tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage_header":
+        weights.write_bytes(b"\xff" * 16 + data[16:])
+    else:
+        weights.write_bytes(data[:-7])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_pruned(bad)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_missing_weights_and_unknown_format_are_clear_errors(folder, tmp_path):
+    path, _, _ = folder
+    bad = copy_folder(path, tmp_path / "bad")
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_pruned(bad)
+    newer = copy_folder(path, tmp_path / "newer")
+    cfg = json.loads((newer / "config.json").read_text())
+    cfg["quantization_config"]["format"] = "armor-model-v9"
+    (newer / "config.json").write_text(json.dumps(cfg))
+    for load in (load_pruned, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match="armor-model-v9.*upgrade armor"):
+            load(newer)
+
+
+def test_layer_the_architecture_lacks_is_named(folder, tmp_path):
+    path, _, _ = folder
+    bad = copy_folder(path, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    layers = cfg["quantization_config"]["layers"]
+    layers["model.layers.7.mlp.up_proj"] = layers["model.layers.0.mlp.up_proj"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    for load in (load_pruned, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=r"model\.layers\.7\.mlp\.up_proj"):
+            load(bad)
+
+
+def test_armor_config_cannot_prune_a_dense_model_at_load_time(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="pre-quantized"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=ArmorConfig())
+
+
+def test_plain_folder_is_not_an_armor_folder(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    assert read_armor_config(tmp_path / "dense") is None
+    with pytest.raises(ValueError, match="not an armor-pruned model"):
+        load_pruned(tmp_path / "dense")
+    with pytest.raises(ValueError, match="no pruned"):
+        save_pruned(tiny_llama(), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_smollm2_from_pretrained_matches_armor_load(smollm2_path, tmp_path):
+    """The real model: SmolLM2 pruned with armor-fast (streamed from its checkpoint, short settings), loaded with
+    from_pretrained, has the perplexity armor.load gives (what ``armor eval`` computes), and greedy generation
+    runs."""
+    import armor
+    from armor.data import default_text_path
+    from armor.eval.perplexity import perplexity
+    from armor.storage import load_tokenizer
+    from armor.text import calibration_ids, read_documents
+
+    tok = load_tokenizer(smollm2_path)
+    calib = calibration_ids(tok, read_documents(default_text_path("britannica")), nsamples=8, seqlen=256)
+    armor.prune(
+        str(smollm2_path), calib, "armor-fast", options={"block_size": 64, "sweeps": 1}, output=tmp_path / "smol",
+        tokenizer=tok,
+    )
+    text = read_documents(default_text_path("lee"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "smol")
+    explicit = load_pruned(tmp_path / "smol")
+    assert {type(m) for m in pruned_modules(hf).values()} == {ArmorLinear} and len(pruned_modules(hf)) == 210
+    ppl_hf = perplexity(hf, text, tok, seqlen=512, max_windows=8)
+    ppl_explicit = perplexity(explicit, text, tok, seqlen=512, max_windows=8)
+    prompt = tok("The capital of France is", return_tensors="pt")
+    out = hf.generate(**prompt, max_new_tokens=12, do_sample=False)
+    completion = tok.decode(out[0], skip_special_tokens=True)
+    print(f"\nperplexity (8 windows of 512 tokens, Lee corpus): from_pretrained {ppl_hf.ppl:.4f}, "
+          f"armor.load {ppl_explicit.ppl:.4f}\ngreedy: {completion!r}")
+    assert ppl_hf.ppl == pytest.approx(ppl_explicit.ppl, rel=1e-6)
+    assert out.shape[1] > prompt.input_ids.shape[1]
