@@ -1,26 +1,15 @@
-"""Layer benchmark of the armor runtime: dense vs plain 2:4 vs ARMOR, plus the 7B storage report.
+"""Layer benchmark of the armor runtime: the same as ``armor bench`` (see :mod:`armor.cli.bench`).
 
-    python benchmarks/bench_runtime.py --quick                      # CPU-friendly (a few minutes on 2 cores)
-    python benchmarks/bench_runtime.py --device cuda --dtype float16  # full shape list on a GPU
-
-Same options as ``armor bench`` (see :func:`armor.runtime.bench.add_bench_arguments`).
+    python benchmarks/bench_runtime.py --quick                            # CPU-friendly
+    python benchmarks/bench_runtime.py --shapes llama7b --batches 1 --dtype float32,bfloat16
+    python benchmarks/bench_runtime.py --device cuda --dtype float16,bfloat16  # on a GPU
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from armor.runtime.bench import add_bench_arguments, bench_main
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_bench_arguments(parser)
-    return bench_main(parser.parse_args(argv))
-
+from armor.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -24,12 +24,17 @@ from safetensors.torch import load_file, save_file
 import armor
 from armor import data
 
-LAYERS = {"q_proj": "self_attn.q_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+LAYERS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
 
 
 def layer_stats(block: int, nsamples: int, seqlen: int, full: bool) -> dict[str, dict[str, torch.Tensor]]:
     """Weights and calibration statistics of ``LAYERS`` in decoder block ``block`` (cached)."""
-    key = hashlib.sha1(f"{block}-{nsamples}-{seqlen}-{full}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{block}-{nsamples}-{seqlen}-{full}-{sorted(LAYERS)}".encode()).hexdigest()[:12]
     cache = data.cache_dir() / "bench" / f"smollm2-layers-{key}.safetensors"
     if cache.exists():
         flat = load_file(cache)
@@ -172,8 +177,10 @@ def compare(args: argparse.Namespace) -> None:
 
 def methods_table(args: argparse.Namespace) -> None:
     layers = layer_stats(args.block, args.nsamples, args.seqlen, full=True)
-    print("| layer | shape | magnitude | Wanda | SparseGPT | NoWag-P | ARMOR 100 it | ARMOR 1,000 it | s/it | "
-          "armor-fast (sweeps, s) |")
+    print(
+        "| layer | shape | magnitude | Wanda | SparseGPT | NoWag-P | ARMOR 100 it | ARMOR 1,000 it | s/it | "
+        "armor-fast (sweeps, s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for short in args.layers:
         w, st = layers[short]["weight"], armor.LayerStats(layers[short]["h"], layers[short]["H"])

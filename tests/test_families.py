@@ -1,6 +1,7 @@
 """Every decoder family on tiny random configs: prune with every method through ``armor.prune``, save, load both
 ways (``armor.load`` and ``AutoModelForCausalLM.from_pretrained``), same logits as the pruned model and its
-dense reconstruction; mixture-of-experts weights and layers of odd widths are left dense with a clear message."""
+dense reconstruction; mixture-of-experts weights are pruned per expert once unfused (else left dense with a clear
+message), layers of odd widths are left dense with a warning."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import armor
-from armor.models import find_decoder_layers, find_prunable_layers, set_module
+from armor.models import LinearExperts, find_decoder_layers, find_prunable_layers, set_module, unfuse_experts
 from armor.runtime import ArmorLinear, SparseLinear
 from armor.storage import pruned_modules, read_armor_config
 
@@ -123,28 +124,81 @@ def test_prune_save_load_both_ways(family, method, tmp_path):
     assert read_armor_config(tmp_path / "out")["method"] == method
 
 
-@pytest.mark.parametrize(
-    "family,make_config",
-    [
-        ("mixtral", lambda: tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                                             **COMMON)),
-        ("qwen3_moe", lambda: tf.Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, num_experts=4,
-                                                num_experts_per_tok=2, moe_intermediate_size=32, **COMMON)),
-    ],
-)
-def test_mixture_of_experts_weights_are_skipped_with_a_message(family, make_config, tmp_path, caplog):
+MOE = {
+    "mixtral": lambda: tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, **COMMON),
+}
+ATTENTION = {f"model.layers.{i}.{s}" for i in range(2) for s in ATTN_MLP[:4]}
+EXPERTS = {f"model.layers.{i}.mlp.experts.{p}.{e}" for i in range(2) for p in ("gate_up_proj", "down_proj")
+           for e in range(4)}
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_stacked_experts_are_left_dense_with_a_message(family, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="armor.models.layers")
-    run = armor.prune(build(make_config()), CALIBRATION, "wanda", output=tmp_path / "out")
+    run = armor.prune(build(MOE[family]()), CALIBRATION, "wanda", output=tmp_path / "out")
     messages = [r.getMessage() for r in caplog.records if r.name == "armor.models.layers"]
     assert messages, "no message about the skipped experts"
     msg = messages[0]
     assert "mixture-of-experts" in msg and "left dense" in msg and "not nn.Linear" in msg
     assert "model.layers.*.mlp.experts.gate_up_proj" in msg and "model.layers.*.mlp.experts.down_proj" in msg
+    assert "unfuse_experts" in msg  # and how to prune them
     # the attention projections are still pruned, and the folder loads both ways with the same logits
-    assert set(pruned_modules(run.model)) == {f"model.layers.{i}.{s}" for i in range(2) for s in ATTN_MLP[:4]}
+    assert set(pruned_modules(run.model)) == ATTENTION
     ref = logits(run.model)
     torch.testing.assert_close(logits(armor.load(tmp_path / "out")), ref, rtol=0, atol=0)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_unfused_experts_compute_the_same_and_see_only_their_routed_tokens(family):
+    model = build(MOE[family]())
+    ref = logits(model)
+    assert unfuse_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LinearExperts) and len(experts.gate_up_proj) == 4
+    seen: list[int] = []
+    hooks = [lin.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+             for lin in experts.gate_up_proj]
+    torch.testing.assert_close(logits(model), ref, rtol=1e-6, atol=1e-6)
+    for h in hooks:
+        h.remove()
+    # each token goes to top-2 of 4 experts: every expert's layer saw a share of the tokens, 2 per token in all
+    assert sum(seen) == 2 * CALIBRATION.numel() and max(seen) < CALIBRATION.numel()
+    assert not [r for r in find_prunable_layers(model) if r not in ATTENTION | EXPERTS]
+
+
+def test_an_experts_module_with_another_forward_is_refused():
+    model = build(MOE["mixtral"]())
+    experts = model.model.layers[0].mlp.experts
+    original = experts.forward
+    experts.forward = lambda *args: 2 * original(*args)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts .*differs"):
+        unfuse_experts(model)
+    with pytest.raises(ValueError, match="not a stacked mixture-of-experts module"):
+        unfuse_experts(model, ["model.layers.0.self_attn"])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "armor-fast"])
+@pytest.mark.parametrize("family", list(MOE))
+def test_each_expert_pruned_as_its_own_layer_saved_and_loaded(family, method, tmp_path):
+    model = build(MOE[family]())
+    unfuse_experts(model)
+    run = armor.prune(model, CALIBRATION, method, options=METHODS[method], output=tmp_path / "out")
+    assert {r.name for r in run.records} == ATTENTION | EXPERTS
+    ref = logits(run.model)
+    for loaded in (armor.load(tmp_path / "out"), AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+        assert set(pruned_modules(loaded)) == ATTENTION | EXPERTS
+        assert isinstance(loaded.model.layers[1].mlp.experts, LinearExperts)
+        torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    hf.save_pretrained(tmp_path / "resaved")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")), ref, rtol=0, atol=0)
+    # the dense export has transformers' own stacked experts again, with the pruned experts multiplied out
+    dense = AutoModelForCausalLM.from_pretrained(armor.export_dense(tmp_path / "out", tmp_path / "dense"))
+    assert not pruned_modules(dense) and not isinstance(dense.model.layers[0].mlp.experts, LinearExperts)
+    torch.testing.assert_close(logits(dense), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_layers_of_odd_width_stay_dense_with_a_warning(tmp_path, caplog):

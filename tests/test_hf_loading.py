@@ -328,3 +328,18 @@ def test_smollm2_from_pretrained_matches_armor_load(smollm2_path, tmp_path):
           f"armor.load {ppl_explicit.ppl:.4f}\ngreedy: {completion!r}")
     assert ppl_hf.ppl == pytest.approx(ppl_explicit.ppl, rel=1e-6)
     assert out.shape[1] > prompt.input_ids.shape[1]
+
+
+def test_export_dense_of_a_from_pretrained_model_restores_it(folder, tmp_path):
+    path, ref, method = folder
+    hf = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    out = export_dense(hf, tmp_path / "dense")
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and "sparsity_config" not in cfg
+    dense = AutoModelForCausalLM.from_pretrained(out)
+    assert not pruned_modules(dense)
+    torch.testing.assert_close(logits(dense), ref, rtol=1e-5, atol=1e-5)
+    # the model passed in is left as it was: packed layers, quantizer and config section back in place
+    assert {type(m) for m in pruned_modules(hf).values()} == {expected_type(method)}
+    assert hf.hf_quantizer is not None and isinstance(hf.config.quantization_config, ArmorConfig)
+    torch.testing.assert_close(logits(hf), ref, rtol=0, atol=0)

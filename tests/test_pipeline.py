@@ -484,3 +484,31 @@ def test_unreachable_ray_address_is_a_clear_error(monkeypatch):
         pytest.skip("a Ray cluster is already running in this process")
     with pytest.raises(ConnectionError, match="could not connect to the Ray cluster at 127.0.0.1:1"):
         RayExecutor(address="127.0.0.1:1")
+
+
+@pytest.mark.parametrize("source", ["memory", "streamed"])
+def test_killed_ray_run_resumes(ray_cluster, source, sharded_model_dir, char_tokenizer, tmp_path):
+    ids = _ids(char_tokenizer)
+    out = tmp_path / "run"
+
+    def target():
+        return make_tiny_model(len(char_tokenizer)) if source == "memory" else sharded_model_dir
+
+    seen: list[str] = []
+
+    def die_after_five(name, rec):
+        seen.append(name)
+        if len(seen) == 5:
+            raise _Killed
+
+    with RayExecutor() as executor, pytest.raises(_Killed):
+        prune(target(), ids, "sparsegpt", mode="sequential", output=out, executor=executor, callback=die_after_five)
+    finished = len(list((out / "layers").glob("*.safetensors")))
+    assert 5 <= finished < N_LAYERS and not (out / "config.json").exists()
+    with RayExecutor() as executor:
+        run = prune(target(), ids, "sparsegpt", mode="sequential", output=out, executor=executor,
+                    keep_layer_files=True)
+    assert run.resumed == finished
+    ref = prune(make_tiny_model(len(char_tokenizer)), ids, "sparsegpt", mode="sequential", output=tmp_path / "ref",
+                keep_layer_files=True)
+    assert _strip([r.to_json() for r in run.records]) == _strip([r.to_json() for r in ref.records])

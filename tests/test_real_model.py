@@ -11,19 +11,11 @@ import os
 import pytest
 import torch
 
+import armor
 from armor.data import default_text_path
 from armor.eval import perplexity
-from armor.model import (
-    StatsCache,
-    calibration_ids,
-    load_model,
-    load_pruned,
-    load_tokenizer,
-    method_options,
-    prune_pretrained,
-    read_documents,
-    tokenize_documents,
-)
+from armor.storage import load_model, load_pruned, load_tokenizer
+from armor.text import read_documents, tokenize_documents
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +27,7 @@ SWEEPS = int(os.environ.get("ARMOR_TEST_SWEEPS", "1"))
 def test_armor_beats_nowag_on_smollm2(smollm2_path, tmp_path):
     torch.manual_seed(0)
     tokenizer = load_tokenizer(smollm2_path)
-    ids = calibration_ids(tokenizer, read_documents(default_text_path("britannica")), NSAMPLES, SEQLEN)
+    ids = armor.calibration_ids(tokenizer, read_documents(default_text_path("britannica")), NSAMPLES, SEQLEN)
     lee = [ln for ln in default_text_path("lee_background").read_text().splitlines() if ln.strip()]
     eval_tokens = tokenize_documents(tokenizer, lee)
 
@@ -44,27 +36,30 @@ def test_armor_beats_nowag_on_smollm2(smollm2_path, tmp_path):
 
     model = load_model(smollm2_path)
     dense = ppl(model)
-    cache = StatsCache(ids, batch_size=4, progress=False)
-
-    nowag_run = prune_pretrained(model, tokenizer, ids, "nowag", stats_cache=cache, progress=False)
+    nowag_run = armor.prune(model, ids, "nowag", batch_size=4)
     nowag = ppl(model)
     assert len(nowag_run.records) == 210  # 30 blocks x 7 projections: nothing skipped
 
     model = load_model(smollm2_path)
-    opts = method_options("armor-fast", iterations=SWEEPS, block_size=64)
     out = tmp_path / "armor-fast"
-    run = prune_pretrained(model, tokenizer, ids, "armor-fast", opts, out_dir=out, stats_cache=cache, progress=False)
+    run = armor.prune(model, ids, "armor-fast", options={"sweeps": SWEEPS}, output=out, batch_size=4)
     armor_ppl = ppl(model)
-    assert cache.passes == 1  # one calibration pass served both methods
 
     # the per-layer guarantee (never worse than NoWag-P), and a real improvement on average
     assert all(r.loss <= r.nowag_loss * (1 + 1e-5) + 1e-7 for r in run.records)
     nowag_mean, armor_mean = run.mean_losses()
     assert armor_mean < 0.9 * nowag_mean
+    # the default budget: every layer's wrappers within 6.25% of its dense values
+    for r in run.records:
+        overhead = (r.shape[0] * r.extra["block_size_out"] + r.shape[1] * r.extra["block_size_in"]) / (
+            r.shape[0] * r.shape[1]
+        )
+        assert overhead <= 0.0625 + 1e-12, r.name
 
     print(
         f"\nLee perplexity ({EVAL_WINDOWS}x{EVAL_SEQLEN}): dense {dense:.2f}, NoWag-P {nowag:.2f}, "
-        f"armor-fast ({SWEEPS} sweeps) {armor_ppl:.2f}; mean proxy loss {nowag_mean:.4f} -> {armor_mean:.4f}"
+        f"armor-fast ({SWEEPS} sweeps, default budget) {armor_ppl:.2f}; mean proxy loss {nowag_mean:.4f} -> "
+        f"{armor_mean:.4f}"
     )
     assert dense < armor_ppl < nowag
 

@@ -1,4 +1,5 @@
-"""Tests of armor.runtime: packed storage, ArmorLinear / SparseLinear, save/load, backends, bench helpers.
+"""Tests of armor.runtime: packed storage, ArmorLinear / SparseLinear, save/load, backends (the packed CPU
+kernels against the dense reconstruction), resident memory, bench helpers and ``armor bench``.
 
 All PruneResults are built by hand (random wrappers, core and n:m mask) so that these tests do not depend on
 the solvers and exercise arbitrary (not near-identity) wrappers.
@@ -6,7 +7,6 @@ the solvers and exercise arbitrary (not near-identity) wrappers.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -14,28 +14,35 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import armor.runtime.modules as runtime_modules
 from armor import PruneResult
+from armor.cli import build_parser
 from armor.factors import block_product
 from armor.runtime import (
+    CPU_PACKED_MAX_TOKENS,
     ArmorLinear,
     SparseLinear,
     empty_module_from_spec,
     module_from_result,
+    numba_available,
     pack_nm,
     state_nbytes,
     unpack_mask,
     unpack_nm,
 )
 from armor.runtime.bench import (
-    add_bench_arguments,
-    bench_main,
+    crossover,
+    format_crossover_table,
     format_layer_table,
+    model_resident_bytes,
     random_nm_result,
     run_layer_bench,
     storage_report,
 )
 from armor.runtime.packing import packed_index_shape
 from armor.sparsity import is_nm_mask, nm_mask_from_scores
+
+needs_numba = pytest.mark.skipif(not numba_available(), reason="the packed CPU kernels need numba")
 
 # (dtype, tolerance relative to the output scale): fp16 has a 10-bit mantissa, bf16 a 7-bit one.
 DTYPE_TOL = [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)]
@@ -130,7 +137,7 @@ def test_module_from_result_rejects_bad_mask():
 # ----------------------------------------------------------------------------------------------------
 # forward == dense reconstruction
 @pytest.mark.parametrize("dtype,rel", DTYPE_TOL)
-@pytest.mark.parametrize("backend", ["dense", "folded", "auto"])
+@pytest.mark.parametrize("backend", ["dense", pytest.param("packed", marks=needs_numba), "auto"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_armor_forward_matches_dense_reconstruction(dtype, rel, backend, with_bias):
     res = _armor_result()
@@ -141,6 +148,7 @@ def test_armor_forward_matches_dense_reconstruction(dtype, rel, backend, with_bi
     with torch.no_grad():
         y = mod(x)
     assert y.shape == (3, 5, 96) and y.dtype == dtype
+    assert mod.active_backend == (backend if backend != "auto" else mod.backend_for(15))
     ref = _reference(res, x, None if bias is None else bias.to(dtype))
     _close(y, ref, rel)
 
@@ -225,62 +233,96 @@ def test_spec_keys():
         empty_module_from_spec({**s, "type": "dense"})
 
 
-def test_load_does_not_build_dense_cache_and_cache_follows_state():
-    src = module_from_result(_armor_result(), None, torch.float32, backend="dense")
-    mod = empty_module_from_spec(src.spec(), dtype=torch.float32, backend="dense")
+@pytest.mark.parametrize("backend", ["dense", pytest.param("packed", marks=needs_numba)])
+def test_forward_follows_state_changes(backend):
+    src = module_from_result(_armor_result(), None, torch.float32, backend=backend)
+    mod = empty_module_from_spec(src.spec(), dtype=torch.float32, backend=backend)
     mod.load_state_dict(src.state_dict())
-    assert mod.cache_nbytes() == 0  # nothing dense until the first forward
     x = torch.randn(3, 128)
-    y = mod(x)
-    assert mod.cache_nbytes() == 96 * 128 * 4
-    mod.drop_cache()
-    assert mod.cache_nbytes() == 0
-    torch.testing.assert_close(mod(x), y)
-    # A later load must not reuse the stale cache.
+    torch.testing.assert_close(mod(x), src(x))
+    # A later load must be seen by the next forward (no stale derived state) ...
     other = module_from_result(_armor_result(seed=9), None, torch.float32)
     mod.load_state_dict(other.state_dict())
     torch.testing.assert_close(mod(x), other(x), rtol=1e-5, atol=1e-5)
-    # Nor an in-place edit of the values.
+    # ... and so must an in-place edit of the values.
     with torch.no_grad():
         mod.values.mul_(2.0)
     torch.testing.assert_close(mod(x), 2 * other(x), rtol=1e-5, atol=1e-5)
 
 
 def test_dtype_conversion_of_module():
-    mod = module_from_result(_armor_result(), torch.randn(96), torch.float32, backend="dense")
+    res = _armor_result()
+    bias = torch.randn(96)
+    mod = module_from_result(res, bias, torch.float32)
     x = torch.randn(4, 128)
-    mod(x)  # builds a float32 cache
+    mod(x)
     mod = mod.to(torch.bfloat16)
     assert mod.values.dtype == torch.bfloat16 and mod.indices.dtype == torch.uint8
-    assert mod.cache_nbytes() == 0
-    assert mod(x.bfloat16()).dtype == torch.bfloat16
+    xb = x.bfloat16()
+    y = mod(xb)
+    assert y.dtype == torch.bfloat16
+    # the float32 state rounded to bfloat16 once: the bfloat16 reconstruction is the reference
+    ref = F.linear(xb.double(), mod.dense_weight().double(), bias.bfloat16().double())
+    _close(y, ref, 3e-2)
 
 
-def test_inference_mode_cache_usable_outside():
-    mod = module_from_result(_sparse_result(), None)
+def test_gradients_take_the_dense_path():
+    res = _sparse_result()
+    mod = module_from_result(res, None)
     x = torch.randn(2, 128)
     with torch.inference_mode():
         y = mod(x)
     x.requires_grad_(True)
-    out = mod(x)  # the cache built under inference_mode must be an ordinary tensor
-    out.sum().backward()
-    torch.testing.assert_close(out.detach(), y)
-    assert x.grad is not None
+    out = mod(x)
+    assert mod.active_backend == "dense"  # the only differentiable path
+    (out * torch.arange(96.0)).sum().backward()
+    torch.testing.assert_close(out.detach(), y, rtol=1e-5, atol=1e-5)
+    # d/dx sum_o c_o (W x)_o = W^T c
+    expected = (res.core * res.mask).T @ torch.arange(96.0)
+    torch.testing.assert_close(x.grad, expected.expand(2, -1), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
 # backends
 def test_backends_on_cpu():
     mod = module_from_result(_armor_result(), None, torch.float16)
-    assert mod.backend == "auto" and mod.active_backend == "folded"
+    assert mod.backend == "auto"
+    limit = CPU_PACKED_MAX_TOKENS[torch.float16]
+    if numba_available():
+        assert mod.backend_for(1) == "packed" and mod.backend_for(limit) == "packed"
+        assert mod.backend_for(limit + 1) == "dense"
+        assert mod.active_backend == "packed"  # before any forward: what one token takes
+    else:
+        assert mod.backend_for(1) == "dense"
+    mod(torch.randn(limit + 1, 128, dtype=torch.float16))
+    assert mod.active_backend == "dense"  # after a forward: what that forward took
     mod.backend = "dense"
-    assert mod.active_backend == "dense"
-    sp = module_from_result(_sparse_result(), None, torch.float16)
+    assert mod.active_backend == "dense" and mod.backend_for(1) == "dense"
+    sp = module_from_result(_sparse_result(), None, torch.float16, backend="dense")
     assert sp.active_backend == "dense"
-    with pytest.raises(ValueError, match="unknown backend"):
-        sp.backend = "folded"  # only ARMOR layers can fold
+    with pytest.raises(ValueError, match="unknown backend 'folded'"):
+        sp.backend = "folded"  # the resident folded W_hat is gone
     with pytest.raises(ValueError, match="unknown backend"):
         mod.backend = "gather"
+
+
+def test_without_numba_auto_is_dense_and_packed_says_why(monkeypatch):
+    monkeypatch.setattr(runtime_modules, "numba_available", lambda: False)
+    res = _armor_result()
+    mod = module_from_result(res, None, torch.float32)
+    x = torch.randn(1, 128)
+    _close(mod(x), _reference(res, x, None), 1e-5)
+    assert mod.active_backend == "dense"
+    forced = module_from_result(res, None, torch.float32, backend="packed")
+    with pytest.raises(RuntimeError, match="'packed' was forced.*numba"):
+        forced(x)
+
+
+@needs_numba
+def test_packed_rejects_what_it_cannot_run():
+    mod = module_from_result(_sparse_result(), None, torch.float64, backend="packed")
+    with pytest.raises(RuntimeError, match="'packed' was forced.*float32, bfloat16 and float16"):
+        mod(torch.randn(2, 128, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("make", [_armor_result, _sparse_result])
@@ -293,19 +335,202 @@ def test_forcing_semi_structured_on_cpu_raises(make):
 
 
 # ----------------------------------------------------------------------------------------------------
+# the packed CPU kernels == the dense reconstruction
+def _run_packed(mod, x):
+    with torch.no_grad():
+        y = mod(x)
+    assert mod.active_backend == "packed"
+    return y
+
+
+# (n, m, out, in): in=136 -> 68 kept per row, not a multiple of the 16-entry vector step (scalar tail);
+# out=99 is not a multiple of the 4-row groups (row tail); 4:8 and 1:4 take the generic loop.
+KERNEL_SHAPES = [(2, 4, 96, 128), (2, 4, 99, 136), (4, 8, 40, 64), (1, 4, 12, 32)]
+
+
+@needs_numba
+@pytest.mark.parametrize("n,m,out_f,in_f", KERNEL_SHAPES)
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_packed_sparse_equals_dense_reconstruction(n, m, out_f, in_f, tokens, dtype, rel):
+    res = _sparse_result(out_f, in_f, n, m, seed=tokens)
+    bias = torch.randn(out_f)
+    mod = module_from_result(res, bias, dtype, backend="packed")
+    x = torch.randn(tokens, in_f).to(dtype)
+    y = _run_packed(mod, x)
+    assert y.shape == (tokens, out_f) and y.dtype == dtype
+    # reference: the STORED (dtype-rounded) weight and bias in float64; the kernel sums in float32 and rounds
+    # once, so fp32 differs by summation order only and 16-bit by one rounding of the output
+    ref = F.linear(x.double(), mod.dense_weight().double(), mod.bias.double())
+    _close(y, ref, rel)
+
+
+@needs_numba
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_packed_fp32_is_exact_up_to_summation_order(tokens):
+    # kept values and inputs that are small integers: every product and partial sum is exact in float32,
+    # so any order of summation gives the exact result
+    g = torch.Generator().manual_seed(tokens)
+    mask = _random_mask(64, 96, seed=tokens)
+    core = torch.randint(-8, 9, (64, 96), generator=g).float() * mask
+    res = PruneResult("wanda", core, mask, 0.0, 0.0)
+    mod = module_from_result(res, None, torch.float32, backend="packed")
+    x = torch.randint(-8, 9, (tokens, 96), generator=g).float()
+    assert torch.equal(_run_packed(mod, x), x @ core.T)
+
+
+@needs_numba
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_packed_non_contiguous_inputs(layout):
+    res = _sparse_result()
+    mod = module_from_result(res, None, torch.float32, backend="packed")
+    base = torch.randn(128, 5)
+    x = {
+        "transposed": base.T,  # (5, 128), column-major
+        "strided": torch.randn(5, 256)[:, ::2],
+        "expanded": torch.randn(1, 128).expand(5, 128),
+    }[layout]
+    assert not x.is_contiguous()
+    _close(_run_packed(mod, x), _reference(res, x, None), 1e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize("bo,bi,out_f,in_f", [(48, 16, 96, 128), (12, 40, 96, 120), (96, 128, 96, 128)])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_packed_armor_ragged_blocks_equal_dense_reconstruction(bo, bi, out_f, in_f, tokens, dtype, rel):
+    # block sizes that differ between in and out, are not 128 and (120 / 40) give a kept count per row that is
+    # not a multiple of the vector step
+    res = _armor_result(out_f, in_f, bo, bi, seed=bo + bi)
+    bias = torch.randn(out_f)
+    mod = module_from_result(res, bias, dtype, backend="packed")
+    x = torch.randn(2, tokens, in_f).to(dtype)
+    y = _run_packed(mod, x)
+    assert y.shape == (2, tokens, out_f) and y.dtype == dtype
+    ref = F.linear(x.double(), mod.dense_weight().double(), mod.bias.double())
+    if dtype == torch.float32:
+        _close(y, ref, rel)
+    else:
+        # the stored 16-bit blocks and core multiplied in float32 (one output rounding) against the product
+        # of the same stored factors in float64
+        w = block_product(mod.a_blocks.double(), unpack_nm(mod.values, mod.indices, in_f).double(),
+                          mod.b_blocks.double())
+        _close(y, F.linear(x.double(), w, mod.bias.double()), rel)
+
+
+@needs_numba
+def test_packed_forward_builds_no_dense_matrix(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dense matrix was built in the packed forward")
+
+    monkeypatch.setattr(runtime_modules, "unpack_nm", forbidden)
+    monkeypatch.setattr(runtime_modules, "block_product", forbidden)
+    for res in (_armor_result(), _sparse_result()):
+        mod = module_from_result(res, None, torch.float32, backend="packed")
+        x = torch.randn(3, 128)
+        _close(_run_packed(mod, x), _reference(res, x, None), 1e-5)
+
+
+def _tensors_held(mod) -> list[torch.Tensor]:
+    """Every tensor reachable from the module's attributes and caches (not only its registered state)."""
+    found = [t for t in mod.state_dict().values()]
+    for value in vars(mod).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                for part in item if isinstance(item, tuple) else (item,):
+                    if isinstance(part, torch.Tensor):
+                        found.append(part)
+    return found
+
+
+@pytest.mark.parametrize("backend", ["auto", "dense", pytest.param("packed", marks=needs_numba)])
+@pytest.mark.parametrize("make", [_armor_result, _sparse_result])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_resident_dense_copy_after_forward(backend, make, dtype):
+    mod = module_from_result(make(), torch.randn(96), dtype, backend=backend)
+    stored = mod.stored_nbytes()
+    for tokens in (1, 3, 200):  # decode-sized and prefill-sized batches (auto switches to dense)
+        with torch.no_grad():
+            mod(torch.randn(tokens, 128).to(dtype))
+        assert mod.cache_nbytes() == 0
+        assert mod.resident_nbytes() == stored
+        held = _tensors_held(mod)
+        assert not any(t.numel() >= 96 * 128 for t in held), [tuple(t.shape) for t in held]
+    # and what it holds is at most the packed state: 2:4 fp32/bf16 core = 0.5625x dense, plus wrappers and bias
+    elem = torch.empty((), dtype=dtype).element_size()
+    core = 96 * 64 * elem + 96 * 16
+    wrappers = (96 * 32 + 128 * 16) * elem if make is _armor_result else 0
+    assert mod.resident_nbytes() == core + wrappers + 96 * elem
+
+
+def test_model_resident_bytes_counts_tied_weights_once():
+    lin = torch.nn.Linear(8, 8, bias=False)
+    model = torch.nn.Sequential(lin, torch.nn.Linear(8, 8, bias=False))
+    model[1].weight = lin.weight  # tied
+    assert model_resident_bytes(model) == 8 * 8 * 4
+    packed = module_from_result(_sparse_result(), torch.randn(96))
+    assert model_resident_bytes(torch.nn.Sequential(packed)) == packed.stored_nbytes()
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench helpers (tiny sizes)
 def test_run_layer_bench_small():
-    recs = run_layer_bench([(64, 128)], [1, 4], torch.float32, "cpu", repeats=2, warmup=1, block_size=32)
-    methods = {r["method"] for r in recs}
-    assert methods == {"dense", "sparse-2:4", "armor-b32", "armor-b32-factorised"}
-    assert len(recs) == 8
+    backends = ("packed", "dense") if numba_available() else ("dense",)
+    recs = run_layer_bench(
+        [(64, 128)], [1, 4], torch.float32, "cpu", repeats=3, warmup=1, block_size=32, backends=backends
+    )
+    keys = {(r["method"], r["backend"]) for r in recs}
+    assert keys == {("dense", "F.linear")} | {(m, b) for m in ("sparse-2:4", "armor-b32") for b in backends}
+    assert len(recs) == 2 * len(keys)
+    by = {(r["method"], r["backend"], r["batch"]): r for r in recs}
     for r in recs:
-        assert r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["speedup_vs_dense"] > 0
-    by = {(r["method"], r["batch"]): r for r in recs}
-    assert by[("dense", 1)]["stored_bytes"] == 64 * 128 * 4
-    assert by[("sparse-2:4", 1)]["stored_bytes"] == 64 * 64 * 4 + 64 * 16
-    assert by[("armor-b32-factorised", 1)]["backend"] == "dense"
-    assert "| 64x128 |" in format_layer_table(recs)
+        dense = by[("dense", "F.linear", r["batch"])]
+        assert r["speedup_vs_dense"] == pytest.approx(dense["median_s"] / r["median_s"])
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["median_s"])
+        assert r["active_backend"] == r["backend"] or r["method"] == "dense"
+        # nothing is cached on CPU: what a module keeps is what it stores
+        assert r["resident_bytes"] == r["stored_bytes"]
+        assert r["resident_vs_dense"] == pytest.approx(r["resident_bytes"] / (64 * 128 * 4))
+    assert by[("dense", "F.linear", 1)]["stored_bytes"] == 64 * 128 * 4
+    assert by[("sparse-2:4", "dense", 1)]["stored_bytes"] == 64 * 64 * 4 + 64 * 16
+    assert by[("armor-b32", "dense", 4)]["stored_bytes"] == 64 * 64 * 4 + 64 * 16 + (64 + 128) * 32 * 4
+    table = format_layer_table(recs)
+    assert "| float32 | 64x128 | 4 | armor-b32 | dense | " in table
+    assert len(table.splitlines()) == 2 + len(recs)
+
+
+def _fake_record(method, backend, batch, speedup):
+    return {"dtype": "float32", "shape": "8x8", "method": method, "backend": backend, "batch": batch,
+            "speedup_vs_dense": speedup}
+
+
+def test_crossover_is_the_batch_from_which_dense_always_wins():
+    recs = [
+        _fake_record("dense", "F.linear", b, 1.0) for b in (1, 4, 16, 64)
+    ] + [
+        _fake_record("sparse-2:4", "packed", 1, 1.8),
+        _fake_record("sparse-2:4", "packed", 4, 0.9),  # a noisy loss below a later win does not count
+        _fake_record("sparse-2:4", "packed", 16, 1.1),
+        _fake_record("sparse-2:4", "packed", 64, 0.5),
+        _fake_record("armor-b8", "packed", 1, 1.4),
+        _fake_record("armor-b8", "packed", 4, 1.2),
+        _fake_record("armor-b8", "packed", 16, 1.01),
+        _fake_record("armor-b8", "packed", 64, 1.3),
+        _fake_record("armor-b8", "dense", 1, 0.9),
+        _fake_record("armor-b8", "dense", 4, 1.0),
+        _fake_record("armor-b8", "dense", 16, 0.8),
+        _fake_record("armor-b8", "dense", 64, 0.7),
+    ]
+    rows = {(r["method"], r["backend"]): r for r in crossover(recs)}
+    assert set(rows) == {("sparse-2:4", "packed"), ("armor-b8", "packed"), ("armor-b8", "dense")}
+    assert rows[("sparse-2:4", "packed")]["dense_wins_from"] == 64
+    assert rows[("armor-b8", "packed")]["dense_wins_from"] is None
+    assert rows[("armor-b8", "dense")]["dense_wins_from"] == 1
+    assert rows[("sparse-2:4", "packed")]["speedups"] == {1: 1.8, 4: 0.9, 16: 1.1, 64: 0.5}
+    table = format_crossover_table(list(rows.values()))
+    assert "| float32 | 8x8 | armor-b8 | packed | 1: 1.40x, 4: 1.20x, 16: 1.01x, 64: 1.30x | > 64 |" in table
 
 
 def test_storage_report_small_stack_and_ratio():
@@ -323,30 +548,44 @@ def test_random_nm_result_is_valid():
     assert is_nm_mask(res.mask) and res.has_wrappers and res.a_blocks.shape == (2, 16, 16)
 
 
-def test_bench_cli_storage_only(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
+def test_armor_bench_cli_layers(tmp_path, capsys):
     out = tmp_path / "b.json"
-    args = parser.parse_args(
-        [
-            "--shapes",
-            "64x128",
-            "--batches",
-            "1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "1",
-            "--block-size",
-            "32",
-            "--no-storage",
-            "--json",
-            str(out),
-        ]
+    args = build_parser().parse_args(
+        ["bench", "--shapes", "64x128", "--batches", "1,3", "--dtype", "float32,bfloat16", "--repeats", "1",
+         "--warmup", "1", "--block-size", "32", "--backends", "dense", "--no-storage", "--json", str(out)]
     )
-    assert bench_main(args) == 0
-    assert "| 64x128 | 1 | armor-b32 |" in capsys.readouterr().out
-    assert json.loads(out.read_text())["layers"]
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "| float32 | 64x128 | 1 | armor-b32 | dense | " in text
+    assert "| bfloat16 | 64x128 | 3 | sparse-2:4 | dense | " in text
+    assert "dense wins from batch" in text and "Storage (" not in text
+    layers = json.loads(out.read_text())["layers"]
+    # 2 dtypes x 2 batches x (dense + 2 pruned layers on one backend)
+    assert len(layers) == 12 and {r["dtype"] for r in layers} == {"float32", "bfloat16"}
+
+
+@pytest.mark.slow  # packs one real layer per Llama-2-7B shape (~15 s)
+def test_armor_bench_cli_storage_only(capsys):
+    args = build_parser().parse_args(["bench", "--storage-only", "--dtype", "float16"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "| **total** | | 12.06 GiB | 6.79 GiB (0.5625) |" in text
+    assert "| float" not in text  # no layer timings
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--shapes", "64by128"], "bad shape"),
+        (["--batches", "1,0"], "positive integers"),
+        (["--dtype", "float8"], "unknown dtype"),
+        (["--backends", "folded"], "unknown backend"),
+    ],
+)
+def test_armor_bench_cli_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_model_timing_helpers():
