@@ -512,3 +512,40 @@ def test_killed_ray_run_resumes(ray_cluster, source, sharded_model_dir, char_tok
     ref = prune(make_tiny_model(len(char_tokenizer)), ids, "sparsegpt", mode="sequential", output=tmp_path / "ref",
                 keep_layer_files=True)
     assert _strip([r.to_json() for r in run.records]) == _strip([r.to_json() for r in ref.records])
+
+
+# ------------------------------------------------------------------------------- the guarantee, as stored
+def test_guarantee_checked_in_the_stored_dtype(char_tokenizer, tmp_path, monkeypatch):
+    ids = _ids(char_tokenizer)
+    model = make_tiny_model(len(char_tokenizer)).to(torch.bfloat16)
+    run = prune(model, ids, "armor-fast", options=OPTIONS["armor-fast"], output=tmp_path / "bf16")
+    for rec in run.records:
+        check = rec.extra["stored_check"]
+        assert check["dtype"] == "bfloat16"
+        kept, other = (check["loss"], check["nowag_loss"]) if check["kept"] == "armor-fast" else (
+            check["nowag_loss"], check["loss"])
+        assert kept <= other
+    # recomputed from the saved factors: the kept module's loss is the recorded stored loss
+    loaded = load_pruned(tmp_path / "bf16")
+    ref = make_tiny_model(len(char_tokenizer)).to(torch.bfloat16)
+    name = run.records[0].name
+    st = armor.LayerStats(torch.ones(64))  # any weighting: compare the two ways of computing it
+    w = ref.get_submodule(name).weight.detach()
+    direct = armor.solvers.layer_proxy_loss(w, st, loaded.get_submodule(name).dense_weight())
+    assert direct == pytest.approx(armor.solvers.layer_proxy_loss(w, st, model.get_submodule(name).dense_weight()))
+
+    # where rounding would break the guarantee, the layer falls back to NoWag-P stored the same way
+    real = jobs_module.layer_proxy_loss
+    calls = {"n": 0}
+
+    def pessimistic(weight, stats, w_hat):
+        calls["n"] += 1
+        loss = real(weight, stats, w_hat)
+        return loss + 1.0 if calls["n"] % 2 == 1 else loss  # the first call of each layer is ARMOR's
+
+    monkeypatch.setattr(jobs_module, "layer_proxy_loss", pessimistic)
+    model = make_tiny_model(len(char_tokenizer)).to(torch.bfloat16)
+    run = prune(model, ids, "armor-fast", options=OPTIONS["armor-fast"])
+    assert all(r.extra["stored_check"]["kept"] == "nowag" for r in run.records)
+    assert all(type(model.get_submodule(r.name)).__name__ == "SparseLinear" for r in run.records)
+    assert all(r.loss == pytest.approx(r.nowag_loss) for r in run.records)
