@@ -196,12 +196,37 @@ def methods_table(args: argparse.Namespace) -> None:
         )
 
 
+def budget_table(args: argparse.Namespace) -> None:
+    """armor-fast per layer with the given options (default: the budgeted block sizes): seconds and loss."""
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, full=True)
+    opts = json.loads(args.fast_opts)
+    print(f"armor {armor.__file__}; options {opts}; threads {torch.get_num_threads()}")
+    print("| layer | shape | blocks (out, in) | wrapper overhead | sweeps | seconds | loss | loss / NoWag-P |")
+    print("|---|---|---|---|---|---|---|---|")
+    total = 0.0
+    for short in args.layers:
+        w, h = layers[short]["weight"], layers[short]["h"]
+        start = time.perf_counter()
+        res = armor.prune_layer(w, h, "armor-fast", **opts)
+        secs = time.perf_counter() - start
+        total += secs
+        bo, bi = res.block_size_out, res.block_size_in
+        overhead = (bo * w.shape[0] + bi * w.shape[1]) / w.numel()
+        print(
+            f"| {short} | {'x'.join(map(str, w.shape))} | {bo}, {bi} | {100 * overhead:.1f}% | {res.iterations} | "
+            f"{secs:.2f} | {res.loss:.5f} | {res.loss / res.nowag_loss:.3f} |",
+            flush=True,
+        )
+    print(f"total {total:.1f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", choices=["compare", "methods"], default="compare")
+    p.add_argument("--table", choices=["compare", "methods", "budget"], default="compare")
+    p.add_argument("--fast-opts", default="{}", help="--table budget: armor-fast options as JSON")
     p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     p.add_argument("--block", type=int, default=10, help="decoder block whose layers are used")
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--faithful-iters", type=int, default=20_000)
     p.add_argument("--fast-sweeps", type=int, default=40, help="armor-fast sweeps in --table methods")
@@ -216,7 +241,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for one JSON per layer (row + loss-vs-time traces)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    (compare if args.table == "compare" else methods_table)(args)
+    {"compare": compare, "methods": methods_table, "budget": budget_table}[args.table](args)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def test_each_expert_pruned_as_its_own_layer_saved_and_loaded(family, method, tm
     unfuse_experts(model)
     run = armor.prune(model, CALIBRATION, method, options=METHODS[method], output=tmp_path / "out")
     assert {r.name for r in run.records} == ATTENTION | EXPERTS
+    assert read_armor_config(tmp_path / "out")["unfused_experts"] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
     ref = logits(run.model)
     for loaded in (armor.load(tmp_path / "out"), AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
         assert set(pruned_modules(loaded)) == ATTENTION | EXPERTS

@@ -178,5 +178,6 @@ def write_report(
         lines.append("")
     report = out / "report.md"
     write_text_atomic("\n".join(lines), report)
-    write_text_atomic(json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str), out / "results.json")
+    results = json.dumps({"settings": settings, "results": list(rows)}, indent=2, default=str)
+    write_text_atomic(results, out / "results.json")
     return report

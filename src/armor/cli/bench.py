@@ -248,9 +248,9 @@ def run(args: argparse.Namespace) -> int:
                 )
             print(format_layer_table(records))
             print(
-                "\nspeed-up = dense median / this median (> 1 is faster); stored = packed state_dict bytes; "
-                "resident = what the module keeps between calls (state + runtime cache); "
-                f"peak mem = {records[0]['mem_method'] if records else ''}\n"
+                "\nspeed-up = dense median / this median (> 1 is faster), (min) = the same from the fastest rounds; "
+                "stored = packed state_dict bytes; resident = what the module keeps between calls (state + "
+                "runtime cache); layers of one (shape, batch) are timed in interleaved rounds\n"
             )
             print(format_crossover_table(crossover(records)))
             out["layers"] = records

@@ -140,9 +140,13 @@ def parse_method_options(methods: Sequence[str], pairs: Sequence[str], shortcuts
     given += [(None, name, value) for name, value in shortcuts.items() if value is not None]
     out: dict[str, dict] = {m: {} for m in methods}
     for target, name, value in given:
-        takers = [m for m in methods if (target is None or m == target) and name in {o.name for o in METHODS[m].options}]
+        takers = [
+            m for m in methods if (target is None or m == target) and name in {o.name for o in METHODS[m].options}
+        ]
         if target is not None and target not in methods:
-            raise CliError(f"option {target}.{name}: {target} is not one of the selected methods ({', '.join(methods)})")
+            raise CliError(
+                f"option {target}.{name}: {target} is not one of the selected methods ({', '.join(methods)})"
+            )
         if not takers:
             raise CliError(
                 f"option {name!r} is not taken by {', '.join(methods)}; see armor prune --help-methods"

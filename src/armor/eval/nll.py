@@ -176,13 +176,18 @@ def sum_token_nll(
     ``chunk_tokens=None`` computes the model's full logits (the unchunked reference). Otherwise the peak memory
     on top of the model's own forward (which ends with the ``(B, T, H)`` final hidden states) is about::
 
-        chunk_tokens * min(chunk_vocab, V) * (b + 12)  +  B * V * 4    bytes
+        chunk_tokens * min(chunk_vocab, V) * (8 + (b if b < 4 else 0) + (8 if soft-capping else 0))
+            + B * V * 8                                                                    bytes
 
-    for ``V`` vocabulary rows and ``b`` bytes per element of the model's dtype: one chunk of head output, its
-    float32 copy and two float32 temporaries of the log-sum-exp/soft-capping, plus the last position's logits
-    that are checked against the model. It does not depend on ``T`` and, for a plain ``nn.Linear`` head, not on
-    ``V`` beyond the check row. The unchunked path holds ``B * T * V * (b + 4)`` bytes (logits and their float32
-    selection) plus the cross-entropy temporaries.
+    for a batch of ``B`` sequences, ``V`` vocabulary rows and ``b`` bytes per element of the model's dtype: one
+    chunk of head output (float32, plus the head's own half-precision output first when ``b < 4``), the
+    log-sum-exp's temporary, soft-capping's two temporaries, and the ``B`` last-position logits compared with the
+    model's. It does not grow with ``T``, nor with ``V`` beyond those ``B`` rows (for a plain ``nn.Linear`` head;
+    another head module is applied to all ``V`` at once, ``chunk_tokens`` positions at a time). With the defaults
+    (1024 x 16384) and a float32 model that is 128 MiB + ``8BV``; measured (benchmarks/RESULTS_eval.md): 131 MiB
+    at V = 32k and 150 MiB at V = 262k, against 0.39 and 3.0 GiB for the full logits of two 512-token windows.
+    The full-logits path holds ``B * T * V * (b + 4)`` bytes (the logits and their float32 selection) plus the
+    cross-entropy's temporaries of the same size.
     """
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids and labels must both be (batch, tokens), got {input_ids.shape} and {labels.shape}")

@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,12 +47,10 @@ class PerplexityResult:
     word_perplexity: float | None = None  # lm-eval's, when every document was scored completely
     bits_per_byte: float | None = None  # lm-eval's, same condition
     chunk_tokens: int | None = None  # None: full logits
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("protocol", "extra")}
+        out = {k: v for k, v in self.__dict__.items() if k != "protocol"}
         out["protocol"] = self.protocol.to_json() if self.protocol is not None else None
-        out.update(self.extra)
         return out
 
 

@@ -1,5 +1,6 @@
 """What armor knows about Hugging Face causal LMs: where the decoder blocks are and which linear layers to prune."""
 
+from .experts import LinearExperts, restack_experts, stacked_experts, unfuse_experts
 from .layers import (
     find_decoder_layers,
     find_prunable_layers,
@@ -16,4 +17,8 @@ __all__ = [
     "set_module",
     "model_device",
     "name_matches",
+    "LinearExperts",
+    "stacked_experts",
+    "unfuse_experts",
+    "restack_experts",
 ]

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from .experts import stacked_experts
+
 __all__ = ["find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module", "model_device"]
 
 logger = logging.getLogger(__name__)
@@ -166,10 +168,15 @@ def find_prunable_layers(
     odd = [(name, (mod.out_features, mod.in_features)) for name, mod in selected.items() if name not in out]
     experts = _stacked_expert_params(prefix, blocks)
     if experts:
+        hint = (
+            "; armor.models.unfuse_experts(model) turns them into one nn.Linear per expert matrix, pruned with "
+            "the statistics of the tokens routed to each expert"
+            if any(stacked_experts(block) for block in blocks) else ""
+        )
         logger.warning(
             "not pruning %d mixture-of-experts weight tensor(s), left dense: %s; transformers stores these experts "
-            "as stacked 3-D parameters, not nn.Linear layers, and armor prunes nn.Linear layers only",
-            len(experts), _describe_grouped(experts, prefix),
+            "as stacked 3-D parameters, not nn.Linear layers, and armor prunes nn.Linear layers only%s",
+            len(experts), _describe_grouped(experts, prefix), hint,
         )
     if odd and out:
         logger.warning(

@@ -219,7 +219,10 @@ def prune(
         (out / "config.json").unlink(missing_ok=True)  # a half-updated folder must never look finished
         if not resume:
             shutil.rmtree(out / "layers", ignore_errors=True)
-    done = {name for name in names if out is not None and resume and peek_layer_file(layer_file(out, name), name, fps[name])}
+    done = {
+        name for name in names
+        if out is not None and resume and peek_layer_file(layer_file(out, name), name, fps[name])
+    }
     todo = [name for name in names if name not in done]
     last = max((block_of[name] for name in todo), default=-1)
 

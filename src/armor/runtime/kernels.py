@@ -19,6 +19,7 @@ Other n:m patterns (4:8, 1:4, ...) use a plain scalar loop over the same packed 
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -34,9 +35,8 @@ try:  # optional dependency: without numba the modules run their pure-PyTorch pa
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
-__all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "block_diag_matmul"]
+__all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "block_diag_matmul", "unpack_dense"]
 
-#: dtypes whose values the kernels read directly (float16 only where LLVM converts it in hardware or software).
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # numba's workqueue threading layer aborts the process on concurrent launches from two Python threads; one
 # launch at a time costs nothing here (a layer's forward is one launch).
@@ -48,9 +48,21 @@ def numba_available() -> bool:
     return numba is not None
 
 
+@functools.cache
+def _host_converts_half() -> bool:
+    """float16 -> float32 in hardware: x86 needs F16C (else LLVM would call a runtime helper numba lacks)."""
+    from llvmlite import binding
+
+    if not binding.get_process_triple().startswith(("x86_64", "i686", "i386")):
+        return True  # aarch64 / ppc64le / s390x convert half natively
+    return bool(binding.get_host_cpu_features().get("f16c", False))
+
+
 def kernel_dtypes() -> tuple[torch.dtype, ...]:
-    """The module dtypes the packed kernels support."""
-    return _KERNEL_DTYPES if numba is not None else ()
+    """The module dtypes the packed kernels support on this CPU (float16 where it converts half in hardware)."""
+    if numba is None:
+        return ()
+    return _KERNEL_DTYPES if _host_converts_half() else _KERNEL_DTYPES[:2]
 
 
 if numba is not None:
@@ -217,99 +229,199 @@ if numba is not None:
             acc += _as_f32(values[o, k]) * x[t, 4 * (k >> 1) + pos]
         out[t, o] += acc
 
-    @njit(parallel=True, cache=True)
-    def _nm24_into(values, idx, x, out):
-        """``out[t, o] = sum_k values[o, k] x[t, 4 (k // 2) + pos(o, k)]`` for the 2:4 pattern."""
-        n_out, kept = values.shape
+    # Each kernel is a body over one unit of work (a group of 4 output rows, one row, one output feature of a
+    # block) and two drivers: a ``prange`` one for several threads and a plain loop for one thread, which never
+    # touches numba's thread pool (on a busy machine each fork/join of the pool waits for a time slice).
+    @njit(cache=True)
+    def _selection_table(x, kept):
+        """``xs[t, j, k] = x[t, 4 (k // 2) + j]`` for ``k < 16 floor(kept / 16)``: each 2:4 group's 4 inputs,
+        once per kept entry, so that a kept entry picks its input with selects instead of a gather."""
         n_tok = x.shape[0]
-        nwords = kept // _VEC
-        k16 = nwords * _VEC
-        # the selection table: xs[t, j, k] = x[t, 4 (k // 2) + j], each group's inputs once per kept entry
+        k16 = kept // _VEC * _VEC
         xs = np.empty((n_tok, 4, k16), dtype=np.float32)
         for t in range(n_tok):
             for j in range(4):
                 for k in range(k16):
                     xs[t, j, k] = x[t, 4 * (k >> 1) + j]
-        n_quads = n_out // 4
-        for q in prange(n_quads + (n_out - 4 * n_quads)):
-            if q < n_quads:
-                row = 4 * q
-                t = 0
-                while t < n_tok:
-                    left = n_tok - t
-                    if left >= 4:
-                        _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 4)
-                        t += 4
-                    elif left >= 2:
-                        _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 2)
-                        t += 2
-                    else:
-                        _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 1)
-                        t += 1
-                last = row + 4
-            else:
-                row = 4 * n_quads + (q - n_quads)
-                for t in range(n_tok):
-                    _dot24_rows(values, idx, xs, out, row, t, nwords, 1, 1)
-                last = row + 1
-            if k16 < kept:
-                for o in range(row, last):
-                    for t in range(n_tok):
-                        _dot24_tail(values, idx, x, out, o, t, k16)
+        return xs
 
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _nm_generic_into(values, idx, x, out, n, m):
-        """Any n:m pattern: ``out[t, o] = sum_k values[o, k] x[t, m (k // n) + pos(o, k)]`` (scalar loop)."""
-        n_out, kept = values.shape
+    @njit(cache=True, inline="always")
+    def _nm24_unit(values, idx, x, xs, out, q, n_quads):
+        """Rows ``4q .. 4q+3`` (or the single row ``4 n_quads + q - n_quads`` past the last full group)."""
         n_tok = x.shape[0]
+        kept = values.shape[1]
+        nwords = kept // _VEC
+        k16 = nwords * _VEC
+        if q < n_quads:
+            row = 4 * q
+            t = 0
+            while t < n_tok:
+                left = n_tok - t
+                if left >= 4:
+                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 4)
+                    t += 4
+                elif left >= 2:
+                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 2)
+                    t += 2
+                else:
+                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 1)
+                    t += 1
+            last = row + 4
+        else:
+            row = 4 * n_quads + (q - n_quads)
+            for t in range(n_tok):
+                _dot24_rows(values, idx, xs, out, row, t, nwords, 1, 1)
+            last = row + 1
+        if k16 < kept:
+            for o in range(row, last):
+                for t in range(n_tok):
+                    _dot24_tail(values, idx, x, out, o, t, k16)
+
+    @njit(parallel=True, cache=True)
+    def _nm24_par(values, idx, x, out):
+        xs = _selection_table(x, values.shape[1])
+        n_quads = values.shape[0] // 4
+        for q in prange(n_quads + values.shape[0] - 4 * n_quads):
+            _nm24_unit(values, idx, x, xs, out, q, n_quads)
+
+    @njit(cache=True)
+    def _nm24_ser(values, idx, x, out):
+        xs = _selection_table(x, values.shape[1])
+        n_quads = values.shape[0] // 4
+        for q in range(n_quads + values.shape[0] - 4 * n_quads):
+            _nm24_unit(values, idx, x, xs, out, q, n_quads)
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _nm_generic_unit(values, idx, x, out, n, m, o):
+        """Any n:m pattern, row ``o``: ``out[t, o] = sum_k values[o, k] x[t, m (k // n) + pos(o, k)]`` (scalar)."""
+        kept = values.shape[1]
         bits = 1 if m == 2 else (2 if m <= 4 else 4)
         per_byte = 8 // bits
         field = (1 << bits) - 1
-        for o in prange(n_out):
-            for t in range(n_tok):
-                acc = numba.float32(0.0)
-                for k in range(kept):
-                    pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
-                    acc += _as_f32(values[o, k]) * x[t, m * (k // n) + pos]
-                out[t, o] = acc
+        for t in range(x.shape[0]):
+            acc = numba.float32(0.0)
+            for k in range(kept):
+                pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
+                acc += _as_f32(values[o, k]) * x[t, m * (k // n) + pos]
+            out[t, o] = acc
+
+    @njit(parallel=True, cache=True)
+    def _nm_generic_par(values, idx, x, out, n, m):
+        for o in prange(values.shape[0]):
+            _nm_generic_unit(values, idx, x, out, n, m, o)
 
     @njit(cache=True)
-    def _core_into(values, idx, x, out, n, m):
-        if n == 2 and m == 4:
-            _nm24_into(values, idx, x, out)
+    def _nm_generic_ser(values, idx, x, out, n, m):
+        for o in range(values.shape[0]):
+            _nm_generic_unit(values, idx, x, out, n, m, o)
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _block_diag_unit(blocks, x, out, r):
+        """Output feature ``r = q b + i``: ``out[t, r] = sum_j blocks[q, i, j] x[t, q b + j]``."""
+        size = blocks.shape[1]
+        q = r // size
+        i = r - q * size
+        base = q * size
+        for t in range(x.shape[0]):
+            acc = numba.float32(0.0)
+            for j in range(size):
+                acc += _as_f32(blocks[q, i, j]) * x[t, base + j]
+            out[t, r] = acc
+
+    @njit(parallel=True, cache=True)
+    def _block_diag_par(blocks, x, out):
+        for r in prange(blocks.shape[0] * blocks.shape[1]):
+            _block_diag_unit(blocks, x, out, r)
+
+    @njit(cache=True)
+    def _block_diag_ser(blocks, x, out):
+        for r in range(blocks.shape[0] * blocks.shape[1]):
+            _block_diag_unit(blocks, x, out, r)
+
+    @njit(cache=True, inline="always")
+    def _unpack_unit(values, idx, out, n, m, o):
+        """Row ``o`` of the dense core: zeros, then each kept value at its position (raw bits copied as is)."""
+        kept = values.shape[1]
+        if n == 2 and m == 4 and kept % 4 == 0:
+            # one byte of positions = two groups = 8 dense columns, written in one go
+            for c in range(kept // 4):
+                b = idx[o, c]
+                base = 8 * c
+                for j in range(8):
+                    out[o, base + j] = 0
+                out[o, base + (b & 3)] = values[o, 4 * c]
+                out[o, base + ((b >> 2) & 3)] = values[o, 4 * c + 1]
+                out[o, base + 4 + ((b >> 4) & 3)] = values[o, 4 * c + 2]
+                out[o, base + 4 + (b >> 6)] = values[o, 4 * c + 3]
+            return
+        bits = 1 if m == 2 else (2 if m <= 4 else 4)
+        per_byte = 8 // bits
+        field = (1 << bits) - 1
+        for c in range(out.shape[1]):
+            out[o, c] = 0
+        for k in range(kept):
+            pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
+            out[o, m * (k // n) + pos] = values[o, k]
+
+    @njit(parallel=True, cache=True)
+    def _unpack_par(values, idx, out, n, m):
+        for o in prange(values.shape[0]):
+            _unpack_unit(values, idx, out, n, m, o)
+
+    @njit(cache=True)
+    def _unpack_ser(values, idx, out, n, m):
+        for o in range(values.shape[0]):
+            _unpack_unit(values, idx, out, n, m, o)
+
+    @njit(cache=True)
+    def _unpack_forward(values, idx, n, m, parallel):
+        out = np.empty((values.shape[0], values.shape[1] // n * m), dtype=values.dtype)
+        if parallel:
+            _unpack_par(values, idx, out, n, m)
         else:
-            _nm_generic_into(values, idx, x, out, n, m)
-
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _block_diag_into(blocks, x, out):
-        """``out[t, q b + i] = sum_j blocks[q, i, j] x[t, q b + j]``: ``x`` times the transposed block diagonal."""
-        n_blocks, size, _ = blocks.shape
-        n_tok = x.shape[0]
-        for r in prange(n_blocks * size):
-            q = r // size
-            i = r - q * size
-            base = q * size
-            for t in range(n_tok):
-                acc = numba.float32(0.0)
-                for j in range(size):
-                    acc += _as_f32(blocks[q, i, j]) * x[t, base + j]
-                out[t, r] = acc
-
-    @njit(cache=True)
-    def _sparse_forward(values, idx, x, n, m):
-        out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, x, out, n, m)
+            _unpack_ser(values, idx, out, n, m)
         return out
 
     @njit(cache=True)
-    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m):
+    def _core_into(values, idx, x, out, n, m, parallel):
+        if n == 2 and m == 4:
+            if parallel:
+                _nm24_par(values, idx, x, out)
+            else:
+                _nm24_ser(values, idx, x, out)
+        elif parallel:
+            _nm_generic_par(values, idx, x, out, n, m)
+        else:
+            _nm_generic_ser(values, idx, x, out, n, m)
+
+    @njit(cache=True)
+    def _block_diag_into(blocks, x, out, parallel):
+        if parallel:
+            _block_diag_par(blocks, x, out)
+        else:
+            _block_diag_ser(blocks, x, out)
+
+    @njit(cache=True)
+    def _sparse_forward(values, idx, x, n, m, parallel):
+        out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
+        _core_into(values, idx, x, out, n, m, parallel)
+        return out
+
+    @njit(cache=True)
+    def _block_diag_forward(blocks, x, parallel):
+        out = np.empty_like(x)
+        _block_diag_into(blocks, x, out, parallel)
+        return out
+
+    @njit(cache=True)
+    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, parallel):
         n_tok = x.shape[0]
         h = np.empty((n_tok, x.shape[1]), dtype=np.float32)
-        _block_diag_into(b_blocks, x, h)
+        _block_diag_into(b_blocks, x, h, parallel)
         z = np.empty((n_tok, values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, h, z, n, m)
+        _core_into(values, idx, h, z, n, m, parallel)
         out = np.empty_like(z)
-        _block_diag_into(a_blocks, z, out)
+        _block_diag_into(a_blocks, z, out, parallel)
         return out
 
 
@@ -343,9 +455,12 @@ def _float32_rows(x: Tensor, width: int) -> Tensor:
 
 
 def _launch(kernel, *args):
+    """Run ``kernel(*args, parallel)`` on torch's thread count (one thread: no thread pool at all)."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _LAUNCH_LOCK:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        return torch.from_numpy(kernel(*args))
+        if threads > 1:
+            numba.set_num_threads(threads)
+        return torch.from_numpy(kernel(*args, threads > 1))
 
 
 def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Tensor:
@@ -377,13 +492,17 @@ def armor_matmul(
     )
 
 
+def unpack_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    """The dense ``(out, in)`` core in ``values``' dtype, written in one pass over the packed state (what
+    :func:`armor.runtime.packing.unpack_nm` returns, without its int64 index tensors: ~50x faster on CPU)."""
+    _check_ready(values, indices)
+    dense = _launch(_unpack_forward, _raw_numpy(values), indices.detach().numpy(), n, m)
+    return dense.view(values.dtype) if values.dtype != torch.float32 else dense
+
+
 def block_diag_matmul(blocks: Tensor, x: Tensor) -> Tensor:
     """``x`` ``(T, k*b)`` times the transposed block diagonal of ``blocks`` ``(k, b, b)``: block ``q`` of a row
     becomes ``x_q B_q^T``.  Float32 ``(T, k*b)`` result, sums in float32, blocks read in their stored dtype."""
     _check_ready(blocks, x)
     x32 = _float32_rows(x, blocks.shape[0] * blocks.shape[1])
-    out = torch.empty(x32.shape[0], x32.shape[1], dtype=torch.float32)
-    with _LAUNCH_LOCK:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        _block_diag_into(_raw_numpy(blocks), x32.numpy(), out.numpy())
-    return out
+    return _launch(_block_diag_forward, _raw_numpy(blocks), x32.numpy())

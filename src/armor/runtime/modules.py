@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..factors import block_product
 from ..result import PruneResult
-from .kernels import armor_matmul, kernel_dtypes, nm_matmul, numba_available
+from .kernels import armor_matmul, kernel_dtypes, nm_matmul, numba_available, unpack_dense
 from .packing import pack_nm, packed_index_shape, unpack_nm
 
 __all__ = [
@@ -279,6 +279,11 @@ class _PackedNMLinear(nn.Module):
 
     def _dense_core(self) -> Tensor:
         """The unpacked ``(out, in)`` core in the module dtype: transient, never stored on the module."""
+        if (
+            not (torch.is_grad_enabled() and self.values.requires_grad)
+            and packed_status(self.device, self.dtype) is None
+        ):
+            return unpack_dense(self.values, self.indices, self.n, self.m)  # one pass, no index tensors
         return unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
 
     def _semi_core(self) -> Tensor:

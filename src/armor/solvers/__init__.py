@@ -20,7 +20,17 @@ from ..stats import LayerStats, repair_hessian_diag
 from . import baselines
 from .registry import METHODS, STATS_KINDS, Method, Option, get_method, method_names
 
-__all__ = ["prune_layer", "layer_proxy_loss", "METHODS", "STATS_KINDS", "Method", "Option", "get_method", "method_names", "as_stats"]
+__all__ = [
+    "prune_layer",
+    "layer_proxy_loss",
+    "as_stats",
+    "METHODS",
+    "STATS_KINDS",
+    "Method",
+    "Option",
+    "get_method",
+    "method_names",
+]
 
 
 def as_stats(stats: LayerStats | Tensor | None, in_features: int) -> LayerStats | None:

@@ -162,6 +162,10 @@ class ArmorProblem:
         grad_core = self.right(self.left_t(state.a, r), state.b, transpose=True)
         return grad_a, grad_b, grad_core
 
+    def core_gradient(self, state: ArmorState, e: Tensor) -> Tensor:
+        """``dL/dS`` for every core entry (the third output of :meth:`gradients`, without the other two)."""
+        return self.right(self.left_t(state.a, self.weigh(e) * (2.0 / self.denominator)), state.b, transpose=True)
+
     def initial_state(self, mask: Tensor) -> ArmorState:
         """NoWag-P (docs/algorithm.md §5): ``A = B = I``, ``W' = Wn`` on the given mask."""
         dev = self.wn.device

@@ -54,7 +54,7 @@ def armor_blockhess(
     m: int = 4,
     block_size: int | None = None,
     wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
-    sweeps: int = 40,
+    sweeps: int = 20,
     cg_steps: int = 4,
     mask_steps: int = 1,
     groups_per_tile: int = 64,

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -80,7 +79,9 @@ class ShardReader:
                     try:
                         t = f.get_tensor(k)
                     except (SafetensorError, OSError, RuntimeError) as exc:
-                        raise CheckpointError(f"{path}: cannot read tensor {k!r} ({exc}); the file is damaged") from None
+                        raise CheckpointError(
+                            f"{path}: cannot read tensor {k!r} ({exc}); the file is damaged"
+                        ) from None
                     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                         t = t.to(dtype)
                     out[k] = t.to(device)

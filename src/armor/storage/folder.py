@@ -33,7 +33,7 @@ writes one tensor at a time and ``config.json`` last, so a killed save never loo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from accelerate import init_empty_weights
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ..models import get_module, set_module
+from ..models import LinearExperts, get_module, restack_experts, set_module
 from ..runtime import empty_module_from_spec
 from ..version import __version__
 from .atomic import write_json_atomic, write_safetensors_streamed
@@ -135,6 +135,8 @@ def write_folder(
     dtypes: Mapping[str, str],
     generation_config: Any = None,
     tokenizer: Any = None,
+    *,
+    unfused_experts: Sequence[str] = (),
 ) -> Path:
     """Write a pruned model folder (format ``armor-model-v2``, see the module docstring).
 
@@ -142,7 +144,8 @@ def write_folder(
     they share storage with a stored one (tied parameters), ``config`` the plain model config, ``section`` the
     run's provenance, ``specs`` / ``dtypes`` the pruned layers' module specs and dtype names.  Weights are written
     one tensor at a time, then generation config and tokenizer, then ``config.json`` (last: a folder without it is
-    never taken for a finished one).
+    never taken for a finished one).  ``unfused_experts`` names the mixture-of-experts modules stored as
+    per-expert layers (:class:`armor.models.LinearExperts`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +162,8 @@ def write_folder(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     quant = ArmorConfig(
-        layers=specs, layer_dtypes=dtypes, versions=library_versions(), run=_json_safe(dict(section))
+        layers=specs, layer_dtypes=dtypes, versions=library_versions(), run=_json_safe(dict(section)),
+        unfused_experts=unfused_experts,
     )
     cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "armor", "sparsity_config")}
     if cfg.get("dtype") is None:
@@ -168,6 +172,7 @@ def write_folder(
         cfg["dtype"] = _main_dtype(entries, dtypes)
     cfg["quantization_config"] = _json_safe(quant.to_dict())
     write_json_atomic(cfg, out / "config.json")
+    (out / LEGACY_WEIGHTS_NAME).unlink(missing_ok=True)  # an armor 0.1 save into the same folder: superseded
     return out
 
 
@@ -214,9 +219,10 @@ def save_pruned(
     specs = {name: mod.spec() for name, mod in mods.items()}
     dtypes = {name: str(mod.dtype).removeprefix("torch.") for name, mod in mods.items()}
     info = dict(run_info) if run_info is not None else _provenance(model)
+    experts = [name for name, mod in model.named_modules() if isinstance(mod, LinearExperts)]
     return write_folder(
         out_dir, entries, aliases, plain_config_dict(model.config), info, specs, dtypes,
-        getattr(model, "generation_config", None), tokenizer,
+        getattr(model, "generation_config", None), tokenizer, unfused_experts=experts,
     )
 
 
@@ -307,7 +313,9 @@ def read_armor_config(path: str | Path) -> dict[str, Any] | None:
 
     The dict holds the run's provenance (``method``, ``options``, ``pattern``, ``calibration``, ``records`` and
     any other ``run_info`` key the run stored) plus ``format``, ``weights`` (file name), ``layers`` (name ->
-    module spec), ``layer_dtypes`` and ``versions``; the same keys for both folder formats.
+    module spec), ``layer_dtypes``, ``versions`` and ``unfused_experts`` (mixture-of-experts modules stored as
+    per-expert layers; see :func:`armor.storage.hf_quantizer.install_packed_modules`); the same keys for both
+    folder formats.
     """
     cfg = _read_config_json(Path(path))
     if cfg is None:
@@ -322,10 +330,11 @@ def read_armor_config(path: str | Path) -> dict[str, Any] | None:
             "layers": quant.get("layers", {}),
             "layer_dtypes": quant.get("layer_dtypes", {}),
             "versions": quant.get("versions", {}),
+            "unfused_experts": quant.get("unfused_experts", []),
         }
     legacy = cfg.get("armor")
     if isinstance(legacy, dict):
-        return {"weights": LEGACY_WEIGHTS_NAME, **legacy}
+        return {"weights": LEGACY_WEIGHTS_NAME, "unfused_experts": [], **legacy}
     return None
 
 
@@ -393,7 +402,7 @@ def _load_v2(path: Path, quant: dict[str, Any], dtype: torch.dtype | None) -> nn
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     config.__dict__.pop("quantization_config", None)  # from_config must build the plain architecture
     model = _skeleton(config)
-    install_packed_modules(model, armor_cfg.layers, armor_cfg.layer_dtypes, "meta")
+    install_packed_modules(model, armor_cfg.layers, armor_cfg.layer_dtypes, "meta", armor_cfg.unfused_experts)
     state, aliases = _read_weights(weights, MODEL_FORMAT, "armor_format")
     _fill(model, state, aliases, weights, dtype)
     # Kept on the config, as from_pretrained keeps it: save_pretrained of this model writes a loadable folder.
@@ -498,6 +507,7 @@ def export_dense(path_or_model: str | Path | nn.Module, out_dir: str | Path, tok
     config = model.config
     saved_attrs = {k: config.__dict__.pop(k) for k in ("armor", "quantization_config") if k in config.__dict__}
     saved_quantizer = model.__dict__.pop("hf_quantizer", None)  # else save_pretrained writes a quantized config
+    unfused: dict[str, LinearExperts] = {}
     try:
         for name, mod in swapped.items():
             w = mod.dense_weight()
@@ -506,12 +516,15 @@ def export_dense(path_or_model: str | Path | nn.Module, out_dir: str | Path, tok
             if mod.bias is not None:
                 lin.bias.copy_(mod.bias)
             set_module(model, name, lin)
+        unfused = restack_experts(model)  # per-expert layers back into the stacked parameters transformers loads
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
     finally:
+        for name, mod in unfused.items():
+            set_module(model, name, mod)
         for name, mod in swapped.items():
             set_module(model, name, mod)
         config.__dict__.update(saved_attrs)

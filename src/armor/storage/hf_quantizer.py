@@ -35,11 +35,13 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..models import get_module, set_module
+from ..models import get_module, set_module, unfuse_experts
 from ..runtime import empty_module_from_spec
 from .checkpoint import open_safetensors
 
-__all__ = ["QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules"]
+__all__ = [
+    "QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules", "check_weight_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class ArmorConfig(QuantizationConfigMixin):
         format: the folder format; only :data:`MODEL_FORMAT` is understood.
         versions: armor / torch / transformers versions that wrote the folder.
         run: provenance of the pruning run (method, options, pattern, calibration, records, ...).
+        unfused_experts: mixture-of-experts modules stored as one layer per expert matrix
+            (:class:`armor.models.LinearExperts`), rebuilt that way before the weights load.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ArmorConfig(QuantizationConfigMixin):
         format: str = MODEL_FORMAT,  # noqa: A002 - the key's name in config.json
         versions: Mapping[str, str] | None = None,
         run: Mapping[str, Any] | None = None,
+        unfused_experts: Iterable[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -83,6 +88,7 @@ class ArmorConfig(QuantizationConfigMixin):
         self.layer_dtypes = {str(k): str(v) for k, v in (layer_dtypes or {}).items()}
         self.versions = dict(versions or {})
         self.run = dict(run or {})
+        self.unfused_experts = [str(name) for name in (unfused_experts or [])]
         kwargs.pop("quant_method", None)
         for key, value in kwargs.items():  # keys a newer armor wrote: kept, so a re-save does not drop them
             setattr(self, key, value)
@@ -92,7 +98,7 @@ class ArmorConfig(QuantizationConfigMixin):
         if self.format != MODEL_FORMAT:
             raise ValueError(
                 f"this armor reads pruned folders of format {MODEL_FORMAT!r}, the folder says {self.format!r}; "
-                "upgrade armor (pip install -U armor) to load it"
+                "upgrade armor (pip install -U armor-prune) to load it"
             )
         for name, spec in self.layers.items():
             _check_spec(name, spec)
@@ -106,13 +112,16 @@ def install_packed_modules(
     layers: Mapping[str, Mapping[str, Any]],
     dtype: torch.dtype | Mapping[str, str] | None,
     device: torch.device | str,
+    unfused_experts: Iterable[str] = (),
 ) -> None:
-    """Replace each ``nn.Linear`` of ``model`` named in ``layers`` by an empty packed module of that spec.
+    """Replace each ``nn.Linear`` of ``model`` named in ``layers`` by an empty packed module of that spec, after
+    turning the stacked experts modules named in ``unfused_experts`` into per-expert linear layers.
 
     ``dtype`` is one dtype for every layer, or a mapping layer name -> dtype name (``float32`` when absent).
     Raises ValueError naming the layer when the model has no such ``nn.Linear`` or its shape differs from the
     spec (the folder was written for another architecture).
     """
+    unfuse_experts(model, list(unfused_experts), check=False)  # on meta: nothing to compare yet
     for name, spec in layers.items():
         try:
             target = get_module(model, name)
@@ -157,11 +166,6 @@ class ArmorHfQuantizer(HfQuantizer):
         self.load_dtype = dtype
         return dtype
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, Mapping) and "disk" in set(device_map.values()):
-            raise ValueError("armor-pruned models cannot be offloaded to disk; use a device_map without 'disk'")
-
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         check_weight_files(kwargs.get("checkpoint_files") or [])
         # The packed layers follow the dtype the model is loaded in, like every other floating-point tensor
@@ -169,7 +173,8 @@ class ArmorHfQuantizer(HfQuantizer):
         # never resolved one.
         dtype = self.load_dtype
         layer_dtypes = dtype if isinstance(dtype, torch.dtype) else self.quantization_config.layer_dtypes
-        install_packed_modules(model, self.quantization_config.layers, layer_dtypes, "meta")
+        quant = self.quantization_config
+        install_packed_modules(model, quant.layers, layer_dtypes, "meta", quant.unfused_experts)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -1,0 +1,172 @@
+"""Perplexity against stored bytes on SmolLM2-135M-Instruct: every method, ARMOR at several wrapper budgets.
+
+Shells out to the ``armor`` command once per run (one at a time: the machine has 2 cores), keeps each run's
+``results.json`` under ``--runs``, and collects them into a Markdown table and a PNG (perplexity on a log scale
+against the stored bytes of the pruned linear layers relative to dense).  A run whose ``results.json`` already
+exists is not repeated, so the script can be stopped and resumed.
+
+    python benchmarks/frontier.py --runs /tmp/frontier                      # every run, then the table + PNG
+    python benchmarks/frontier.py --runs /tmp/frontier --only armor-fast-b6.25 baselines-one-pass
+    python benchmarks/frontier.py --runs /tmp/frontier --collect-only       # table + PNG from what exists
+
+Protocol (MEASURED.md): calibration 64 x 512 tokens of the Britannica text (seed 0), perplexity on the Lee
+corpus in 147 windows of 512 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROTOCOL = ["--nsamples", "64", "--seqlen", "512", "--eval-windows", "147", "--quiet"]
+ARMOR_SWEEPS = ["-O", "sweeps=20"]
+
+#: name -> (extra CLI arguments, what the run is); ARMOR at several budgets, then the baselines.
+RUNS: dict[str, tuple[list[str], str]] = {
+    "armor-fast-b6.25": (["--method", "armor-fast", "--compare", "none", *ARMOR_SWEEPS], "ARMOR, default budget"),
+    "armor-bh-b6.25": (
+        ["--method", "armor-bh", "--compare", "none", *ARMOR_SWEEPS],
+        "ARMOR block-Hessian objective, default budget",
+    ),
+    "baselines-one-pass": (
+        ["--method", "sparsegpt", "--compare", "magnitude,wanda,nowag"],
+        "baselines, one-pass calibration",
+    ),
+    "baselines-sequential": (
+        ["--method", "sparsegpt", "--compare", "wanda", "--calibration-mode", "sequential"],
+        "SparseGPT and Wanda, sequential calibration (their papers' mode)",
+    ),
+    **{
+        f"armor-fast-b{pct:g}": (
+            ["--method", "armor-fast", "--compare", "none", "--wrapper-budget", str(pct / 100), *ARMOR_SWEEPS],
+            f"ARMOR, budget {pct:g}%",
+        )
+        for pct in (2, 5, 10, 20, 40)
+    },
+}
+
+
+def run(name: str, runs_dir: Path, model: str) -> None:
+    out = runs_dir / name
+    if (out / "results.json").exists():
+        print(f"{name}: already done", flush=True)
+        return
+    cmd = ["armor", "prune", "--model", model, "--output", str(out), *PROTOCOL, *RUNS[name][0]]
+    print(f"{name}: {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    with open(runs_dir / f"{name}.log", "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    load = os.getloadavg()[0]
+    print(f"{name}: rc={rc}, {time.perf_counter() - start:.0f} s (load average {load:.1f})", flush=True)
+    if rc == 0:
+        (out / "command.txt").write_text(shlex.join(cmd) + f"\n# wall {time.perf_counter() - start:.0f} s\n")
+
+
+def collect(runs_dir: Path) -> list[dict]:
+    """One row per (run, method) from every finished run; the dense row once."""
+    rows, dense_seen = [], False
+    for name in RUNS:
+        path = runs_dir / name / "results.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        cmd = (
+            (runs_dir / name / "command.txt").read_text().splitlines()[0]
+            if (runs_dir / name / "command.txt").exists()
+            else ""
+        )
+        mode = data.get("settings", {}).get("calibration_mode", "one-pass")
+        for r in data["results"]:
+            if r["method"] == "dense":
+                if dense_seen:
+                    continue
+                dense_seen = True
+            row = dict(r)
+            row["run"], row["command"], row["mode"] = name, cmd, "–" if r["method"] == "dense" else mode
+            rows.append(row)
+    return rows
+
+
+def _f(x, digits=2, pct=False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}%" if pct else f"{x:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| method | calibration | ppl (Lee, 147 x 512) | linear-layer bytes / dense | checkpoint bytes / dense | "
+        "values kept | wrapper overhead | mean proxy loss (NoWag-P) | prune s | run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.get("linear_bytes_ratio") or 1.0, r.get("ppl") or 0)):
+        lines.append(
+            f"| {r['method']} | {r['mode']} | {_f(r.get('ppl'))} | {_f(r.get('linear_bytes_ratio'), pct=True)} | "
+            f"{_f(r.get('checkpoint_bytes_ratio'), pct=True)} | {_f(r.get('values_kept_ratio'), pct=True)} | "
+            f"{_f(r.get('wrapper_overhead'), pct=True)} | {_f(r.get('mean_loss'), 4)} "
+            f"({_f(r.get('mean_nowag_loss'), 4)}) | {_f(r.get('prune_seconds'), 0)} | {r['run']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    armor_pts = sorted(
+        (r["linear_bytes_ratio"], r["ppl"]) for r in rows if r["method"] == "armor-fast" and r.get("ppl")
+    )
+    if armor_pts:
+        ax.plot(*zip(*armor_pts, strict=True), "o-", label="ARMOR (armor-fast), budgets 2-40%")
+    for r in rows:
+        if r["method"] == "armor-fast" or not r.get("ppl") or r.get("linear_bytes_ratio") is None:
+            continue
+        label = r["method"] if r["mode"] in ("one-pass", "–") else f"{r['method']} ({r['mode']})"
+        ax.plot(r["linear_bytes_ratio"], r["ppl"], "s" if r["method"] != "dense" else "*", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bytes of the linear layers / dense")
+    ax.set_ylabel("perplexity, Lee corpus (log)")
+    ax.set_title("SmolLM2-135M-Instruct, 2:4: perplexity vs bytes")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/frontier", help="folder of the runs' outputs")
+    p.add_argument("--model", default=str(Path.home() / ".cache/armor/models/SmolLM2-135M-Instruct"))
+    p.add_argument("--only", nargs="+", choices=list(RUNS), default=None)
+    p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--png", default="benchmarks/frontier.png")
+    args = p.parse_args()
+    runs_dir = Path(args.runs)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if not args.collect_only:
+        for name in args.only or list(RUNS):
+            run(name, runs_dir, args.model)
+    rows = collect(runs_dir)
+    if not rows:
+        print("no finished runs", file=sys.stderr)
+        return 1
+    text = table(rows)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    plot(rows, Path(args.png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
