@@ -1,6 +1,8 @@
 """Peak memory and time of perplexity evaluation: full logits (the old path) vs chunked NLL (armor.eval.nll).
 
-Every measurement runs in a fresh child process (Linux only: it reads /proc/self/status).
+Every measurement runs in a fresh child process (Linux only: it reads /proc/self/status). "old" is the
+implementation before this change (``perplexity`` at commit 19246dd, read with ``git show``), ``chunk_tokens=None``
+today's full-logits path, ``chunk_tokens=1024`` the default chunked path.
 
     python benchmarks/eval_memory.py cli      # `armor eval` on SmolLM2: whole-process peak RSS and wall time
     python benchmarks/eval_memory.py smollm2  # perplexity() on SmolLM2: extra RSS of the evaluation itself
@@ -35,6 +37,26 @@ def _load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+#: The commit whose armor/eval/perplexity.py is the pre-chunking implementation ("before").
+OLD_COMMIT = "19246dd"
+
+
+def old_perplexity_fn():
+    """``perplexity`` as it was at :data:`OLD_COMMIT` (full logits, float32 cross-entropy), read from git."""
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{OLD_COMMIT}:src/armor/eval/perplexity.py"], cwd=repo, capture_output=True, text=True,
+        check=True,
+    ).stdout
+    source = source.replace(
+        "from ..model.calibration import model_device, tokenize_documents",
+        "from armor.models import model_device\nfrom armor.text import tokenize_documents",
+    )
+    namespace: dict = {"__name__": "armor_eval_perplexity_old"}
+    exec(compile(source, f"{OLD_COMMIT}:perplexity.py", "exec"), namespace)  # noqa: S102 - our own history
+    return namespace["perplexity"]
+
+
 def child(spec: dict) -> dict:
     """One measurement (runs in its own process)."""
     import torch
@@ -61,6 +83,12 @@ def child(spec: dict) -> dict:
         model = LlamaForCausalLM(cfg).eval()
         tokens = torch.randint(0, spec["vocab"], (spec["seqlen"] * spec["windows"],))
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    if spec["chunk_tokens"] == "old":
+        old = old_perplexity_fn()
+
+        def perplexity(model, tokens, chunk_tokens, **kw):  # noqa: F811 - the old function, same call
+            return old(model, tokens, **kw)
+
     run = dict(seqlen=spec["seqlen"], batch_size=spec["batch"], chunk_tokens=spec["chunk_tokens"])
     # One small warm-up evaluation first: the first forward's one-time costs (lazily loaded kernels, thread
     # pools, allocator arenas) are not evaluation memory.
@@ -122,7 +150,7 @@ def main() -> None:
     else:
         vocabs = [None] if args.what == "smollm2" else args.vocab
         for vocab in vocabs:
-            for chunk in (None, 1024):
+            for chunk in ("old", None, 1024) if args.what == "smollm2" else (None, 1024):
                 spec = {"model": args.what if vocab is None else "llama", "vocab": vocab, "seqlen": args.seqlen,
                         "windows": args.windows, "batch": args.batch, "chunk_tokens": chunk}
                 print(json.dumps(run_child(spec)), flush=True)

@@ -23,6 +23,13 @@ from safetensors.torch import load_file, save_file
 
 import armor
 from armor import data
+from armor.factors import normalize_weight, proxy_loss
+from armor.solvers import baselines
+from armor.solvers.armor import ArmorProblem
+from armor.solvers.armor_blockhess import armor_blockhess
+from armor.solvers.armor_fast import armor_fast
+from armor.sparsity import nm_mask_from_scores
+from armor.stats import diagonal_blocks
 
 LAYERS = {
     "q_proj": "self_attn.q_proj",
@@ -220,9 +227,43 @@ def budget_table(args: argparse.Namespace) -> None:
     print(f"total {total:.1f} s")
 
 
+def objectives_table(args: argparse.Namespace) -> None:
+    """armor-fast (the paper's diagonal proxy) vs armor-bh (block-Hessian proxy) per layer, default budget:
+    the loss of each result under both proxies and its true output error with the full ``X^T X``."""
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, full=True)
+    opts = json.loads(args.fast_opts)
+    print(f"options {opts}; threads {torch.get_num_threads()}")
+    print("| layer | objective | seconds | diagonal proxy | block-Hessian proxy | true output error |")
+    print("|---|---|---|---|---|---|")
+    for short in args.layers:
+        w, h, full_h = layers[short]["weight"].float(), layers[short]["h"], layers[short]["H"]
+        wn, r, c = normalize_weight(w)
+        mask = nm_mask_from_scores(baselines.nowag_scores(wn, h))
+        for objective in ("diagonal", "block-Hessian"):
+            start = time.perf_counter()
+            if objective == "diagonal":
+                res = armor_fast(wn, h, mask, r, c, **opts)
+            else:
+                res = armor_blockhess(wn, h, mask, r, c, hessian=full_h, **opts)
+            secs = time.perf_counter() - start
+            bo, bi = res.block_size_out, res.block_size_in
+            bh_problem = ArmorProblem(wn, h, bo, bi, h_blocks=diagonal_blocks(bi, hessian=full_h))
+            a = res.a_blocks / r.reshape(-1, bo, 1)
+            b = res.b_blocks / c.reshape(-1, 1, bi)
+            e = bh_problem.left(a, bh_problem.right(res.core, b)) - wn
+            diag_loss = float(proxy_loss(e + wn, wn, h))
+            d = res.dense_weight() - w
+            true_err = float(torch.einsum("ij,jk,ik->", d, full_h, d) / torch.einsum("ij,jk,ik->", w, full_h, w))
+            print(
+                f"| {short} | {objective} | {secs:.2f} | {diag_loss:.5f} | {bh_problem.loss_of_residual(e):.5f} | "
+                f"{true_err:.5f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", choices=["compare", "methods", "budget"], default="compare")
+    p.add_argument("--table", choices=["compare", "methods", "budget", "objectives"], default="compare")
     p.add_argument("--fast-opts", default="{}", help="--table budget: armor-fast options as JSON")
     p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     p.add_argument("--block", type=int, default=10, help="decoder block whose layers are used")
@@ -241,7 +282,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for one JSON per layer (row + loss-vs-time traces)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"compare": compare, "methods": methods_table, "budget": budget_table}[args.table](args)
+    tables = {"compare": compare, "methods": methods_table, "budget": budget_table, "objectives": objectives_table}
+    tables[args.table](args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from armor.storage.resume import layer_file
 
 
 def _cli(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained's progress bar)
     rc = main([str(a) for a in argv])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err

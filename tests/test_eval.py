@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from armor import prune
 from armor.eval import (
     PROTOCOLS,
     PerplexityProtocol,
@@ -24,12 +25,14 @@ from armor.eval import (
 )
 from armor.eval.local_tasks import (
     SHIPPED_TASKS,
-    next_sentence_items,
     read_items,
+    sentence_completion_items,
     task_config,
     write_items,
 )
 from armor.eval.nll import IGNORE_INDEX, LogitTransform, logit_transform
+from armor.storage import pruned_modules
+from armor.text import calibration_ids
 from conftest import TEXT, make_tiny_model
 
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
@@ -341,22 +344,22 @@ def test_shipped_task_is_reproducible() -> None:
         text = default_text("britannica")
     except RuntimeError as exc:  # no network and no cache
         pytest.skip(f"Britannica text not available: {exc}")
-    jsonl = SHIPPED_TASKS["britannica_next_sentence"].with_suffix(".jsonl")
-    assert read_items(jsonl) == next_sentence_items(text)
+    jsonl = SHIPPED_TASKS["britannica_completion"].with_suffix(".jsonl")
+    assert read_items(jsonl) == sentence_completion_items(text)
 
 
-def test_next_sentence_items_deterministic() -> None:
+def test_sentence_completion_items_deterministic() -> None:
     para = " ".join(f"Sentence number {w} of the first paragraph is here." for w in "one two three four".split())
     other = " ".join(f"Another paragraph says {w} things about nothing at all." for w in "five six seven".split())
     text = f"{para}\n\n{other}\n\n{para.replace('first', 'second')}"
-    items = next_sentence_items(text, n_items=4, n_choices=3, seed=1)
-    assert items == next_sentence_items(text, n_items=4, n_choices=3, seed=1)
+    items = sentence_completion_items(text, n_items=4, n_choices=3, seed=1)
+    assert items == sentence_completion_items(text, n_items=4, n_choices=3, seed=1)
     for it in items:
         assert len(it["choices"]) == 3 and len(set(it["choices"])) == 3
         answer = it["choices"][it["label"]]
         assert text.replace("\n\n", " ").find(it["context"] + " " + answer) >= 0
     with pytest.raises(ValueError, match="usable sentence pairs"):
-        next_sentence_items(text, n_items=50)
+        sentence_completion_items(text, n_items=50)
 
 
 def test_task_files_checked_and_resolved(tmp_path: Path) -> None:
@@ -365,7 +368,7 @@ def test_task_files_checked_and_resolved(tmp_path: Path) -> None:
     cfg = task_config(good)
     assert cfg["task"] == "mine" and cfg["output_type"] == "multiple_choice"
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str(good.resolve())
-    shipped = task_config("britannica_next_sentence")
+    shipped = task_config("britannica_completion")
     assert Path(shipped["dataset_kwargs"]["data_files"]["test"]).is_file()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 1}\n{"context": "a", "choices": ["x"]}\n')
@@ -398,21 +401,41 @@ def test_lm_eval_end_to_end_on_local_tasks(char_tokenizer, tmp_path: Path) -> No
     from armor.eval.lm_eval_adapter import run_lm_eval
 
     model = make_tiny_model(len(char_tokenizer))
-    shipped = read_items(SHIPPED_TASKS["britannica_next_sentence"].with_suffix(".jsonl"))[:3]
+    shipped = read_items(SHIPPED_TASKS["britannica_completion"].with_suffix(".jsonl"))[:3]
     mine = [
         {"context": "The cat sat on the", "choices": ["mat.", "sky above.", "idea"], "label": 0},
         {"context": "One, two,", "choices": ["three", "blue"], "label": 0},
     ]
     user = write_items(mine, tmp_path / "my_task.jsonl")
     out = run_lm_eval(
-        model, ["britannica_next_sentence", str(user)], char_tokenizer, batch_size=8, limit=3, max_length=1024
+        model, ["britannica_completion", str(user)], char_tokenizer, batch_size=8, limit=3, max_length=1024
     )
-    assert set(out) == {"britannica_next_sentence", "my_task"}
-    assert out["britannica_next_sentence"]["samples"] == 3 and out["my_task"]["samples"] == 2
-    for task, items in (("britannica_next_sentence", shipped), ("my_task", mine)):
+    assert set(out) == {"britannica_completion", "my_task"}
+    assert out["britannica_completion"]["samples"] == 3 and out["my_task"]["samples"] == 2
+    for task, items in (("britannica_completion", shipped), ("my_task", mine)):
         acc, acc_norm = _reference_mc(model, char_tokenizer, items)
         assert out[task]["acc"] == pytest.approx(acc), task
         assert out[task]["acc_norm"] == pytest.approx(acc_norm), task
+
+
+def test_pruned_model_evaluated_as_packed(char_tokenizer, tmp_path: Path) -> None:
+    """Perplexity (chunked) and lm-eval run on the packed 2:4 modules: nothing is reconstructed densely."""
+    model = make_tiny_model(len(char_tokenizer))
+    prune(model, calibration_ids(char_tokenizer, [TEXT * 12], nsamples=4, seqlen=32), "nowag")
+    packed = pruned_modules(model)
+    assert packed
+    tokens = torch.tensor(char_tokenizer(TEXT * 3)["input_ids"])
+    chunked = perplexity(model, tokens, seqlen=64, chunk_tokens=9, chunk_vocab=20)
+    assert chunked.ppl == pytest.approx(perplexity(model, tokens, seqlen=64, chunk_tokens=None).ppl, rel=1e-5)
+    if not HAVE_LM_EVAL:
+        pytest.skip("lm-eval is not installed")
+    from armor.eval.lm_eval_adapter import run_lm_eval
+
+    items = [{"context": "The quick brown fox", "choices": ["jumps.", "sleeps soundly.", "is blue"], "label": 0}]
+    out = run_lm_eval(model, [str(write_items(items, tmp_path / "fox.jsonl"))], char_tokenizer, max_length=512)
+    acc, acc_norm = _reference_mc(model, char_tokenizer, items)
+    assert (out["fox"]["acc"], out["fox"]["acc_norm"]) == (acc, acc_norm)
+    assert pruned_modules(model).keys() == packed.keys()
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -468,6 +491,6 @@ def test_smollm2_chunked_equals_full_and_lm_eval(smollm2_path: Path) -> None:
     assert 5 < full.ppl < 100  # a real model on news text, not a random one
     if not HAVE_LM_EVAL:
         pytest.skip("lm-eval is not installed")
-    out = run_lm_eval(model, ["britannica_next_sentence"], tokenizer, batch_size=8, limit=8)
-    assert out["britannica_next_sentence"]["samples"] == 8
-    assert 0.0 <= out["britannica_next_sentence"]["acc"] <= 1.0
+    out = run_lm_eval(model, ["britannica_completion"], tokenizer, batch_size=8, limit=8)
+    assert out["britannica_completion"]["samples"] == 8
+    assert 0.0 <= out["britannica_completion"]["acc"] <= 1.0

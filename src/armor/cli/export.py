@@ -24,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
     if not (path / "config.json").is_file():
         raise CliError(f"not a model folder (no config.json): {args.model}")
     if read_armor_config(path) is None:
-        raise CliError(f"{args.model} is not an armor-pruned model (its config.json has no armor section)")
+        raise CliError(
+            f"{args.model} is not an armor-pruned model "
+            "(its config.json has no quantization_config with quant_method 'armor')"
+        )
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CliError(f"{out} exists and is not empty; choose another folder or pass --overwrite")

@@ -27,7 +27,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"not a model folder (no config.json): {args.model}")
     section = read_armor_config(path)
     if section is None:
-        raise CliError(f"{args.model} is not an armor-pruned model (its config.json has no armor section)")
+        raise CliError(
+            f"{args.model} is not an armor-pruned model "
+            "(its config.json has no quantization_config with quant_method 'armor')"
+        )
     if args.json:
         print(json.dumps(section, indent=2))
         return 0

@@ -2,7 +2,7 @@
 
 The model object is wrapped as it is in lm-eval's Hugging Face backend (``HFLM``): a pruned model keeps its
 packed ARMOR/2:4 modules, nothing is reconstructed densely. lm-eval's built-in tasks download their data, so
-offline only tasks over local files work: the shipped ``britannica_next_sentence``, a multiple-choice JSONL of
+offline only tasks over local files work: the shipped ``britannica_completion``, a multiple-choice JSONL of
 one's own, a task YAML, or any task in a ``--tasks-include`` folder (see :mod:`armor.eval.local_tasks`).
 """
 
@@ -107,7 +107,7 @@ def run_lm_eval(
 ) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` on ``tasks``; returns ``{task: {metric: value, ..., "samples": n}}``.
 
-    ``tasks`` entries: a shipped task name (``britannica_next_sentence``), a multiple-choice ``.jsonl``, a task
+    ``tasks`` entries: a shipped task name (``britannica_completion``), a multiple-choice ``.jsonl``, a task
     ``.yaml``, or a task name known to lm-eval (``include_path`` adds a folder of task YAMLs). ``limit`` caps the
     examples per task (an int, or a fraction when < 1). Other keyword arguments go to ``simple_evaluate``.
     """

@@ -8,8 +8,8 @@ A multiple-choice JSONL holds one item per line::
 ``dataset_kwargs.data_files`` are relative to the YAML's folder) into the task dict lm-eval takes, with
 absolute paths, so a task works from any working directory.
 
-The shipped task ``britannica_next_sentence`` ("which sentence comes next?") is built by
-:func:`next_sentence_items` from the Encyclopaedia Britannica 11th edition (1911) article on Shakespeare, the
+The shipped task ``britannica_completion`` ("how does this sentence end?") is built by
+:func:`sentence_completion_items` from the Encyclopaedia Britannica 11th edition (1911) article on Shakespeare, the
 embedded text ``armor.data.default_text_path("britannica")``; the JSONL in ``tasks/`` is its output with the
 defaults, and a test checks that it still is.
 """
@@ -28,7 +28,7 @@ __all__ = [
     "TASKS_DIR",
     "SHIPPED_TASKS",
     "MC_TEMPLATE",
-    "next_sentence_items",
+    "sentence_completion_items",
     "paragraph_sentences",
     "read_items",
     "task_config",
@@ -39,10 +39,10 @@ __all__ = [
 TASKS_DIR = Path(__file__).parent / "tasks"
 #: Shipped tasks: name -> YAML.
 SHIPPED_TASKS: dict[str, Path] = {
-    "britannica_next_sentence": TASKS_DIR / "britannica_next_sentence" / "britannica_next_sentence.yaml"
+    "britannica_completion": TASKS_DIR / "britannica_completion" / "britannica_completion.yaml"
 }
 #: The YAML a bare multiple-choice JSONL is evaluated with (its ``task`` and ``data_files`` are replaced).
-MC_TEMPLATE = SHIPPED_TASKS["britannica_next_sentence"]
+MC_TEMPLATE = SHIPPED_TASKS["britannica_completion"]
 
 _ABBREVIATION = re.compile(r"(?:\b[A-Z][a-z]{0,2}|\b[A-Z]|\bi\.e|\be\.g|\bviz|\bcf|\bvol|\bed|\bp|\bpp|\bch)\.$")
 
@@ -90,29 +90,32 @@ def _usable(sentence: str) -> bool:
     return stray == 0 and not shouting and not odd_case
 
 
-def next_sentence_items(text: str, n_items: int = 80, n_choices: int = 4, seed: int = 0) -> list[dict[str, Any]]:
-    """Deterministic "which sentence comes next?" items from consecutive sentences of one paragraph.
+def sentence_completion_items(
+    text: str, n_items: int = 80, n_choices: int = 4, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Deterministic "how does this sentence end?" items (HellaSwag-like, from prose).
 
-    The right choice is the sentence that follows ``context`` in the text; the distractors are sentences of other
-    paragraphs; the choices are shuffled. Same text and arguments, same items (``random.Random(seed)``).
+    ``context`` is the first half of a sentence (split at the middle word), the right choice its second half, the
+    distractors second halves of sentences of other paragraphs; the choices are shuffled. Same text and arguments,
+    same items (``random.Random(seed)``).
     """
     if n_choices < 2:
         raise ValueError(f"n_choices must be >= 2, got {n_choices}")
     paragraphs = paragraph_sentences(text)
-    pairs = [
-        (p, k)
+    halves = [
+        (p, " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :]))
         for p, sents in enumerate(paragraphs)
-        for k in range(len(sents) - 1)
-        if _usable(sents[k]) and _usable(sents[k + 1])
+        for s in sents
+        if _usable(s) and len(words := s.split()) >= 10
     ]
-    pool = [(p, s) for p, sents in enumerate(paragraphs) for s in sents if _usable(s)]
-    if len(pairs) < n_items:
-        raise ValueError(f"the text has {len(pairs)} usable sentence pairs, fewer than n_items={n_items}")
+    if len(halves) < max(n_items, n_choices):
+        raise ValueError(f"the text has {len(halves)} usable sentences, fewer than n_items={n_items}")
     rng = random.Random(seed)
+    picked = sorted(rng.sample(range(len(halves)), n_items))
     items = []
-    for p, k in sorted(rng.sample(pairs, n_items)):
-        context, answer = paragraphs[p][k], paragraphs[p][k + 1]
-        others = [s for q, s in pool if q != p and s != answer]
+    for k in picked:
+        p, context, answer = halves[k]
+        others = sorted({end for q, _, end in halves if q != p and end != answer})
         choices = [answer, *rng.sample(others, n_choices - 1)]
         rng.shuffle(choices)
         items.append({"id": len(items), "context": context, "choices": choices, "label": choices.index(answer)})

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models import find_decoder_layers, get_module, model_device, set_module
-from ..runtime import empty_module_from_spec
+from ..models import find_decoder_layers, get_module, model_device, set_module, stacked_experts, unfuse_experts
 from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
 from ..storage.checkpoint import materialise, release
+from ..storage.hf_quantizer import install_packed_modules
 
 __all__ = ["InMemorySource", "CheckpointSource", "ModelSource"]
 
@@ -34,6 +34,9 @@ class InMemorySource:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch model or a checkpoint folder, got {type(model).__name__}")
         self.model = model
+        # Mixture-of-experts blocks keep their experts as stacked 3-D parameters: one nn.Linear per expert matrix
+        # (same forward, checked) lets each be pruned with the statistics of the tokens routed to it.
+        unfuse_experts(model)
         self.prefix, self.blocks = find_decoder_layers(model)
         self.device = model_device(model)
 
@@ -87,9 +90,15 @@ class CheckpointSource:
             raise ValueError(f"{self.path} is a quantized checkpoint; pruning needs plain float weights")
         self.prefix, self.blocks = find_decoder_layers(self.model)  # before packed modules replace the linears
         if self.pruned:
-            for name, spec in section.get("layers", {}).items():
-                layer_dtype = getattr(torch, section.get("layer_dtypes", {}).get(name, "float32"))
-                set_module(self.model, name, empty_module_from_spec(spec, dtype=layer_dtype, device="meta"))
+            install_packed_modules(
+                self.model, section.get("layers", {}), section.get("layer_dtypes", {}), "meta",
+                section.get("unfused_experts", ()),
+            )
+        elif stacked_experts(self.model):
+            raise ValueError(
+                f"{self.path} is a mixture-of-experts model: block-by-block pruning of its stacked experts is not "
+                "supported yet; prune it in memory (without --streaming), which prunes every expert's matrices"
+            )
         self.reader = ShardReader(self.path)
         self.dtype = dtype if dtype is not None or self.pruned else torch.float32
         self.device = torch.device(device)

@@ -52,8 +52,10 @@ __all__ = [
 _SEMI_DTYPES = (torch.float16, torch.bfloat16)
 
 #: ``auto`` on CPU runs the packed kernels for token batches up to this many rows of ``x`` (per module dtype)
-#: and the transient-dense path above: the crossover measured on the 7B shapes (benchmarks/RESULTS_runtime.md).
-CPU_PACKED_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 8, torch.bfloat16: 64, torch.float16: 64}
+#: and the transient-dense path above: the last batch where packed beat transient-dense for both 2:4 and ARMOR
+#: on the 7B shapes (benchmarks/RESULTS_runtime.md; float16 was not measured and follows float32, since CPUs
+#: without float16 arithmetic gain nothing from a dense float16 GEMM either).
+CPU_PACKED_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 64, torch.bfloat16: 16, torch.float16: 64}
 
 
 def semi_structured_status(

@@ -10,7 +10,7 @@ This file holds the paper's algorithm:
   then one sparse-core step, per iteration; the best state seen is returned, so the result is never worse than
   NoWag-P (Theorem 3.1 as a property of the code).
 
-The fast solver (:mod:`armor.solvers.armor_fast`) reuses the problem and the sparse-core step.
+The fast solver (:mod:`armor.solvers.armor_fast`) reuses the problem (either objective) and its products.
 
 Layout: matrices are kept as full ``(m, n)`` tensors; ``A`` is ``(P, bo, bo)`` and ``B`` is ``(Q, bi, bi)``, so
 ``A X`` is one batched matmul over row blocks and ``X B`` one over column blocks.
@@ -35,7 +35,6 @@ __all__ = [
     "GroupSolution",
     "solve_groups",
     "sparse_core_step",
-    "multi_group_step",
     "tile_losses",
     "armor_faithful",
     "finish_result",
@@ -299,33 +298,6 @@ def sparse_core_step(
     sol = solve_groups(problem, state, e, torch.arange(len(pick), device=e.device), pick)
     _apply(problem, state, e, sol)
     return -float(sol.gain.sum()) / problem.denominator
-
-
-def multi_group_step(problem: ArmorProblem, state: ArmorState, e: Tensor, gains: Tensor, per_tile: int) -> float:
-    """Re-solve the ``per_tile`` groups of highest ``gains`` in every tile together, checked tile by tile.
-
-    Each group is solved as if alone; groups of one tile interact only through ``a_i . a_j`` and
-    ``Bt_g Bt_h^T``, which are small near ``A = B = I``.  A tile whose loss did not fall is put back, so the step
-    never raises the loss.  Returns the change of the proxy loss.
-    """
-    scores = _tile_scores(problem, gains)
-    k = min(per_tile, scores.shape[1])
-    top_gain, pick = scores.topk(k, dim=1)
-    useful = top_gain > 0
-    tile = torch.arange(scores.shape[0], device=e.device)[:, None].expand_as(pick)[useful]
-    if tile.numel() == 0:
-        return 0.0
-    sol = solve_groups(problem, state, e, tile, pick[useful])
-    before = tile_losses(problem, e)
-    _apply(problem, state, e, sol)
-    worse = tile_losses(problem, e) > before
-    if bool(worse.any()):  # put those tiles back
-        undo = worse[sol.tile]
-        state.core[sol.row[undo][:, None], sol.cols[undo]] = sol.old[undo]
-        state.mask[sol.row[undo][:, None], sol.cols[undo]] = sol.old_mask[undo]
-        e.copy_(problem.residual(state))
-    after = tile_losses(problem, e)
-    return float((after - before).sum()) / problem.denominator
 
 
 def tile_losses(problem: ArmorProblem, e: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ def armor_blockhess(
     block_size: int | None = None,
     wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
     sweeps: int = 20,
-    cg_steps: int = 4,
+    cg_steps: int = 2,
     mask_steps: int = 1,
     groups_per_tile: int = 64,
     damping: float = 1e-6,

@@ -8,8 +8,13 @@ solves those sub-problems (nearly) exactly instead of taking one Adam step of ``
 2. ``B``: with ``K = A S`` fixed, every column ``j`` of block ``q`` solves ``min ||K_q b - Wn_j||`` (its weight
    ``h_j`` cancels), so ``B_q = (K_q^T K_q)^-1 K_q^T Wn_q`` — one batched ``bi x bi`` solve.
 3. Core values on the fixed mask: a few steps of Jacobi-preconditioned conjugate gradient.
-4. Mask: exact sparse-core steps (:func:`~armor.solvers.armor.sparse_core_step`), the group of each tile chosen
-   greedily by its exact gain, which costs no more than the core gradient (``F = den/2 * dL/dS - G s |a|^2``).
+4. Mask: one elementwise pass scores every group's exact best re-solve (support and values, as if alone:
+   ``f = den/2 * dL/dS - G s |a|^2`` from the core gradient, see :func:`group_moves`); the best
+   ``groups_per_tile`` moves of every tile are applied together and any tile whose loss rose is put back
+   (:func:`greedy_mask_step`).
+
+Both objectives of :class:`~armor.solvers.armor.ArmorProblem` run through the same sweeps (:func:`run_sweeps`):
+the paper's diagonal proxy here, the block-Hessian one in :mod:`armor.solvers.armor_blockhess`.
 
 Each block of ``A`` and ``B`` is kept only where its new value lowers that block's share of the loss, and the CG
 and mask steps are monotone and checked, so the loss never rises: the guarantee holds by construction.
@@ -171,7 +176,10 @@ def group_moves(problem: ArmorProblem, state: ArmorState, grad_core: Tensor) -> 
     ridge = 1e-10 * g_s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
     g_inv = torch.linalg.inv(g_s + ridge * eye)  # shared by all rows
     # f^T G^-1 f for every row, group and support: n*n elementwise terms beat a batched matmul by far
-    quad = sum(f_s[..., i] * g_inv[..., i, j] * f_s[..., j] for i in range(n) for j in range(n))
+    # (G^-1 is symmetric: the i < j terms twice)
+    quad = sum(g_inv[..., i, i] * f_s[..., i].square() for i in range(n)) + 2 * sum(
+        g_inv[..., i, j] * f_s[..., i] * f_s[..., j] for i in range(n) for j in range(i + 1, n)
+    )
     best = quad.argmax(-1)  # the best support has the largest f^T G^-1 f (its loss change is -quad / |a|^2)
     f_b = f_s.gather(2, best[..., None, None].expand(rows, cols // m, 1, n)).squeeze(2)  # (rows, groups, n)
     group_idx = torch.arange(cols // m, device=grad_core.device)
@@ -242,7 +250,7 @@ def armor_fast(
     block_size: int | None = None,
     wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
     sweeps: int = 20,
-    cg_steps: int = 4,
+    cg_steps: int = 2,
     mask_steps: int = 1,
     groups_per_tile: int = 64,
     damping: float = 1e-6,
