@@ -12,4 +12,5 @@ import sys
 from armor.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.argv = ["armor", "bench", *sys.argv[1:]]  # so that the report shows the equivalent armor command
+    sys.exit(main(sys.argv[1:]))

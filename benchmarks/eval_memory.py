@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 
@@ -52,9 +53,10 @@ def old_perplexity_fn():
         "from ..model.calibration import model_device, tokenize_documents",
         "from armor.models import model_device\nfrom armor.text import tokenize_documents",
     )
-    namespace: dict = {"__name__": "armor_eval_perplexity_old"}
-    exec(compile(source, f"{OLD_COMMIT}:perplexity.py", "exec"), namespace)  # noqa: S102 - our own history
-    return namespace["perplexity"]
+    module = types.ModuleType("armor_eval_perplexity_old")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{OLD_COMMIT}:perplexity.py", "exec"), module.__dict__)  # noqa: S102 - our own history
+    return module.perplexity
 
 
 def child(spec: dict) -> dict:
@@ -143,8 +145,8 @@ def main() -> None:
     if args.what == "cli":
         from armor.data import default_model_path
 
-        base = [str(default_model_path()), "--max-windows", str(args.windows), "--batch-size", str(args.batch),
-                "--seqlen", str(args.seqlen)]
+        base = [str(default_model_path()), "--eval-windows", str(args.windows), "--eval-batch-size", str(args.batch),
+                "--eval-seqlen", str(args.seqlen)]
         for extra in (["--full-logits"], []):
             print(json.dumps(run_cli(base + extra)), flush=True)
     else:

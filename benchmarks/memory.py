@@ -30,7 +30,7 @@ def measure(cmd: list[str]) -> dict:
         raise SystemExit(f"failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-2000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
-    ppl = dict(re.findall(r"perplexity \((\S+)\): ([0-9.]+)", proc.stdout))
+    ppl = dict(re.findall(r"\[(\S+)\] perplexity on .*?: ([0-9.]+)", proc.stdout))
     return {"rss_mib": rss_kb / 1024, "wall": wall, "ppl": ppl}
 
 

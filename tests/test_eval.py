@@ -349,16 +349,18 @@ def test_shipped_task_is_reproducible() -> None:
 
 
 def test_sentence_completion_items_deterministic() -> None:
-    para = " ".join(f"Sentence number {w} of the first paragraph is here." for w in "one two three four".split())
-    other = " ".join(f"Another paragraph says {w} things about nothing at all." for w in "five six seven".split())
+    para = " ".join(f"The first paragraph has this sentence which ends with {w} and a dot." for w in ("one", "two"))
+    other = " ".join(f"Another paragraph says little about anything but {w} today and so on." for w in ("red", "tan"))
     text = f"{para}\n\n{other}\n\n{para.replace('first', 'second')}"
     items = sentence_completion_items(text, n_items=4, n_choices=3, seed=1)
     assert items == sentence_completion_items(text, n_items=4, n_choices=3, seed=1)
+    assert items != sentence_completion_items(text, n_items=4, n_choices=3, seed=2)
     for it in items:
         assert len(it["choices"]) == 3 and len(set(it["choices"])) == 3
-        answer = it["choices"][it["label"]]
-        assert text.replace("\n\n", " ").find(it["context"] + " " + answer) >= 0
-    with pytest.raises(ValueError, match="usable sentence pairs"):
+        sentence = it["context"] + " " + it["choices"][it["label"]]
+        assert sentence in text and sentence.endswith(".")
+        assert len(it["context"].split()) == len(sentence.split()) // 2
+    with pytest.raises(ValueError, match="usable sentences"):
         sentence_completion_items(text, n_items=50)
 
 
@@ -443,7 +445,7 @@ def test_cli_eval_records_protocol(tiny_model_dir: Path, tiny_text: Path, tmp_pa
     from armor.cli import main  # here, not at the top: the other tests do not need the whole CLI to import
 
     out = tmp_path / "res.json"
-    args = ["eval", str(tiny_model_dir), "--text", str(tiny_text), "--seqlen", "32", "--max-windows", "3",
+    args = ["eval", str(tiny_model_dir), "--eval-text", str(tiny_text), "--eval-seqlen", "32", "--eval-windows", "3",
             "--protocol", "strided", "--stride", "8", "--chunk-tokens", "5", "--json", str(out)]
     assert main(args) == 0
     res = json.loads(out.read_text())
@@ -460,8 +462,8 @@ def test_cli_eval_records_protocol(tiny_model_dir: Path, tiny_text: Path, tmp_pa
     [
         (["--stride", "4"], "stride only applies"),
         (["--protocol", "strided", "--stride", "64"], "stride <= seqlen"),
-        (["--text", "/nonexistent.txt"], "text file not found"),
-        (["--seqlen", "0"], "--seqlen must be > 0"),
+        (["--eval-text", "/nonexistent.txt"], "text file not found"),
+        (["--eval-seqlen", "0"], "--eval-seqlen must be > 0"),
         (["--no-ppl"], "nothing to evaluate"),
         (["--tasks", "/nonexistent.jsonl"], "task file not found"),
         (["--tasks-include", "/nonexistent"], "not a folder"),
@@ -470,7 +472,7 @@ def test_cli_eval_records_protocol(tiny_model_dir: Path, tiny_text: Path, tmp_pa
 def test_cli_eval_bad_input(tiny_model_dir: Path, capsys, extra: list[str], message: str) -> None:
     from armor.cli import main
 
-    assert main(["eval", str(tiny_model_dir), "--seqlen", "32", *extra]) == 2
+    assert main(["eval", str(tiny_model_dir), "--eval-seqlen", "32", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
 

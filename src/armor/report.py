@@ -86,14 +86,17 @@ def _pct(v: Any) -> str:
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table: perplexity next to the footprint, the proxy losses and the pruning time."""
+    tasks = list(dict.fromkeys(k for r in rows for k in r if "/" in k))  # "task/acc" columns from lm-eval
     head = (
-        "| method | ppl | linear bytes / dense | checkpoint / dense | values kept | wrapper overhead | "
-        "mean NoWag-P loss | mean final loss | prune s |\n" + "|---" * 9 + "|"
+        "| method | ppl | " + "".join(f"{t} | " for t in tasks) + "linear bytes / dense | checkpoint / dense | "
+        "values kept | wrapper overhead | mean NoWag-P loss | mean final loss | prune s |\n"
+        + "|---" * (9 + len(tasks)) + "|"
     )
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_fmt(r.get('ppl'))} | {_pct(r.get('linear_bytes_ratio'))} | "
+            f"| {r['method']} | {_fmt(r.get('ppl'))} | " + "".join(f"{_fmt(r.get(t), 3)} | " for t in tasks)
+            + f"{_pct(r.get('linear_bytes_ratio'))} | "
             f"{_pct(r.get('checkpoint_bytes_ratio'))} | {_pct(r.get('values_kept_ratio'))} | "
             f"{_pct(r.get('wrapper_overhead'))} | {_fmt(r.get('mean_nowag_loss'), 4)} | "
             f"{_fmt(r.get('mean_loss'), 4)} | {_fmt(r.get('prune_seconds'), 1)} |"
@@ -152,9 +155,9 @@ def write_report(
     lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in settings.items()]
     lines += ["", "## Results", "", format_table(rows), ""]
     lines += [
-        "Perplexity: the protocol in the settings above. Linear bytes: the stored pruned linear layers (values, "
-        "2-bit positions, wrappers, bias) over the same layers dense in the same dtype; checkpoint: the weights "
-        "files. Values kept: kept core entries plus wrapper entries over the dense entries of those layers. "
+        "Perplexity: the protocol in the settings above (recorded per row in results.json). Linear bytes: the "
+        "stored pruned linear layers (values, 2-bit positions, wrappers, bias) over the same layers dense in the "
+        "same dtype; checkpoint: the weights files. Values kept: kept core entries plus wrapper entries over the dense entries of those layers. "
         "Proxy loss: docs/algorithm.md §3 (1.0 = all weights zero), averaged over layers.",
         "",
     ]

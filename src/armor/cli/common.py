@@ -21,7 +21,6 @@ __all__ = [
     "DEFAULT_EVAL_TEXT",
     "DEFAULT_CALIB_TEXT",
     "add_device_args",
-    "add_eval_args",
     "check_device",
     "check_positive",
     "documents",
@@ -51,20 +50,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as stored)")
-
-
-def add_eval_args(p: argparse.ArgumentParser, *, in_prune: bool = False) -> None:
-    """The perplexity options, with the same names in ``armor prune`` and ``armor eval``."""
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-text", nargs="+", default=None, metavar="FILE",
-                   help="evaluation text files (.txt whole, .cor/.lines one document per line, .jsonl with 'text'); "
-                   "default: the embedded Lee news corpus")
-    g.add_argument("--eval-seqlen", type=int, default=512, help="tokens per perplexity window")
-    g.add_argument("--eval-windows", type=int, default=20 if in_prune else None,
-                   help="at most this many windows (default: all)" if not in_prune else "at most this many windows")
-    g.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward")
-    if in_prune:
-        g.add_argument("--no-eval", action="store_true", help="skip perplexity")
 
 
 def check_device(device: str | None) -> str | None:

@@ -1,7 +1,9 @@
 """``armor eval``: perplexity under a named protocol, and zero-shot accuracy through lm-eval, of a model folder.
 
-The option names are shared with ``armor prune`` (:func:`add_perplexity_args`, :func:`add_task_args`,
-:func:`evaluate`): ``--text``, ``--seqlen``, ``--max-windows``, ``--batch-size``, ``--protocol``, ``--stride``,
+The options are shared with ``armor prune`` through :func:`add_perplexity_args`, :func:`add_task_args` and
+:func:`evaluate`: ``--text``, ``--seqlen``, ``--max-windows``, ``--batch-size`` (also spelled ``--eval-text``,
+``--eval-seqlen``, ``--eval-windows``, ``--eval-batch-size``, the only spellings in ``armor prune``, where the
+plain ones are the calibration's), ``--protocol``, ``--stride``, ``--chunk-tokens``, ``--full-logits``,
 ``--tasks``, ``--tasks-include``, ``--limit``.
 """
 
@@ -34,22 +36,33 @@ from .common import (
 __all__ = ["register", "run", "add_perplexity_args", "add_task_args", "check_eval_args", "evaluate"]
 
 
-def add_perplexity_args(p: argparse.ArgumentParser, max_windows_default: int | None = None) -> None:
-    """The perplexity options (``armor eval`` and ``armor prune`` use the same names)."""
+def add_perplexity_args(p: argparse.ArgumentParser, in_prune: bool = False) -> None:
+    """The perplexity options, stored as ``args.eval_text``, ``eval_seqlen``, ``eval_windows``,
+    ``eval_batch_size``, ``protocol``, ``stride``, ``chunk_tokens``, ``full_logits``.
+
+    One spelling in both commands: ``--eval-text``, ``--eval-seqlen``, ``--eval-windows``, ``--eval-batch-size``
+    (``armor prune``'s own ``--seqlen``/``--batch-size`` are the calibration's).  ``in_prune`` only changes the
+    default number of windows (20 there, all here).
+    """
+    def names(plain: str, prefixed: str) -> list[str]:
+        return [prefixed]
+
     g = p.add_argument_group("perplexity")
-    g.add_argument("--text", nargs="+", default=None, metavar="FILE",
+    g.add_argument(*names("--text", "--eval-text"), dest="eval_text", nargs="+", default=None, metavar="FILE",
                    help="evaluation text files (.txt whole, .cor/.lines one document per line, .jsonl with 'text'); "
                    "default: the embedded Lee news corpus (one article per line)")
     g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="armor",
                    help="armor: documents joined, non-overlapping windows (SparseGPT/Wanda/ARMOR scripts); "
                    "lm-eval-rolling: lm-eval's rolling windows per document; strided: HF's sliding windows")
-    g.add_argument("--seqlen", type=int, default=512, help="tokens per window (lm-eval's max_length for rolling)")
+    g.add_argument(*names("--seqlen", "--eval-seqlen"), dest="eval_seqlen", type=int, default=512,
+                   help="tokens per window (lm-eval's max_length for rolling)")
     g.add_argument("--stride", type=int, default=None,
                    help="strided protocol: tokens between window starts (default: seqlen / 2)")
-    g.add_argument("--max-windows", type=int, default=max_windows_default,
-                   help="at most this many windows, the first in text order" + (
-                       "" if max_windows_default is not None else " (default: all)"))
-    g.add_argument("--batch-size", type=int, default=4, help="windows (and lm-eval requests) per forward")
+    g.add_argument(*names("--max-windows", "--eval-windows"), dest="eval_windows", type=int,
+                   default=20 if in_prune else None,
+                   help="at most this many windows, the first in text order" + ("" if in_prune else " (default: all)"))
+    g.add_argument(*names("--batch-size", "--eval-batch-size"), dest="eval_batch_size", type=int, default=4,
+                   help="windows (and lm-eval requests) per forward")
     g.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                    help="positions per output-head chunk: bounds the logits held at once")
     g.add_argument("--full-logits", action="store_true",
@@ -86,13 +99,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """One-line :class:`CliError` for bad perplexity/task options (before anything is loaded)."""
-    for flag in ("seqlen", "max_windows", "batch_size", "chunk_tokens", "stride", "limit"):
-        check_positive("--" + flag.replace("_", "-"), getattr(args, flag, None))
+    for flag, dest in (("--eval-seqlen", "eval_seqlen"), ("--eval-windows", "eval_windows"),
+                       ("--eval-batch-size", "eval_batch_size"), ("--chunk-tokens", "chunk_tokens"),
+                       ("--stride", "stride"), ("--limit", "limit")):
+        check_positive(flag, getattr(args, dest, None))
     try:
-        get_protocol(args.protocol, seqlen=args.seqlen, stride=args.stride)
+        get_protocol(args.protocol, seqlen=args.eval_seqlen, stride=args.stride)
     except ValueError as exc:
         raise CliError(f"--protocol {args.protocol}: {exc}") from None
-    for f in args.text or []:
+    for f in args.eval_text or []:
         if not Path(f).is_file():
             raise CliError(f"text file not found: {f}")
     if args.tasks_include is not None and not Path(args.tasks_include).is_dir():
@@ -110,15 +125,15 @@ def evaluate(model: nn.Module, tokenizer: Any, args: argparse.Namespace, label: 
     out: dict[str, Any] = {}
     prefix = f"  [{label}] " if label else ""
     if not getattr(args, "no_ppl", False):
-        docs, src = documents(args.text, DEFAULT_EVAL_TEXT, "evaluation text")
+        docs, src = documents(args.eval_text, DEFAULT_EVAL_TEXT, "evaluation text")
         res = perplexity(
             model,
             docs,
             tokenizer,
-            seqlen=args.seqlen,
-            max_windows=args.max_windows,
-            batch_size=args.batch_size,
-            progress=True,
+            seqlen=args.eval_seqlen,
+            max_windows=args.eval_windows,
+            batch_size=args.eval_batch_size,
+            progress=not getattr(args, "quiet", False),
             name=src,
             protocol=args.protocol,
             stride=args.stride,
@@ -138,7 +153,7 @@ def evaluate(model: nn.Module, tokenizer: Any, args: argparse.Namespace, label: 
             model,
             tasks,
             tokenizer,
-            batch_size=args.batch_size,
+            batch_size=args.eval_batch_size,
             limit=None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit),
             include_path=args.tasks_include,
         )

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from ..eval import perplexity, perplexity_windows
+from ..eval import perplexity_windows
+from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
 from ..report import folder_footprint, format_table, write_report
 from ..solvers import METHODS
-from ..storage import load_model, load_tokenizer, resolve_dtype, write_json_atomic
+from ..storage import load_model, load_tokenizer, meta_skeleton, resolve_dtype, write_json_atomic
 from ..text import calibration_ids, dataset_documents, tokenize_documents
 from .common import (
     DEFAULT_CALIB_TEXT,
@@ -26,7 +27,6 @@ from .common import (
     CliError,
     HelpFormatter,
     add_device_args,
-    add_eval_args,
     check_device,
     check_positive,
     command_line,
@@ -35,6 +35,7 @@ from .common import (
     parse_method_options,
     split_list,
 )
+from .eval import add_perplexity_args, add_task_args, check_eval_args, evaluate
 
 __all__ = ["register", "run", "DEMO_SWEEPS", "RUN_MARKER"]
 
@@ -77,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one-pass: every statistic from the dense model (the paper's); sequential: from the model "
                    "pruned so far (SparseGPT's and Wanda's)")
     c.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
-    add_eval_args(p, in_prune=True)
+    add_perplexity_args(p, in_prune=True)
+    add_task_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity and tasks")
     s = p.add_argument_group("layers and output")
     s.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
                    help="only layers matching these globs (on any dotted suffix) or 're:REGEX'")
@@ -127,9 +130,15 @@ def run(args: argparse.Namespace) -> int:
     for name in methods:
         if name not in METHODS:
             raise CliError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    for flag in ("nsamples", "seqlen", "batch_size", "eval_windows", "eval_seqlen", "eval_batch_size", "workers",
-                 "block_size", "wrapper_budget", "max_seconds"):
+    for flag in ("nsamples", "seqlen", "batch_size", "workers", "block_size", "wrapper_budget", "max_seconds"):
         check_positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    check_eval_args(args)
+    args.no_ppl = args.no_eval
+    if args.streaming and not args.no_eval and (args.protocol != "armor" or split_list(args.tasks)):
+        raise CliError(
+            "with --streaming, evaluation runs block by block and supports the armor perplexity protocol only; "
+            "drop --protocol/--tasks (evaluate the saved model with armor eval) or pass --no-eval"
+        )
     if args.calib_text and args.calib_dataset:
         raise CliError("give --calib-text or --calib-dataset, not both")
     options = parse_method_options(
@@ -145,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     model_path = model_folder(args.model)
     out = Path(args.output)
     check_output_folder(out, args.overwrite)
+    # the layer selection on a weightless skeleton: a bad pattern fails now, not after the dense evaluation
+    find_prunable_layers(meta_skeleton(model_path), args.layers, args.exclude)
     tokenizer = load_tokenizer(model_path)
 
     if args.calib_dataset:
@@ -169,10 +180,13 @@ def run(args: argparse.Namespace) -> int:
         "calibration": (
             f"{calib_src}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}, {args.calibration_mode}"
         ),
-        "evaluation": None if args.no_eval else (
-            f"{eval_src}, non-overlapping windows of {args.eval_seqlen} tokens (documents joined with blank lines, "
-            f"first token of each window not scored), at most {args.eval_windows} windows"
-        ),
+        "evaluation": None if args.no_eval else {
+            "text": eval_src,
+            "protocol": args.protocol,
+            "seqlen": args.eval_seqlen,
+            "max_windows": args.eval_windows,
+            "tasks": split_list(args.tasks),
+        },
         "layers": args.layers or "all decoder linears",
         "exclude": args.exclude or [],
         "device": device or "cpu",
@@ -185,24 +199,33 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic({"command": command_line(), "settings": settings}, out / RUN_MARKER)
     print(f"model: {model_path}\ncalibration: {settings['calibration']}\nmethods: {', '.join(methods)}", flush=True)
 
-    def ppl_of(folder_or_model: Any, label: str) -> float | None:
-        if eval_tokens is None:
-            return None
-        common = {"seqlen": args.eval_seqlen, "max_windows": args.eval_windows, "batch_size": args.eval_batch_size,
-                  "progress": not args.quiet}
+    def evaluate_model(folder_or_model: Any, label: str) -> dict[str, Any]:
+        """Perplexity (and tasks) of a model in memory, or block by block of a folder when streaming."""
+        if args.no_eval:
+            return {}
         if isinstance(folder_or_model, Path):  # streaming: block by block, never the whole model
-            res = perplexity_blockwise(folder_or_model, eval_tokens, dtype=dtype, device=device or "cpu", **common)
-        else:
-            res = perplexity(folder_or_model, eval_tokens, **common)
-        print(f"  perplexity ({label}): {res.ppl:.3f}  [{res.windows} windows, {res.seconds:.1f} s]", flush=True)
-        return res.ppl
+            res = perplexity_blockwise(
+                folder_or_model, eval_tokens, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
+                batch_size=args.eval_batch_size, dtype=dtype, device=device or "cpu", progress=not args.quiet,
+                name=eval_src,
+            )
+            print(f"  [{label}] perplexity on {eval_src} (armor protocol, block by block): {res.ppl:.3f}  "
+                  f"[{res.windows} windows, {res.seconds:.1f} s]", flush=True)
+            return {"perplexity": res.to_json()}
+        return evaluate(folder_or_model, tokenizer, args, label=label)
+
+    def row_of(method: str, result: dict[str, Any]) -> dict[str, Any]:
+        ppl = result.get("perplexity", {}).get("ppl")
+        tasks = {f"{task}/{metric}": value for task, metrics in result.get("tasks", {}).items()
+                 for metric, value in metrics.items() if metric in ("acc", "acc_norm")}
+        return {"method": method, "ppl": ppl, **tasks, "evaluation": result}
 
     rows: list[dict[str, Any]] = []
     records: dict[str, list[dict[str, Any]]] = {}
-    if eval_tokens is not None:
+    if not args.no_eval:
         print("dense:", flush=True)
-        dense_ppl = ppl_of(model_path if args.streaming else load_model(model_path, dtype, device), "dense")
-        rows.append({"method": "dense", "ppl": dense_ppl, "linear_bytes_ratio": 1.0, "checkpoint_bytes_ratio": 1.0,
+        dense = evaluate_model(model_path if args.streaming else load_model(model_path, dtype, device), "dense")
+        rows.append({**row_of("dense", dense), "linear_bytes_ratio": 1.0, "checkpoint_bytes_ratio": 1.0,
                      "values_kept_ratio": 1.0, "wrapper_overhead": 0.0})
 
     executor = make_executor(args.workers, args.address)
@@ -224,7 +247,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  resumed {result.resumed} finished layers", flush=True)
             nowag_mean, final_mean = result.mean_losses()
             row = {
-                "method": method,
                 "mean_nowag_loss": nowag_mean,
                 "mean_loss": final_mean,
                 "prune_seconds": round(float(result.run_info.get("prune_seconds", result.seconds)), 1),
@@ -237,8 +259,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{100 * row['linear_bytes_ratio']:.1f}% of dense, wrappers {100 * row['wrapper_overhead']:.1f}%",
                 flush=True,
             )
-            row["ppl"] = ppl_of(mdir if args.streaming else result.model, method)
-            rows.append(row)
+            rows.append({**row_of(method, evaluate_model(mdir if args.streaming else result.model, method)), **row})
             records[method] = [r.to_json() for r in result.records]
             del result, source
     finally:

@@ -116,6 +116,8 @@ def sentence_completion_items(
     for k in picked:
         p, context, answer = halves[k]
         others = sorted({end for q, _, end in halves if q != p and end != answer})
+        if len(others) < n_choices - 1:
+            raise ValueError(f"the text has too few distinct sentence endings for {n_choices} choices")
         choices = [answer, *rng.sample(others, n_choices - 1)]
         rng.shuffle(choices)
         items.append({"id": len(items), "context": context, "choices": choices, "label": choices.index(answer)})

@@ -52,10 +52,10 @@ __all__ = [
 _SEMI_DTYPES = (torch.float16, torch.bfloat16)
 
 #: ``auto`` on CPU runs the packed kernels for token batches up to this many rows of ``x`` (per module dtype)
-#: and the transient-dense path above: the last batch where packed beat transient-dense for both 2:4 and ARMOR
-#: on the 7B shapes (benchmarks/RESULTS_runtime.md; float16 was not measured and follows float32, since CPUs
-#: without float16 arithmetic gain nothing from a dense float16 GEMM either).
-CPU_PACKED_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 64, torch.bfloat16: 16, torch.float16: 64}
+#: and the transient-dense path above.  Measured on the 7B shapes (benchmarks/RESULTS_runtime.md): packed beat
+#: transient-dense for 2:4 and ARMOR at every timed batch up to 16 in both dtypes; at 64 transient-dense won
+#: everywhere in bfloat16 and for ARMOR 4096x4096 in float32.  float16 was not measured and follows float32.
+CPU_PACKED_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
 
 
 def semi_structured_status(
@@ -428,8 +428,8 @@ class ArmorLinear(_PackedNMLinear):
         k, b, _ = blocks.shape
         dtype = x2.dtype
         if x2.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            # CPU batched matmuls in 16-bit floats are up to 50x slower than in float32 (measured); the
-            # float32 copies are transient and the size of the wrappers, not of the layer.
+            # float32 sums as on the packed path (CPU float16 bmm has no fast kernel either); the float32
+            # copies are transient and the size of the wrappers, not of the layer.
             x2, blocks = x2.float(), blocks.float()
         # (k, T, b) @ (k, b, b): one bmm over the k blocks.
         y = torch.bmm(x2.reshape(t, k, b).transpose(0, 1), blocks.transpose(1, 2))
