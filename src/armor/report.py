@@ -157,7 +157,8 @@ def write_report(
     lines += [
         "Perplexity: the protocol in the settings above (recorded per row in results.json). Linear bytes: the "
         "stored pruned linear layers (values, 2-bit positions, wrappers, bias) over the same layers dense in the "
-        "same dtype; checkpoint: the weights files. Values kept: kept core entries plus wrapper entries over the dense entries of those layers. "
+        "same dtype; checkpoint: the weights files. Values kept: kept core entries plus wrapper entries over the "
+        "dense entries of those layers. "
         "Proxy loss: docs/algorithm.md §3 (1.0 = all weights zero), averaged over layers.",
         "",
     ]
