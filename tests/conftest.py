@@ -44,6 +44,18 @@ def make_tiny_model(vocab_size: int, seed: int = 0, tie: bool = True):
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Tiny models run fastest (and identically) on one thread; real-model tests keep torch's default."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def char_tokenizer():
     return make_char_tokenizer()
