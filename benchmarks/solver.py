@@ -26,10 +26,14 @@ from armor import data
 from armor.factors import normalize_weight, proxy_loss
 from armor.solvers import baselines
 from armor.solvers.armor import ArmorProblem
-from armor.solvers.armor_blockhess import armor_blockhess
 from armor.solvers.armor_fast import armor_fast
 from armor.sparsity import nm_mask_from_scores
-from armor.stats import diagonal_blocks
+
+try:
+    from armor.solvers.armor_blockhess import armor_blockhess
+    from armor.stats import diagonal_blocks
+except ImportError:  # an older armor (the "before" rows of RESULTS_solver.md): only --table budget runs
+    armor_blockhess = diagonal_blocks = None
 
 LAYERS = {
     "q_proj": "self_attn.q_proj",

@@ -136,16 +136,20 @@ EXPERTS = {f"model.layers.{i}.mlp.experts.{p}.{e}" for i in range(2) for p in ("
 
 @pytest.mark.parametrize("family", list(MOE))
 def test_stacked_experts_are_left_dense_with_a_message(family, tmp_path, caplog):
+    """Layer discovery on a model whose experts are stacked 3-D parameters names what it skips and the fix; the
+    driver applies the fix itself (one nn.Linear per expert matrix), so a pruning run prunes the experts too."""
     caplog.set_level(logging.WARNING, logger="armor.models.layers")
-    run = armor.prune(build(MOE[family]()), CALIBRATION, "wanda", output=tmp_path / "out")
+    model = build(MOE[family]())
+    assert set(find_prunable_layers(model)) == ATTENTION
     messages = [r.getMessage() for r in caplog.records if r.name == "armor.models.layers"]
     assert messages, "no message about the skipped experts"
     msg = messages[0]
     assert "mixture-of-experts" in msg and "left dense" in msg and "not nn.Linear" in msg
     assert "model.layers.*.mlp.experts.gate_up_proj" in msg and "model.layers.*.mlp.experts.down_proj" in msg
     assert "unfuse_experts" in msg  # and how to prune them
-    # the attention projections are still pruned, and the folder loads both ways with the same logits
-    assert set(pruned_modules(run.model)) == ATTENTION
+    run = armor.prune(model, CALIBRATION, "wanda", output=tmp_path / "out")
+    pruned = set(pruned_modules(run.model))
+    assert ATTENTION < pruned and any(".experts.down_proj." in n for n in pruned)
     ref = logits(run.model)
     torch.testing.assert_close(logits(armor.load(tmp_path / "out")), ref, rtol=0, atol=0)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), ref, rtol=0, atol=0)
@@ -224,3 +228,12 @@ def test_nothing_prunable_says_why_and_writes_nothing(tmp_path: Path):
     assert "model.layers.*.mlp.down_proj (66x130) in 2 blocks" in str(err.value)
     assert not (tmp_path / "out" / "config.json").exists()
     assert not any(isinstance(m, (ArmorLinear, SparseLinear)) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_streaming_a_moe_checkpoint_is_refused_clearly(family, tmp_path):
+    folder = tmp_path / "moe"
+    build(MOE[family]()).save_pretrained(folder)
+    with pytest.raises(ValueError, match="mixture-of-experts.*without --streaming"):
+        armor.prune(folder, CALIBRATION, "wanda", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
