@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+#: the ``armor`` command of this interpreter's environment (works without activating the virtualenv)
+ARMOR = str(Path(sys.executable).parent / "armor") if (Path(sys.executable).parent / "armor").exists() else "armor"
 PROTOCOL = ["--nsamples", "64", "--seqlen", "512", "--eval-windows", "147", "--quiet"]
 ARMOR_SWEEPS = ["-O", "sweeps=20"]
 
@@ -57,7 +59,7 @@ def run(name: str, runs_dir: Path, model: str) -> None:
     if (out / "results.json").exists():
         print(f"{name}: already done", flush=True)
         return
-    cmd = ["armor", "prune", "--model", model, "--output", str(out), *PROTOCOL, *RUNS[name][0]]
+    cmd = [ARMOR, "prune", "--model", model, "--output", str(out), *PROTOCOL, *RUNS[name][0]]
     print(f"{name}: {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(runs_dir / f"{name}.log", "w") as log:
@@ -126,7 +128,7 @@ def plot(rows: list[dict], path: Path) -> None:
         (r["linear_bytes_ratio"], r["ppl"]) for r in rows if r["method"] == "armor-fast" and r.get("ppl")
     )
     if armor_pts:
-        ax.plot(*zip(*armor_pts, strict=True), "o-", label="ARMOR (armor-fast), budgets 2-40%")
+        ax.plot(*zip(*armor_pts, strict=True), "o-", label="ARMOR (armor-fast), one point per wrapper budget")
     for r in rows:
         if r["method"] == "armor-fast" or not r.get("ppl") or r.get("linear_bytes_ratio") is None:
             continue
