@@ -149,8 +149,8 @@ METHODS: dict[str, Method] = {
             armor_fast,
             (
                 *_ARMOR_COMMON,
-                Option("sweeps", int, 40, "sweeps (A, B, core values, mask) at most"),
-                Option("cg_steps", int, 4, "conjugate-gradient steps on the core values per sweep"),
+                Option("sweeps", int, 20, "sweeps (A, B, core values, mask) at most"),
+                Option("cg_steps", int, 2, "conjugate-gradient steps on the core values per sweep"),
                 Option("mask_steps", int, 1, "mask steps per sweep"),
                 Option("groups_per_tile", int, 64, "groups re-solved together per tile in a mask step"),
                 Option("damping", float, 1e-6, "ridge of the A/B normal equations, relative to their mean diagonal"),

@@ -1,0 +1,51 @@
+"""The method registry is the one description of the methods: options, defaults, statistics."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import armor
+from armor.solvers import get_method
+
+
+@pytest.mark.parametrize("name", list(armor.METHODS))
+def test_registry_matches_the_solver_signatures(name):
+    """Every registered option is a parameter of the solver with the same default, and every solver parameter
+    (bar the pattern and progress callback) is registered: nothing is described in two places differently."""
+    method = armor.METHODS[name]
+    params = inspect.signature(method.solve).parameters
+    solver_opts = {
+        k: p.default for k, p in params.items()
+        if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and k not in ("n", "m", "callback")
+    }
+    assert {o.name: o.default for o in method.options} == solver_opts
+
+
+def test_option_conversion_and_errors():
+    fast = get_method("armor-fast")
+    assert fast.resolve({"sweeps": "7", "max_seconds": "none"})["sweeps"] == 7
+    assert fast.resolve({"max_seconds": "none"})["max_seconds"] is None
+    with pytest.raises(ValueError, match="must be a int"):
+        fast.resolve({"sweeps": "many"})
+    with pytest.raises(ValueError, match="must be an integer"):
+        fast.resolve({"sweeps": 2.5})
+    with pytest.raises(TypeError, match="takes no option 'seed'"):
+        fast.resolve({"seed": 0})  # armor-fast is deterministic: no seed to pollute fingerprints
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("obs")
+    assert {m: armor.METHODS[m].stats_kind for m in armor.METHODS} == {
+        "magnitude": "diagonal", "wanda": "diagonal", "nowag": "diagonal", "sparsegpt": "full",
+        "armor": "diagonal", "armor-fast": "diagonal", **({"armor-bh": "blocks"} if "armor-bh" in armor.METHODS
+                                                          else {}),
+    }
+
+
+def test_prune_layer_rejects_options_of_another_method():
+    w = torch.randn(8, 16)
+    with pytest.raises(TypeError, match="column_batch"):
+        armor.prune_layer(w, torch.ones(16), "armor-fast", column_batch=8)
+    res = armor.prune_layer(w, torch.ones(16), "magnitude")
+    assert res.core.shape == (8, 16) and res.a_blocks is None
