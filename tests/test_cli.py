@@ -167,4 +167,4 @@ def test_help_has_no_doubled_none_and_lists_methods(capsys):
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "--eval-windows" in text
     rc, stdout, _ = _cli(capsys, "prune", "--help-methods")
-    assert rc == 0 and "column_batch=128" in stdout and "sweeps=40" in stdout
+    assert rc == 0 and "column_batch=128" in stdout and "sweeps=20" in stdout and "armor-bh" in stdout

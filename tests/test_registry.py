@@ -19,7 +19,7 @@ def test_registry_matches_the_solver_signatures(name):
     params = inspect.signature(method.solve).parameters
     solver_opts = {
         k: p.default for k, p in params.items()
-        if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and k not in ("n", "m", "callback")
+        if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and k not in ("n", "m", "callback", "hessian")
     }
     assert {o.name: o.default for o in method.options} == solver_opts
 
@@ -38,8 +38,7 @@ def test_option_conversion_and_errors():
         get_method("obs")
     assert {m: armor.METHODS[m].stats_kind for m in armor.METHODS} == {
         "magnitude": "diagonal", "wanda": "diagonal", "nowag": "diagonal", "sparsegpt": "full",
-        "armor": "diagonal", "armor-fast": "diagonal", **({"armor-bh": "blocks"} if "armor-bh" in armor.METHODS
-                                                          else {}),
+        "armor": "diagonal", "armor-fast": "diagonal", "armor-bh": "full",
     }
 
 

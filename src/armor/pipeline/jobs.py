@@ -96,7 +96,10 @@ def _stored_check(job: LayerJob, module: nn.Module, rec: LayerRecord) -> nn.Modu
     NoWag-P (stored the same way), the better of the two.  The record keeps both stored losses.
     """
     assert job.weight is not None and job.stats is not None
-    if module.dtype == torch.float32 or not get_method(job.method).wrappers:
+    spec = get_method(job.method)
+    # the check compares losses under the paper's diagonal objective; a solver with its own objective keeps its
+    # guarantee under that one, which this check cannot judge
+    if module.dtype == torch.float32 or not spec.wrappers or spec.objective != "diagonal":
         return module
     stored_loss = layer_proxy_loss(job.weight, job.stats, module.dense_weight())
     nowag = prune_layer(job.weight, job.stats, "nowag", n=job.n, m=job.m)

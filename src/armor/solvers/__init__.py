@@ -91,16 +91,23 @@ def prune_layer(
             f"method {method!r} needs the full input second-moment matrix: collect LayerStats with full=True"
         )
     h, n_repaired = repair_hessian_diag(st.hessian_diag.to(w.device))
-    st = LayerStats(h, None if st.hessian is None else st.hessian.to(w.device), st.n_tokens)
+    st = LayerStats(
+        h,
+        None if st.hessian is None else st.hessian.to(w.device),
+        st.n_tokens,
+        None if st.hessian_blocks is None else st.hessian_blocks.to(w.device),
+    )
 
     wn, r, c = normalize_weight(w)
     nowag_mask = nm_mask_from_scores(baselines.nowag_scores(wn, h), n, m)
     nowag_loss = float(proxy_loss(wn * nowag_mask, wn, h))
 
     start = time.perf_counter()
-    if spec.wrappers:
+    if spec.wrappers and spec.objective == "diagonal":
         result = spec.solve(wn, h, nowag_mask, r, c, n=n, m=m, **resolved)
         result.nowag_loss = nowag_loss
+    elif spec.wrappers:  # its own objective: the solver reports NoWag-P's loss under it too
+        result = spec.solve(wn, h, nowag_mask, r, c, hessian=st.hessian, n=n, m=m, **resolved)
     else:
         pruned, mask = spec.solve(w, st, n=n, m=m, **resolved)
         loss = float(proxy_loss(pruned / r[:, None] / c, wn, h))
