@@ -280,10 +280,9 @@ def prune(
                 while executor.pending >= executor.window:
                     for o in executor.results(until_pending=executor.window - 1):
                         take(o)
-                weight, bias = (
-                    source.layer_tensors(name) if source.streamed else
-                    (layers[name].weight.detach(), None if layers[name].bias is None else layers[name].bias.detach())
-                )
+                # the block is loaded: its layer modules hold real weights whatever the source (no second read)
+                lin = layers[name]
+                weight, bias = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
                 executor.submit(LayerJob(
                     name=name, weight=weight, bias=bias, stats=stats.get(name), method=method, options=resolved,
                     fingerprint=fps[name], n=n, m=m, out_dir=None if out is None else str(out), resume=resume,
@@ -342,7 +341,7 @@ def prune(
         "records": [r.to_json() for r in records],
     }
     if out is not None:
-        source.save(out, out, tracker.specs, tracker.dtypes, info, tokenizer)
+        source.save(out, tracker.specs, tracker.dtypes, info, tokenizer)
         if not keep_layer_files:
             shutil.rmtree(out / "layers", ignore_errors=True)
     return PruneRun(

@@ -60,8 +60,8 @@ class InMemorySource:
         set_module(self.model, name, module.to(self.device))
 
     def save(
-        self, out_dir: Path, run_dir: Path, specs: Mapping[str, dict], dtypes: Mapping[str, str],
-        run_info: Mapping[str, Any], tokenizer: Any,
+        self, out_dir: Path, specs: Mapping[str, dict], dtypes: Mapping[str, str], run_info: Mapping[str, Any],
+        tokenizer: Any,
     ) -> Path:
         return save_pruned(self.model, out_dir, tokenizer=tokenizer, run_info=run_info)
 
@@ -148,11 +148,12 @@ class CheckpointSource:
         set_module(self.model, name, module.to(self.device))
 
     def save(
-        self, out_dir: Path, run_dir: Path, specs: Mapping[str, dict], dtypes: Mapping[str, str],
-        run_info: Mapping[str, Any], tokenizer: Any,
+        self, out_dir: Path, specs: Mapping[str, dict], dtypes: Mapping[str, str], run_info: Mapping[str, Any],
+        tokenizer: Any,
     ) -> Path:
         return save_pruned_streamed(
-            self.path, out_dir, specs, dtypes, run_dir, run_info=run_info, tokenizer=tokenizer, dtype=self.dtype,
+            # the layer files are in out_dir/layers/, where the driver's jobs wrote them
+            self.path, out_dir, specs, dtypes, out_dir, run_info=run_info, tokenizer=tokenizer, dtype=self.dtype,
             reader=self.reader,
         )
 

@@ -111,6 +111,19 @@ _ARMOR_COMMON = (
     ),
 )
 
+#: armor-fast's sweeps, shared by every solver built on them (armor-bh runs the same sweeps on another loss).
+_SWEEP_OPTIONS = (
+    *_ARMOR_COMMON,
+    Option("sweeps", int, 20, "sweeps (A, B, core values, mask) at most"),
+    Option("cg_steps", int, 2, "conjugate-gradient steps on the core values per sweep"),
+    Option("mask_steps", int, 1, "mask steps per sweep"),
+    Option("groups_per_tile", int, 64, "groups re-solved together per tile in a mask step"),
+    Option("damping", float, 1e-6, "ridge of the A/B normal equations, relative to their mean diagonal"),
+    Option("patience", int, 3, "stop after this many sweeps without a relative gain of rtol"),
+    Option("rtol", float, 1e-4, "relative gain per sweep that counts as progress"),
+    Option("max_seconds", float, None, "time cap per layer in seconds", True),
+)
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -152,17 +165,7 @@ METHODS: dict[str, Method] = {
             "diagonal",
             "exact A/B block updates, CG on the core values, exact multi-group mask steps; every step monotone",
             armor_fast,
-            (
-                *_ARMOR_COMMON,
-                Option("sweeps", int, 20, "sweeps (A, B, core values, mask) at most"),
-                Option("cg_steps", int, 2, "conjugate-gradient steps on the core values per sweep"),
-                Option("mask_steps", int, 1, "mask steps per sweep"),
-                Option("groups_per_tile", int, 64, "groups re-solved together per tile in a mask step"),
-                Option("damping", float, 1e-6, "ridge of the A/B normal equations, relative to their mean diagonal"),
-                Option("patience", int, 3, "stop after this many sweeps without a relative gain of rtol"),
-                Option("rtol", float, 1e-4, "relative gain per sweep that counts as progress"),
-                Option("max_seconds", float, None, "time cap per layer in seconds", True),
-            ),
+            _SWEEP_OPTIONS,
             wrappers=True,
         ),
         Method(
@@ -171,17 +174,7 @@ METHODS: dict[str, Method] = {
             "armor-fast on the proxy loss weighted by the diagonal blocks of X^T X instead of its diagonal "
             "(beyond the paper; losses reported under that objective)",
             armor_blockhess,
-            (
-                *_ARMOR_COMMON,
-                Option("sweeps", int, 20, "sweeps (A, B, core values, mask) at most"),
-                Option("cg_steps", int, 2, "conjugate-gradient steps on the core values per sweep"),
-                Option("mask_steps", int, 1, "mask steps per sweep"),
-                Option("groups_per_tile", int, 64, "groups re-solved together per tile in a mask step"),
-                Option("damping", float, 1e-6, "ridge of the A/B normal equations, relative to their mean diagonal"),
-                Option("patience", int, 3, "stop after this many sweeps without a relative gain of rtol"),
-                Option("rtol", float, 1e-4, "relative gain per sweep that counts as progress"),
-                Option("max_seconds", float, None, "time cap per layer in seconds", True),
-            ),
+            _SWEEP_OPTIONS,
             wrappers=True,
             objective="block-hessian",
         ),
