@@ -36,6 +36,10 @@ RUNS: dict[str, tuple[list[str], str]] = {
         ["--method", "armor-bh", "--compare", "none", *ARMOR_SWEEPS],
         "ARMOR block-Hessian objective, default budget",
     ),
+    "armor-fast-seq-b6.25": (
+        ["--method", "armor-fast", "--compare", "none", "--calibration-mode", "sequential", *ARMOR_SWEEPS],
+        "ARMOR, sequential calibration, default budget",
+    ),
     "baselines-one-pass": (
         ["--method", "sparsegpt", "--compare", "magnitude,wanda,nowag"],
         "baselines, one-pass calibration",
@@ -59,7 +63,9 @@ def run(name: str, runs_dir: Path, model: str) -> None:
     if (out / "results.json").exists():
         print(f"{name}: already done", flush=True)
         return
-    cmd = [ARMOR, "prune", "--model", model, "--output", str(out), *PROTOCOL, *RUNS[name][0]]
+    # the dense model is evaluated once, in the first run (the default-budget ARMOR run)
+    dense = [] if name == next(iter(RUNS)) else ["--no-dense-eval"]
+    cmd = [ARMOR, "prune", "--model", model, "--output", str(out), *PROTOCOL, *dense, *RUNS[name][0]]
     print(f"{name}: {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(runs_dir / f"{name}.log", "w") as log:

@@ -43,8 +43,34 @@ LAYERS = {
 }
 
 
-def layer_stats(block: int, nsamples: int, seqlen: int, full: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Weights and calibration statistics of ``LAYERS`` in decoder block ``block`` (cached)."""
+# Llama-2-7B layer shapes (out, in) for --shapes llama7b: no 7B weights are at hand, so these layers are synthetic
+LLAMA7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+def synthetic_7b_stats(full: bool, device: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Random weights at the Llama-2-7B shapes and statistics of random heavy-tailed inputs (a few input
+    channels 10-100x larger, as in LLM activations); for timing the solvers at full size, not for quality."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for short, (rows, cols) in LLAMA7B.items():
+        w = torch.randn(rows, cols, generator=gen) * 0.02
+        scale = torch.exp(torch.randn(cols, generator=gen) * 0.8)
+        scale[torch.randperm(cols, generator=gen)[: cols // 200]] *= 30.0
+        x = (torch.randn(4096, cols, generator=gen) * scale).to(device)
+        hess = x.T @ x / x.shape[0]
+        out[short] = {"weight": w.to(device), "h": hess.diagonal().clone()}
+        if full:
+            out[short]["H"] = hess
+    return out
+
+
+def layer_stats(
+    block: int, nsamples: int, seqlen: int, full: bool, shapes: str = "smollm2", device: str = "cpu"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Weights and calibration statistics of ``LAYERS`` in decoder block ``block`` (cached), on ``device``;
+    ``shapes="llama7b"``: synthetic layers at the 7B shapes instead (:func:`synthetic_7b_stats`)."""
+    if shapes == "llama7b":
+        return synthetic_7b_stats(full, device)
     key = hashlib.sha1(f"{block}-{nsamples}-{seqlen}-{full}-{sorted(LAYERS)}".encode()).hexdigest()[:12]
     cache = data.cache_dir() / "bench" / f"smollm2-layers-{key}.safetensors"
     if cache.exists():
@@ -82,7 +108,7 @@ def layer_stats(block: int, nsamples: int, seqlen: int, full: bool) -> dict[str,
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in flat.items():
         short, field = name.split(".")
-        out.setdefault(short, {})[field] = t
+        out.setdefault(short, {})[field] = t.to(device)
     return out
 
 
@@ -109,7 +135,7 @@ def time_to(trace: list[tuple[float, float]], loss: float) -> float | None:
 
 
 def compare(args: argparse.Namespace) -> None:
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, full=False)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
     rows, raw = [], {}
     for short in args.layers:
         w, h = layers[short]["weight"], layers[short]["h"]
@@ -187,7 +213,7 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def methods_table(args: argparse.Namespace) -> None:
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, full=True)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
     print(
         "| layer | shape | magnitude | Wanda | SparseGPT | NoWag-P | ARMOR 100 it | ARMOR 1,000 it | s/it | "
         "armor-fast (sweeps, s) |"
@@ -209,9 +235,9 @@ def methods_table(args: argparse.Namespace) -> None:
 
 def budget_table(args: argparse.Namespace) -> None:
     """armor-fast per layer with the given options (default: the budgeted block sizes): seconds and loss."""
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, full=True)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
     opts = json.loads(args.fast_opts)
-    print(f"armor {armor.__file__}; options {opts}; threads {torch.get_num_threads()}")
+    print(f"armor {armor.__file__}; options {opts}; threads {torch.get_num_threads()}; device {args.device}")
     print("| layer | shape | blocks (out, in) | wrapper overhead | sweeps | seconds | loss | loss / NoWag-P |")
     print("|---|---|---|---|---|---|---|---|")
     total = 0.0
@@ -234,7 +260,7 @@ def budget_table(args: argparse.Namespace) -> None:
 def objectives_table(args: argparse.Namespace) -> None:
     """armor-fast (the paper's diagonal proxy) vs armor-bh (block-Hessian proxy) per layer, default budget:
     the loss of each result under both proxies and its true output error with the full ``X^T X``."""
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, full=True)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
     opts = json.loads(args.fast_opts)
     print(f"options {opts}; threads {torch.get_num_threads()}")
     print("| layer | objective | seconds | diagonal proxy | block-Hessian proxy | true output error |")
@@ -283,6 +309,13 @@ def main() -> None:
         "--rate-iters", type=int, default=0, help="with --reuse-faithful: rescale its clock by this many iterations now"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the solvers run: cpu or cuda (timings sync every sweep)")
+    p.add_argument(
+        "--shapes",
+        choices=["smollm2", "llama7b"],
+        default="smollm2",
+        help="real SmolLM2 layers, or synthetic layers at the Llama-2-7B shapes (timing only)",
+    )
     p.add_argument("--out", default=None, help="folder for one JSON per layer (row + loss-vs-time traces)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -53,8 +53,12 @@ def test_prune_inspect_export_eval(capsys, tiny_model_dir, tiny_text, tmp_path):
     assert "linear bytes / dense" in report and "| 16, 16 |" in report  # the block sizes actually used
 
     rc, stdout, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "armor-fast", "--compare",
-                                         "none", "-O", "sweeps=1", "--block-size", 16))
+                                         "none", "-O", "sweeps=1", "--block-size", 16, "--no-dense-eval"))
     assert rc == 0 and "already pruned" in stdout
+    # --no-dense-eval: the pruned model is evaluated, the dense one is not
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["armor-fast"] and math.isfinite(results[0]["ppl"])
+    assert "dense:" not in stdout
 
     rc, stdout, _ = _cli(capsys, "inspect", out / "armor-fast", "--layers")
     assert rc == 0 and "method:        armor-fast" in stdout and "model.layers.1.mlp.down_proj" in stdout

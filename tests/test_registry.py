@@ -48,3 +48,21 @@ def test_prune_layer_rejects_options_of_another_method():
         armor.prune_layer(w, torch.ones(16), "armor-fast", column_batch=8)
     res = armor.prune_layer(w, torch.ones(16), "magnitude")
     assert res.core.shape == (8, 16) and res.a_blocks is None
+
+
+@pytest.mark.parametrize("method,opts", [("armor", {"iterations": 15}), ("armor-fast", {"sweeps": 4, "patience": 0})])
+def test_prune_layer_callback_reports_every_step(method, opts):
+    """``callback`` sees every iteration/sweep with the best loss so far: never rising, ending at the result."""
+    torch.manual_seed(0)
+    w, h = torch.randn(16, 32), torch.rand(32) + 0.1
+    seen: list[tuple[int, float]] = []
+    res = armor.prune_layer(w, h, method, callback=lambda step, loss: seen.append((step, loss)), **opts)
+    assert len(seen) == res.iterations
+    losses = [loss for _, loss in seen]
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))
+    assert losses[-1] == pytest.approx(res.loss)
+
+
+def test_prune_layer_callback_refused_without_iterations():
+    with pytest.raises(TypeError, match="no iterations to report"):
+        armor.prune_layer(torch.randn(8, 16), torch.ones(16), "wanda", callback=print)

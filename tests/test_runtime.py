@@ -522,6 +522,11 @@ def test_run_layer_bench_small():
     assert len(table.splitlines()) == 2 + len(recs)
 
 
+def test_kernel_timing_needs_cuda():
+    with pytest.raises(ValueError, match="kernel timing needs a CUDA device"):
+        run_layer_bench([(8, 16)], [1], torch.float32, "cpu", repeats=1, warmup=1, block_size=4, kernel_time=True)
+
+
 def _fake_record(method, backend, batch, speedup):
     return {"dtype": "float32", "shape": "8x8", "method": method, "backend": backend, "batch": batch,
             "speedup_vs_dense": speedup}

@@ -50,12 +50,13 @@ def test_semi_structured_equals_dense_reconstruction(out_f, in_f, dtype, kind, t
         assert _max_rel_error(y, ref) <= 3 * TOL[dtype]
     else:
         assert _max_rel_error(y, ref) <= TOL[dtype]
-    # auto picks the same path on this GPU and gives the same numbers
+    # auto takes the transient-dense path on CUDA (faster in eager mode, see armor.runtime.modules), which
+    # computes the same function within the same rounding
     mod.backend = "auto"
     with torch.inference_mode():
         y_auto = mod(x)
-    assert mod.active_backend == "semi_structured"
-    assert torch.equal(y_auto, y)
+    assert mod.active_backend == "dense" and mod.cache_nbytes() == 0
+    assert _max_rel_error(y_auto, ref) <= (3 if kind == "armor" else 1) * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -63,7 +64,11 @@ def test_semi_structured_equals_dense_reconstruction(out_f, in_f, dtype, kind, t
 def test_semi_structured_resident_memory(dtype, kind):
     out_f, in_f = 4096, 4096
     mod = module_from_result(
-        random_nm_result(out_f, in_f, 128 if kind == "armor" else None), None, dtype, device="cuda"
+        random_nm_result(out_f, in_f, 128 if kind == "armor" else None),
+        None,
+        dtype,
+        device="cuda",
+        backend="semi_structured",
     )
     dense_bytes = out_f * in_f * torch.empty((), dtype=dtype).element_size()
     with torch.inference_mode():

@@ -121,6 +121,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3 CUDA, 2 CPU)")
     p.add_argument("--block-size", type=int, default=128, help="ARMOR wrapper block size")
     p.add_argument(
+        "--kernel-time",
+        action="store_true",
+        help="CUDA: report each layer call's GPU kernel time (profiler) instead of its wall time, i.e. without "
+        "the per-call host work, as a CUDA-graph serving engine would run it",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="small CPU-friendly run: shapes 'quick', batches 1,16,128, 3 repeats"
     )
     p.add_argument(
@@ -244,7 +250,15 @@ def run(args: argparse.Namespace) -> int:
             records: list[dict[str, Any]] = []
             for name in dtype_names:
                 records += run_layer_bench(
-                    shapes, batches, _DTYPES[name], device, repeats, warmup, args.block_size, backends=backends
+                    shapes,
+                    batches,
+                    _DTYPES[name],
+                    device,
+                    repeats,
+                    warmup,
+                    args.block_size,
+                    backends=backends,
+                    kernel_time=args.kernel_time,
                 )
             print(format_layer_table(records))
             print(

@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_perplexity_args(p, in_prune=True)
     add_task_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip perplexity and tasks")
+    p.add_argument("--no-dense-eval", action="store_true",
+                   help="evaluate only the pruned models, not the dense one (e.g. when its figure is known from an "
+                   "earlier run with the same evaluation)")
     s = p.add_argument_group("layers and output")
     s.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
                    help="only layers matching these globs (on any dotted suffix) or 're:REGEX'")
@@ -222,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     records: dict[str, list[dict[str, Any]]] = {}
-    if not args.no_eval:
+    if not args.no_eval and not args.no_dense_eval:
         print("dense:", flush=True)
         dense = evaluate_model(model_path if args.streaming else load_model(model_path, dtype, device), "dense")
         rows.append({**row_of("dense", dense), "linear_bytes_ratio": 1.0, "checkpoint_bytes_ratio": 1.0,

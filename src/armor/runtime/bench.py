@@ -187,8 +187,28 @@ def default_backends(device: torch.device | str) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------------------------------
 # layer benchmark
+def _kernel_seconds_per_call(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Mean GPU time per call of ``fn`` spent in kernels and memsets (the profiler's device events), over
+    ``calls`` calls: what the call costs the GPU once the per-call host work (Python, the library's own host
+    code such as cuSPARSELt's plan set-up) is out of the way, as in a CUDA-graph serving engine.  (Graph capture
+    itself is not used: the cuSPARSELt path of torch 2.11 faults when its captured graph is replayed.)"""
+    _sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not device_events:
+        raise RuntimeError("the profiler recorded no CUDA kernels: kernel timing needs CUPTI")
+    return sum(e.time_range.elapsed_us() for e in device_events) * 1e-6 / calls
+
+
 def _build_layer(
-    proto: Tensor | nn.Module, backend: str, x: Tensor, device: torch.device, warmup: int
+    proto: Tensor | nn.Module,
+    backend: str,
+    x: Tensor,
+    device: torch.device,
+    warmup: int,
 ) -> dict[str, Any]:
     """Build one layer from ``proto`` on ``device`` and run its warm-up calls, inside a memory probe."""
     with _MemProbe(device) as probe:
@@ -235,6 +255,7 @@ def run_layer_bench(
     backends: Sequence[str] | None = None,
     seed: int = 0,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    kernel_time: bool = False,
 ) -> list[dict[str, Any]]:
     """Time ``y = layer(x)`` for ``x`` of shape ``(batch, in)``: dense ``F.linear`` vs :class:`SparseLinear`
     (2:4) vs :class:`ArmorLinear` (2:4 core, ``block_size`` wrapper blocks), each pruned layer on every backend
@@ -250,9 +271,15 @@ def run_layer_bench(
     ``state_dict``; the weight itself for dense), ``resident_bytes`` (what the module keeps between calls:
     state + runtime cache), ``peak_mem_bytes`` and ``mem_method``: ``cuda_max_memory_allocated`` (peak above
     the level before the build, over build + warm-up) or ``cpu_rss_delta`` (RSS after build + warm-up minus
-    before; indicative only).
+    before; indicative only), ``timing`` (``"wall"`` or ``"kernels"``).
+
+    ``kernel_time`` (CUDA only): instead of the wall time of each call, the mean GPU time of its kernels over
+    ``repeats`` calls (:func:`_kernel_seconds_per_call`; then ``median_s == min_s``), for every layer, dense
+    included.
     """
     device = torch.device(device)
+    if kernel_time and device.type != "cuda":
+        raise ValueError(f"kernel timing needs a CUDA device, got {device}")
     backends = tuple(default_backends(device) if backends is None else backends)
     records: list[dict[str, Any]] = []
     armor_name = f"armor-b{block_size}"
@@ -271,7 +298,10 @@ def run_layer_bench(
                 x = torch.randn(batch, in_f).to(device=device, dtype=dtype)
                 built = {key: _build_layer(p, key[1], x, device, warmup) for key, p in protos.items()}
                 times: dict[tuple[str, str], list[float]] = {key: [] for key in built}
-                for _ in range(max(1, repeats)):
+                if kernel_time:
+                    for key, b in built.items():
+                        times[key].append(_kernel_seconds_per_call(b["fn"], device, max(1, repeats)))
+                for _ in range(0 if kernel_time else max(1, repeats)):
                     for key, b in built.items():
                         _sync(device)
                         start = time.perf_counter()
@@ -305,6 +335,7 @@ def run_layer_bench(
                     "device": str(device),
                     "repeats": repeats,
                     "warmup": warmup,
+                    "timing": "kernels" if kernel_time else "wall",
                 }
                 records.append(rec)
                 if progress is not None:

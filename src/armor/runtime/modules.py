@@ -13,20 +13,23 @@ forward on a capable GPU, kept outside ``state_dict()``, rebuilt when the state 
 Backends (``module.backend`` is the request; ``module.active_backend`` says which path ran last, or would run
 for one token before any forward; :meth:`backend_for` answers for a given token count):
 
-* ``"auto"`` (default): on CUDA ``"semi_structured"`` when it can run, else ``"dense"``; on CPU ``"packed"``
+* ``"auto"`` (default): on CUDA ``"dense"`` (see below why not ``"semi_structured"``); on CPU ``"packed"``
   for token batches up to :data:`CPU_PACKED_MAX_TOKENS` (decoding; a measured crossover, see
   benchmarks/RESULTS_runtime.md) and ``"dense"`` above it (prefill), or ``"dense"`` when numba is missing;
 * ``"packed"``: the CPU kernels of :mod:`armor.runtime.kernels` compute straight from ``values``/``indices``
   (and the wrapper blocks read in place), summing in float32 (numba; CPU; float32, bfloat16, float16);
 * ``"semi_structured"``: 2:4 sparse tensor cores through ``torch.sparse.to_sparse_semi_structured`` (CUDA,
-  compute capability >= 8.0, float16/bfloat16, 2:4 pattern);
+  compute capability >= 8.0, float16/bfloat16, 2:4 pattern); only when asked for.  Measured on an H100 with
+  torch 2.11 / cuSPARSELt 0.8 (benchmarks/RESULTS_runtime.md): its kernels beat dense ``F.linear`` by up to
+  1.44x at 2048 tokens, but every call spends about 1 ms of host time setting up cuSPARSELt, so in eager mode
+  it was 5-40x slower than dense at every measured shape and batch, and a CUDA graph of it faulted on replay;
+  it also keeps the compressed copy next to the packed state (1.125x dense resident for plain 2:4);
 * ``"dense"``: the core unpacked to a TRANSIENT dense matrix for the call (freed after) and ``F.linear``; for
   ARMOR the wrappers are batched block matmuls around it.  Also the path autograd takes.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -159,7 +162,6 @@ class _PackedNMLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cache: dict[str, tuple[tuple, Any]] = {}
-        self._semi_failed: str | None = None  # why the semi-structured path failed at build/first use (auto)
         self._last_backend: str | None = None
         self._packed_max_tokens: int | None = None  # auto on CPU: packed up to this many tokens (-1: cannot)
         self.backend = backend
@@ -177,7 +179,8 @@ class _PackedNMLinear(nn.Module):
                 f"unknown backend {value!r} for {type(self).__name__}; choose one of {self._BACKENDS}"
             )
         self._backend = value
-        self._semi_failed = None
+        if value != "semi_structured":
+            self.drop_cache()  # only the semi-structured path uses the cache: do not hold its memory
         self._last_backend = None
         self._packed_max_tokens = None
 
@@ -214,8 +217,7 @@ class _PackedNMLinear(nn.Module):
             return "packed"
         if self._backend == "auto":
             if self.device.type == "cuda":
-                ok = semi_structured_status(self.device, self.dtype, self.n, self.m) is None
-                return "semi_structured" if ok and self._semi_failed is None else "dense"
+                return "dense"  # faster than semi_structured in eager mode on the GPU measured (module docstring)
             if self._packed_max_tokens is None:  # memo: the device/dtype checks cost more than a small forward
                 ok = packed_status(self.device, self.dtype) is None
                 self._packed_max_tokens = CPU_PACKED_MAX_TOKENS.get(self.dtype, 0) if ok else -1
@@ -269,14 +271,12 @@ class _PackedNMLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # .to()/.half()/.cuda() make every cache stale; free them now rather than at the next forward.
         self.drop_cache()
-        self._semi_failed = None
         self._last_backend = None
         self._packed_max_tokens = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.drop_cache()
-        self._semi_failed = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _dense_core(self) -> Tensor:
@@ -302,21 +302,7 @@ class _PackedNMLinear(nn.Module):
         if backend == "packed":
             return nm_matmul(self.values, self.indices, x2, self.n, self.m)
         if backend == "semi_structured":
-            try:
-                return F.linear(x2.contiguous(), self._semi_core())
-            except (RuntimeError, NotImplementedError, ValueError) as err:
-                if self._backend == "semi_structured":
-                    raise
-                # auto: remember the failure so later calls go straight to dense, and say so once.
-                self._semi_failed = f"{type(err).__name__}: {err}"
-                self._cache.pop("semi_core", None)
-                self._last_backend = "dense"
-                warnings.warn(
-                    f"{type(self).__name__}({self.out_features}x{self.in_features}): "
-                    f"semi-structured 2:4 path failed ({self._semi_failed}); falling back to dense",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            return F.linear(x2.contiguous(), self._semi_core())
         return F.linear(x2, self._dense_core())
 
     # -- public helpers ----------------------------------------------------------------------------------

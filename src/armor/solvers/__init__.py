@@ -8,6 +8,7 @@ paper's schedule), the fast solver in :mod:`armor.solvers.armor_fast`, the basel
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ def prune_layer(
     *,
     n: int = 2,
     m: int = 4,
+    callback: Callable[[int, float], None] | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune one linear layer's weight ``(out_features, in_features)`` to n:m sparsity.
@@ -67,6 +69,8 @@ def prune_layer(
             ``sparsegpt`` needs the full matrix, every other method the diagonal.
         method: a name in :data:`METHODS` (``armor.METHODS[name].summary`` says what it does).
         n, m: the pattern; 2:4 by default.
+        callback: ``callback(step, best_loss)`` after every iteration (``armor``) or sweep (``armor-fast``,
+            ``armor-bh``), for progress and loss-vs-time traces; a method without iterations refuses it.
         **options: the method's options (``armor.METHODS[name].options``); an option the method does not take
             is a TypeError naming the ones it does.
 
@@ -75,6 +79,10 @@ def prune_layer(
     """
     spec: Method = get_method(method)
     resolved = spec.resolve(options)
+    if callback is not None:
+        if not spec.wrappers:
+            raise TypeError(f"method {method!r} has no iterations to report: callback is for the ARMOR methods")
+        resolved["callback"] = callback
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         raise TypeError("weight must be a floating-point torch.Tensor")
     check_nm_shape(weight.shape, n, m)
