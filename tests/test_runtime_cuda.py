@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 from armor.runtime import module_from_result, semi_structured_status
 from armor.runtime.bench import random_nm_result
+from armor.runtime.gpu_kernels import triton_available, unpack_dense_cuda
+from armor.runtime.packing import pack_nm, unpack_nm
+from armor.sparsity import nm_mask_from_scores
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or semi_structured_status("cuda", torch.float16) is not None,
@@ -91,3 +94,17 @@ def test_dense_backend_on_cuda_keeps_no_cache(dtype):
     assert mod.active_backend == "dense" and mod.cache_nbytes() == 0
     ref = F.linear(x.double(), mod.dense_weight().double())
     assert _max_rel_error(y, ref) <= 3 * TOL[dtype]
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_unpack_equals_the_pytorch_unpack(n, m, dtype):
+    """Bit-exact against ``unpack_nm`` on fresh random cores, a partial last tile included (300 groups)."""
+    gen = torch.Generator().manual_seed(n * 10 + m)
+    w = torch.randn(37, m * 300, generator=gen)
+    mask = nm_mask_from_scores(w.abs(), n, m)
+    values, idx = pack_nm((w * mask).to(dtype), mask, n, m)
+    values, idx = values.cuda(), idx.cuda()
+    out = unpack_dense_cuda(values, idx, w.shape[1], n, m)
+    assert torch.equal(out, unpack_nm(values, idx, w.shape[1], n, m))

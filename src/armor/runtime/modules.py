@@ -22,10 +22,11 @@ for one token before any forward; :meth:`backend_for` answers for a given token 
   compute capability >= 8.0, float16/bfloat16, 2:4 pattern); only when asked for.  Measured on an H100 with
   torch 2.11 / cuSPARSELt 0.8 (benchmarks/RESULTS_runtime.md): its kernels beat dense ``F.linear`` by up to
   1.44x at 2048 tokens, but every call spends about 1 ms of host time setting up cuSPARSELt, so in eager mode
-  it was 5-40x slower than dense at every measured shape and batch, and a CUDA graph of it faulted on replay;
+  it was 4-28x slower than dense at every measured shape and batch, and a CUDA graph of it faulted on replay;
   it also keeps the compressed copy next to the packed state (1.125x dense resident for plain 2:4);
 * ``"dense"``: the core unpacked to a TRANSIENT dense matrix for the call (freed after) and ``F.linear``; for
-  ARMOR the wrappers are batched block matmuls around it.  Also the path autograd takes.
+  ARMOR the wrappers are batched block matmuls around it.  Also the path autograd takes.  The unpack is one
+  pass: numba on CPU, a Triton kernel on CUDA (:mod:`armor.runtime.gpu_kernels`; PyTorch ops without triton).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from ..factors import block_product
 from ..result import PruneResult
+from .gpu_kernels import triton_available, unpack_dense_cuda
 from .kernels import armor_matmul, kernel_dtypes, nm_matmul, numba_available, unpack_dense
 from .packing import pack_nm, packed_index_shape, unpack_nm
 
@@ -281,11 +283,11 @@ class _PackedNMLinear(nn.Module):
 
     def _dense_core(self) -> Tensor:
         """The unpacked ``(out, in)`` core in the module dtype: transient, never stored on the module."""
-        if (
-            not (torch.is_grad_enabled() and self.values.requires_grad)
-            and packed_status(self.device, self.dtype) is None
-        ):
-            return unpack_dense(self.values, self.indices, self.n, self.m)  # one pass, no index tensors
+        if not (torch.is_grad_enabled() and self.values.requires_grad):
+            if packed_status(self.device, self.dtype) is None:
+                return unpack_dense(self.values, self.indices, self.n, self.m)  # one pass, no index tensors
+            if self.device.type == "cuda" and triton_available():
+                return unpack_dense_cuda(self.values, self.indices, self.in_features, self.n, self.m)
         return unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
 
     def _semi_core(self) -> Tensor:
