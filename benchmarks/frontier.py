@@ -40,6 +40,10 @@ RUNS: dict[str, tuple[list[str], str]] = {
         ["--method", "armor-fast", "--compare", "none", "--calibration-mode", "sequential", *ARMOR_SWEEPS],
         "ARMOR, sequential calibration, default budget",
     ),
+    "armor-fast-calib128": (
+        ["--method", "armor-fast", "--compare", "none", "--nsamples", "128"],
+        "ARMOR, default budget, twice the calibration tokens (128 x 512)",
+    ),
     "baselines-one-pass": (
         ["--method", "sparsegpt", "--compare", "magnitude,wanda,nowag"],
         "baselines, one-pass calibration",
@@ -89,7 +93,8 @@ def collect(runs_dir: Path) -> list[dict]:
             if (runs_dir / name / "command.txt").exists()
             else ""
         )
-        mode = data.get("settings", {}).get("calibration_mode", "one-pass")
+        # the settings name the mode at the end of their calibration line ("..., seed 0, sequential")
+        mode = data.get("settings", {}).get("calibration", "").rsplit(", ", 1)[-1] or "one-pass"
         for r in data["results"]:
             if r["method"] == "dense":
                 if dense_seen:
@@ -130,16 +135,20 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    armor_pts = sorted(
-        (r["linear_bytes_ratio"], r["ppl"]) for r in rows if r["method"] == "armor-fast" and r.get("ppl")
-    )
+    def on_budget_line(r: dict) -> bool:  # armor-fast one-pass at each budget; other ARMOR runs are markers
+        return r["method"] == "armor-fast" and r["run"].startswith("armor-fast-b")
+
+    armor_pts = sorted((r["linear_bytes_ratio"], r["ppl"]) for r in rows if on_budget_line(r) and r.get("ppl"))
     if armor_pts:
         ax.plot(*zip(*armor_pts, strict=True), "o-", label="ARMOR (armor-fast), one point per wrapper budget")
     for r in rows:
-        if r["method"] == "armor-fast" or not r.get("ppl") or r.get("linear_bytes_ratio") is None:
+        if on_budget_line(r) or not r.get("ppl") or r.get("linear_bytes_ratio") is None:
             continue
         label = r["method"] if r["mode"] in ("one-pass", "–") else f"{r['method']} ({r['mode']})"
-        ax.plot(r["linear_bytes_ratio"], r["ppl"], "s" if r["method"] != "dense" else "*", label=label)
+        if r["run"] == "armor-fast-calib128":
+            label += ", 128 x 512 calibration"
+        marker = "*" if r["method"] == "dense" else ("^" if r["method"].startswith("armor") else "s")
+        ax.plot(r["linear_bytes_ratio"], r["ppl"], marker, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("stored bytes of the linear layers / dense")
     ax.set_ylabel("perplexity, Lee corpus (log)")
