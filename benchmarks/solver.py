@@ -47,7 +47,7 @@ LAYERS = {
 LLAMA7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
 
 
-def synthetic_7b_stats(full: bool, device: str) -> dict[str, dict[str, torch.Tensor]]:
+def synthetic_7b_stats(device: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights at the Llama-2-7B shapes and statistics of random heavy-tailed inputs (a few input
     channels 10-100x larger, as in LLM activations); for timing the solvers at full size, not for quality."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -58,20 +58,20 @@ def synthetic_7b_stats(full: bool, device: str) -> dict[str, dict[str, torch.Ten
         scale[torch.randperm(cols, generator=gen)[: cols // 200]] *= 30.0
         x = (torch.randn(4096, cols, generator=gen) * scale).to(device)
         hess = x.T @ x / x.shape[0]
-        out[short] = {"weight": w.to(device), "h": hess.diagonal().clone()}
-        if full:
-            out[short]["H"] = hess
+        out[short] = {"weight": w.to(device), "h": hess.diagonal().clone(), "H": hess}
     return out
 
 
 def layer_stats(
-    block: int, nsamples: int, seqlen: int, full: bool, shapes: str = "smollm2", device: str = "cpu"
+    block: int, nsamples: int, seqlen: int, shapes: str = "smollm2", device: str = "cpu"
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Weights and calibration statistics of ``LAYERS`` in decoder block ``block`` (cached), on ``device``;
-    ``shapes="llama7b"``: synthetic layers at the 7B shapes instead (:func:`synthetic_7b_stats`)."""
+    """Weights, Hessian diagonals ``h`` and full Hessians ``H`` of ``LAYERS`` in decoder block ``block``
+    (cached), on ``device``; ``shapes="llama7b"``: synthetic layers at the 7B shapes instead
+    (:func:`synthetic_7b_stats`)."""
     if shapes == "llama7b":
-        return synthetic_7b_stats(full, device)
-    key = hashlib.sha1(f"{block}-{nsamples}-{seqlen}-{full}-{sorted(LAYERS)}".encode()).hexdigest()[:12]
+        return synthetic_7b_stats(device)
+    # "True" in the key: the cache files written when the full Hessian was optional stay valid
+    key = hashlib.sha1(f"{block}-{nsamples}-{seqlen}-True-{sorted(LAYERS)}".encode()).hexdigest()[:12]
     cache = data.cache_dir() / "bench" / f"smollm2-layers-{key}.safetensors"
     if cache.exists():
         flat = load_file(cache)
@@ -89,7 +89,7 @@ def layer_stats(
         accs, hooks = {}, []
         for short, suffix in LAYERS.items():
             lin = mods[f"model.layers.{block}.{suffix}"]
-            accs[short] = armor.StatsAccumulator(lin.in_features, full=full)
+            accs[short] = armor.StatsAccumulator(lin.in_features, full=True)
             hooks.append(lin.register_forward_hook(lambda _m, inp, _o, a=accs[short]: a.update(inp[0])))
         with torch.no_grad():
             for i in range(0, nsamples, 4):
@@ -99,8 +99,7 @@ def layer_stats(
             st = accs[short].finalize()
             flat[f"{short}.weight"] = mods[f"model.layers.{block}.{suffix}"].weight.detach().contiguous()
             flat[f"{short}.h"] = st.hessian_diag
-            if full:
-                flat[f"{short}.H"] = st.hessian
+            flat[f"{short}.H"] = st.hessian
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         save_file(flat, tmp)
@@ -135,7 +134,7 @@ def time_to(trace: list[tuple[float, float]], loss: float) -> float | None:
 
 
 def compare(args: argparse.Namespace) -> None:
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, args.shapes, args.device)
     rows, raw = [], {}
     for short in args.layers:
         w, h = layers[short]["weight"], layers[short]["h"]
@@ -213,7 +212,7 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def methods_table(args: argparse.Namespace) -> None:
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, args.shapes, args.device)
     print(
         "| layer | shape | magnitude | Wanda | SparseGPT | NoWag-P | ARMOR 100 it | ARMOR 1,000 it | s/it | "
         "armor-fast (sweeps, s) |"
@@ -235,7 +234,7 @@ def methods_table(args: argparse.Namespace) -> None:
 
 def budget_table(args: argparse.Namespace) -> None:
     """armor-fast per layer with the given options (default: the budgeted block sizes): seconds and loss."""
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, args.shapes, args.device)
     opts = json.loads(args.fast_opts)
     print(f"armor {armor.__file__}; options {opts}; threads {torch.get_num_threads()}; device {args.device}")
     print("| layer | shape | blocks (out, in) | wrapper overhead | sweeps | seconds | loss | loss / NoWag-P |")
@@ -260,7 +259,7 @@ def budget_table(args: argparse.Namespace) -> None:
 def objectives_table(args: argparse.Namespace) -> None:
     """armor-fast (the paper's diagonal proxy) vs armor-bh (block-Hessian proxy) per layer, default budget:
     the loss of each result under both proxies and its true output error with the full ``X^T X``."""
-    layers = layer_stats(args.block, args.nsamples, args.seqlen, True, args.shapes, args.device)
+    layers = layer_stats(args.block, args.nsamples, args.seqlen, args.shapes, args.device)
     opts = json.loads(args.fast_opts)
     print(f"options {opts}; threads {torch.get_num_threads()}")
     print("| layer | objective | seconds | diagonal proxy | block-Hessian proxy | true output error |")

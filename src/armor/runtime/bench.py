@@ -204,11 +204,7 @@ def _kernel_seconds_per_call(fn: Callable[[], Any], device: torch.device, calls:
 
 
 def _build_layer(
-    proto: Tensor | nn.Module,
-    backend: str,
-    x: Tensor,
-    device: torch.device,
-    warmup: int,
+    proto: Tensor | nn.Module, backend: str, x: Tensor, device: torch.device, warmup: int
 ) -> dict[str, Any]:
     """Build one layer from ``proto`` on ``device`` and run its warm-up calls, inside a memory probe."""
     with _MemProbe(device) as probe:
@@ -301,13 +297,14 @@ def run_layer_bench(
                 if kernel_time:
                     for key, b in built.items():
                         times[key].append(_kernel_seconds_per_call(b["fn"], device, max(1, repeats)))
-                for _ in range(0 if kernel_time else max(1, repeats)):
-                    for key, b in built.items():
-                        _sync(device)
-                        start = time.perf_counter()
-                        b["fn"]()
-                        _sync(device)
-                        times[key].append(time.perf_counter() - start)
+                else:
+                    for _ in range(max(1, repeats)):
+                        for key, b in built.items():
+                            _sync(device)
+                            start = time.perf_counter()
+                            b["fn"]()
+                            _sync(device)
+                            times[key].append(time.perf_counter() - start)
             dense_sec = statistics.median(times[("dense", "F.linear")])
             dense_min = min(times[("dense", "F.linear")])
             dense_bytes = built[("dense", "F.linear")]["stored_bytes"]
