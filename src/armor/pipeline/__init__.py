@@ -11,7 +11,7 @@ mode and executor.
 
 from __future__ import annotations
 
-from .driver import CALIBRATION_MODES, PruneRun, prune
+from .driver import CALIBRATION_MODES, PruneRun, PruneSettings, prune
 from .executors import Executor, LocalExecutor
 from .jobs import LayerJob, LayerOutcome, run_layer_job
 from .ray_executor import RayExecutor
@@ -20,6 +20,7 @@ from .sources import CheckpointSource, InMemorySource
 __all__ = [
     "prune",
     "PruneRun",
+    "PruneSettings",
     "CALIBRATION_MODES",
     "Executor",
     "LocalExecutor",

@@ -1,24 +1,26 @@
 """The pruning driver: one loop for every model source, calibration mode and executor.
 
-:func:`prune` walks the decoder blocks in order.  For each block it
+:func:`prune` plans the run (which layers an earlier run finished), captures the first block's calibration inputs,
+then walks the decoder blocks in order.  For each block that still has work (:meth:`_Run.process_block`) it
 
-1. loads the block's weights (a no-op for a model in memory),
-2. restores the block's layers that an earlier run finished (their layer files and fingerprints match),
-3. runs the block over its calibration inputs with hooks that gather each remaining layer's statistics, and in
-   ``one-pass`` mode (the paper's protocol) keeps the DENSE block's outputs as the next block's inputs,
-4. hands the layers to the executor (in process, or Ray),
-5. in ``sequential`` mode (SparseGPT's and Wanda's protocol) waits for them, puts them in place and computes the
-   next block's inputs with the PRUNED block,
-6. releases the block (a no-op in memory).
+1. loads the block's weights (a no-op for a model in memory) and restores the layers an earlier run finished,
+2. calibrates: runs the DENSE block over its statistics inputs with hooks that gather each remaining layer's
+   statistics (``one-pass``: the dense model's activations, the paper's protocol; ``sequential``: the pruned
+   model's, SparseGPT's and Wanda's protocol),
+3. submits the layers to the executor (in process, or Ray) and hands finished ones over,
+4. when the pruned block itself is needed (sequential statistics), waits for its layers and puts them in place,
+5. advances the activation streams to the next block, and releases the block (a no-op in memory).
 
-Then it saves the pruned model.  A model in memory (:class:`~armor.pipeline.sources.InMemorySource`) and a
-checkpoint read block by block (:class:`~armor.pipeline.sources.CheckpointSource`) differ only in steps 1, 6 and
-the save; the executor only decides where :func:`~armor.pipeline.jobs.run_layer_job` runs.  In one-pass mode the
-per-layer results are bit-identical across all of these.
+Then it records the run's provenance and saves the pruned model.  A model in memory
+(:class:`~armor.pipeline.sources.InMemorySource`) and a checkpoint read block by block
+(:class:`~armor.pipeline.sources.CheckpointSource`) differ only in loading, releasing and saving; the executor only
+decides where :func:`~armor.pipeline.jobs.run_layer_job` runs.  In one-pass mode the per-layer results are
+bit-identical across all of these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,9 +34,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calibration import ActivationStore, StatsHooks, capture_block_inputs, run_block
+from ..calibration import ActivationStore, BlockCalls, StatsHooks, capture_block_inputs, run_block
 from ..models import find_prunable_layers
 from ..solvers import get_method
+from ..stats import LayerStats
 from ..storage import load_pruned, read_armor_config
 from ..storage.atomic import write_text_atomic
 from ..storage.resume import (
@@ -51,10 +54,62 @@ from .executors import Executor, LocalExecutor
 from .jobs import LayerJob, LayerOutcome, outcome_from_module
 from .sources import CheckpointSource, InMemorySource, ModelSource
 
-__all__ = ["CALIBRATION_MODES", "PruneRun", "prune"]
+__all__ = ["CALIBRATION_MODES", "PruneRun", "PruneSettings", "prune"]
 
 #: ``one-pass``: every statistic from the dense model; ``sequential``: from the model pruned so far.
 CALIBRATION_MODES = ("one-pass", "sequential")
+
+
+@dataclass
+class PruneSettings:
+    """How :func:`prune` runs: everything but the model, the calibration ids, the executor and the output folder.
+
+    Attributes:
+        method, options: a registered method and its options (``armor.METHODS[method].options``).
+        mode: ``"one-pass"`` (statistics of the dense model, the paper's protocol) or ``"sequential"``
+            (statistics of the model pruned so far, as SparseGPT and Wanda publish).
+        n, m: the sparsity pattern (n kept in every group of m input columns).
+        include, exclude: layer name patterns (see :func:`armor.models.name_matches`).
+        resume: reuse finished layers of an earlier run in ``output`` (``False``: redo them all).
+        keep_layer_files: keep ``output/layers/`` after the model is saved (default: removed).
+        progress: show progress bars.
+        dtype, device: for a streamed checkpoint, the dtype its weights are pruned in (default float32) and where
+            blocks run; a model in memory keeps its own.
+        batch_size: calibration sequences per block forward.
+        activation_budget: bytes of block activations kept in memory; the rest goes to files in ``offload_dir``
+            (default ``<output>/.activations``, or a temporary folder), removed at the end.
+        run_info: extra provenance stored with the saved model (calibration source, model path, ...).
+        callback: ``callback(name, record)`` after each layer.
+    """
+
+    method: str = "armor-fast"
+    options: Mapping[str, Any] | None = None
+    mode: str = "one-pass"
+    n: int = 2
+    m: int = 4
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    resume: bool = True
+    keep_layer_files: bool = False
+    progress: bool = False
+    dtype: torch.dtype | None = None
+    device: torch.device | str | None = None
+    batch_size: int = 8
+    activation_budget: int = 2 << 30
+    offload_dir: str | Path | None = None
+    run_info: Mapping[str, Any] | None = None
+    callback: Callable[[str, LayerRecord], None] | None = None
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first invalid setting."""
+        if self.mode not in CALIBRATION_MODES:
+            raise ValueError(f"calibration mode must be one of {', '.join(CALIBRATION_MODES)}, got {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def sequential(self) -> bool:
+        return self.mode == "sequential"
 
 
 @dataclass
@@ -132,30 +187,254 @@ def run_fingerprint(layer_fps: Mapping[str, str], include: Sequence[str] | None,
     return fingerprint(layers=dict(layer_fps), include=list(include or []), exclude=list(exclude or []))
 
 
+@dataclass
+class _Plan:
+    """Which layers the run prunes, their fingerprints, and which of them an earlier run in ``out`` finished."""
+
+    layers: dict[str, nn.Linear]
+    block_of: dict[str, int]
+    fps: dict[str, str]
+    run_fp: str
+    done: set[str]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    def block_names(self, i: int) -> list[str]:
+        return [name for name in self.layers if self.block_of[name] == i]
+
+    @property
+    def last(self) -> int:
+        """The last block with work left (-1: none)."""
+        return max((self.block_of[name] for name in self.layers if name not in self.done), default=-1)
+
+
+def _plan(source: ModelSource, calibration: Tensor, s: PruneSettings, resolved: dict[str, Any],
+          out: Path | None) -> _Plan:
+    layers = find_prunable_layers(source.model, s.include, s.exclude, m=s.m)
+    block_of = {name: int(name[len(source.prefix) + 1 :].split(".", 1)[0]) for name in layers}
+    calib_key = f"{ids_digest(calibration)}:{s.mode}"
+    fps = {
+        name: layer_fingerprint(source.layer_tensors(name)[0], s.method, resolved, s.n, s.m, calib_key)
+        for name in layers
+    }
+    done = {
+        name for name in layers
+        if out is not None and s.resume and peek_layer_file(layer_file(out, name), name, fps[name])
+    }
+    return _Plan(layers, block_of, fps, run_fingerprint(fps, s.include, s.exclude), done)
+
+
+class _Streams:
+    """The current block's input activations and the next block's, in memory up to a budget, else on disk."""
+
+    def __init__(self, budget: int, folder: Path) -> None:
+        self.budget = budget // 2  # the inputs and outputs of one block are alive together
+        self.folder = folder
+        self.inputs = ActivationStore(self.budget, folder)
+        self.outputs: ActivationStore | None = None
+
+    def open_outputs(self) -> ActivationStore:
+        self.outputs = ActivationStore(self.budget, self.folder)
+        return self.outputs
+
+    def advance(self) -> None:
+        """The outputs become the next block's inputs (no outputs: nothing is left to feed)."""
+        self.inputs.close()
+        if self.outputs is not None:
+            self.inputs, self.outputs = self.outputs, None
+
+    def close(self) -> None:
+        self.inputs.close()
+        if self.outputs is not None:
+            self.outputs.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Run:
+    """One pruning run's state; each method is one named step of :func:`prune`."""
+
+    def __init__(self, source: ModelSource, s: PruneSettings, resolved: dict[str, Any], plan: _Plan,
+                 executor: Executor, out: Path | None) -> None:
+        self.source, self.s, self.resolved, self.plan = source, s, resolved, plan
+        self.executor, self.out = executor, out
+        self.tracker = _Progress(plan.names, s.method, out, s.progress, s.callback)
+        self.kinds = {name: get_method(s.method).stats_kind for name in plan.names}
+        self.finished: dict[str, LayerOutcome] = {}  # streamed + sequential: outcomes waiting to be placed
+        self.calls: list[BlockCalls] = []
+
+    # -- handing layers over ------------------------------------------------------------------------------
+    def take(self, outcome: LayerOutcome) -> None:
+        """Record a finished layer; in memory it goes in place at once (streamed: when its block is needed)."""
+        self.tracker.accept(outcome)
+        if not self.source.streamed:
+            self.source.place(outcome.name, outcome.module(self.source.device))
+        elif self.s.sequential:
+            self.finished[outcome.name] = outcome
+
+    def restore(self, name: str) -> LayerOutcome:
+        """A layer an earlier run finished, from its layer file."""
+        got = load_layer_file(layer_file(self.out, name), name, self.plan.fps[name],  # type: ignore[arg-type]
+                              device=self.source.device)
+        if got is None:
+            raise RuntimeError(f"layer file of {name} vanished or changed during the run; start it again")
+        return outcome_from_module(name, got[0], got[1], reused=True, written=False)
+
+    def collect(self, until_pending: int) -> None:
+        for outcome in self.executor.results(until_pending=until_pending):
+            self.take(outcome)
+
+    # -- the steps ---------------------------------------------------------------------------------------
+    def capture(self, streams: _Streams, calibration: Tensor) -> None:
+        """The first block's inputs and every block's call arguments, from the embeddings."""
+        self.source.load_embeddings()
+        self.calls = capture_block_inputs(
+            self.source.model, self.source.blocks, self.plan.last, calibration, self.s.batch_size, streams.inputs,
+            self.source.device, self.s.progress,
+        )
+        self.source.release_embeddings()
+
+    def calibrate(self, i: int, block: nn.Module, todo: list[str], streams: _Streams) -> dict[str, LayerStats]:
+        """Statistics of the block's remaining layers (dense block); in one-pass mode its outputs too."""
+        hooks = StatsHooks({k: self.plan.layers[k] for k in todo}, self.kinds) if todo else None
+        want_out = i < self.plan.last
+        outputs = streams.open_outputs() if want_out else None
+        if hooks is not None or (want_out and not self.s.sequential):
+            # one-pass: the dense outputs come out of the statistics pass itself
+            run_block(block, self.calls[i], streams.inputs, None if self.s.sequential else outputs,
+                      self.source.device, hooks)
+        return hooks.finish() if hooks is not None else {}
+
+    def submit(self, todo: list[str], stats: dict[str, LayerStats]) -> None:
+        """Hand the block's remaining layers to the executor, keeping at most its window in flight."""
+        out = None if self.out is None else str(self.out)
+        for name in todo:
+            while self.executor.pending >= self.executor.window:
+                self.collect(self.executor.window - 1)
+            # the block is loaded: its layer modules hold real weights whatever the source (no second read)
+            lin = self.plan.layers[name]
+            weight, bias = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+            self.executor.submit(LayerJob(
+                name=name, weight=weight, bias=bias, stats=stats.get(name), method=self.s.method,
+                options=self.resolved, fingerprint=self.plan.fps[name], n=self.s.n, m=self.s.m, out_dir=out,
+                resume=self.s.resume,
+            ))
+            self.collect(self.executor.pending)
+
+    def place_block(self, names: list[str]) -> None:
+        """Wait for the block's layers and put them in place (in memory they already are)."""
+        self.collect(0)
+        if self.source.streamed:
+            for name in names:
+                self.source.place(name, self.finished.pop(name).module(self.source.device))
+
+    def process_block(self, i: int, streams: _Streams) -> None:
+        """Calibrate, prune and advance one block that has work left."""
+        names = self.plan.block_names(i)
+        block = self.source.load_block(i)
+        todo = [name for name in names if name not in self.plan.done]
+        # Restored layers go in place only after the statistics pass: a block is calibrated dense.
+        restored = [self.restore(name) for name in names if name in self.plan.done]
+        self.tracker.bar.set_description(f"prune {self.s.method} [block {i + 1}/{self.plan.last + 1}]")
+        stats = self.calibrate(i, block, todo, streams)
+        for outcome in restored:
+            self.take(outcome)
+        self.submit(todo, stats)
+        del stats
+        if self.s.sequential and i < self.plan.last:
+            # The pruned block computes the next block's inputs.
+            self.place_block(names)
+            run_block(block, self.calls[i], streams.inputs, streams.outputs, self.source.device)
+        self.finished.clear()
+        self.source.release_block(i)
+        streams.advance()
+
+    def walk(self, calibration: Tensor, streams: _Streams) -> list[LayerRecord]:
+        """Every block in order: those with work are processed, the rest only restored."""
+        if self.plan.last >= 0:
+            self.capture(streams, calibration)
+        for i in range(len(self.source.blocks)):
+            if i > self.plan.last:  # nothing left to prune or calibrate: only finished layers to restore
+                for name in self.plan.block_names(i):
+                    self.take(self.restore(name))
+            else:
+                self.process_block(i, streams)
+        self.collect(0)
+        return self.tracker.finish()
+
+
+def _provenance(s: PruneSettings, resolved: dict[str, Any], calibration: Tensor, plan: _Plan, streamed: bool,
+                records: list[LayerRecord], seconds: float) -> dict[str, Any]:
+    """What the saved model records about how it was made."""
+    nowag_mean, final_mean = mean_losses(records)
+    run_info = dict(s.run_info or {})
+    return {
+        **run_info,
+        "method": s.method,
+        "options": resolved,
+        "pattern": f"{s.n}:{s.m}",
+        "include": list(s.include or []),
+        "exclude": list(s.exclude or []),
+        "calibration": {
+            "nsamples": int(calibration.shape[0]),
+            "seqlen": int(calibration.shape[1]),
+            "digest": ids_digest(calibration),
+            "mode": s.mode,
+            **dict(run_info.get("calibration", {})),
+        },
+        "streamed": streamed,
+        "fingerprint": plan.run_fp,
+        "mean_nowag_loss": nowag_mean,
+        "mean_loss": final_mean,
+        "prune_seconds": round(seconds, 2),
+        "records": [r.to_json() for r in records],
+    }
+
+
+def _open_source(model: nn.Module | str | Path, s: PruneSettings, output: str | Path | None) -> ModelSource:
+    if isinstance(model, (str, Path)):
+        if output is None:
+            raise ValueError("pruning a checkpoint folder block by block needs an output folder for the result")
+        return CheckpointSource(model, s.dtype, s.device or "cpu")
+    return InMemorySource(model)  # type: ignore[arg-type]
+
+
+def _prepare_output(out: Path, resume: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # a half-updated folder must never look finished
+    if not resume:
+        shutil.rmtree(out / "layers", ignore_errors=True)
+
+
+def _activation_folder(s: PruneSettings, out: Path | None) -> tuple[Path, Path | None]:
+    """A fresh folder for spilled activations, and the parent to remove afterwards when the driver made it."""
+    root = Path(s.offload_dir) if s.offload_dir is not None else (out / ".activations" if out else None)
+    folder = (root or Path(os.environ.get("TMPDIR", "/tmp"))) / f"armor-act-{os.getpid()}-{time.time_ns()}"
+    return folder, root if s.offload_dir is None else None
+
+
+def _already_done(source: ModelSource, s: PruneSettings, resolved: dict[str, Any], plan: _Plan,
+                  out: Path | None) -> PruneRun | None:
+    """The finished run in ``out`` when it was made with exactly these settings."""
+    section = _finished_section(out, plan.run_fp) if out is not None and s.resume else None
+    if section is None:
+        return None
+    records = [LayerRecord.from_json({**r, "resumed": True}) for r in section.get("records", [])]
+    model = None if source.streamed else load_pruned(out)
+    return PruneRun(s.method, resolved, records, 0.0, s.mode, len(records), out, model, section, already_done=True)
+
+
 def prune(
     model: nn.Module | str | Path,
     calibration: Tensor,
     method: str = "armor-fast",
     *,
-    options: Mapping[str, Any] | None = None,
-    mode: str = "one-pass",
     executor: Executor | None = None,
     output: str | Path | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    n: int = 2,
-    m: int = 4,
-    resume: bool = True,
-    keep_layer_files: bool = False,
-    progress: bool = False,
     tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    batch_size: int = 8,
-    activation_budget: int = 2 << 30,
-    offload_dir: str | Path | None = None,
-    run_info: Mapping[str, Any] | None = None,
-    callback: Callable[[str, LayerRecord], None] | None = None,
+    settings: PruneSettings | None = None,
+    **kwargs: Any,
 ) -> PruneRun:
     """Prune every selected linear layer of the decoder blocks of ``model`` to n:m sparsity with ``method``.
 
@@ -164,188 +443,51 @@ def prune(
             path of a Hugging Face folder with safetensors weights (streamed: one decoder block in memory at a
             time; ``output`` is required and receives the pruned model).
         calibration: ``(nsamples, seqlen)`` token ids (no padding), e.g. from :func:`armor.text.calibration_ids`.
-        method, options: a registered method and its options (``armor.METHODS[method].options``).
-        mode: ``"one-pass"`` (statistics of the dense model, the paper's protocol) or ``"sequential"``
-            (statistics of the model pruned so far, as SparseGPT and Wanda publish).
+        method: a registered method (``armor.METHODS``).
         executor: where layer jobs run (default: this process; :class:`armor.pipeline.RayExecutor` for Ray).
         output: folder for the resume files (``layers/``, ``records.jsonl``) and the saved pruned model.  A run
             killed at any point resumes from its finished layers when started again with the same arguments.
-        include, exclude: layer name patterns (see :func:`armor.models.name_matches`).
-        keep_layer_files: keep ``output/layers/`` after the model is saved (default: removed).
-        dtype, device: for a streamed checkpoint, the dtype its weights are pruned in (default float32) and where
-            blocks run; a model in memory keeps its own.
-        batch_size: calibration sequences per block forward.
-        activation_budget: bytes of block inputs + outputs kept in memory; the rest goes to files in
-            ``offload_dir`` (default ``<output>/.activations``, or a temporary folder), removed at the end.
-        run_info: extra provenance stored with the saved model (calibration source, model path, ...).
-        callback: ``callback(name, record)`` after each layer.
+        tokenizer: saved next to the pruned model.
+        settings, **kwargs: a :class:`PruneSettings`, or its fields as keywords (``options=``, ``mode=``,
+            ``batch_size=``, ...); keywords override the fields of ``settings``.
     """
-    spec = get_method(method)
-    resolved = spec.resolve(options)
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(f"calibration mode must be one of {', '.join(CALIBRATION_MODES)}, got {mode!r}")
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(PruneSettings)})
+    if unknown:
+        raise TypeError(f"prune() got unknown settings {', '.join(unknown)}; see armor.PruneSettings")
+    s = dataclasses.replace(settings or PruneSettings(), method=method, **kwargs)
+    resolved = get_method(s.method).resolve(s.options)
+    s.check()
     calibration = _check_calibration(calibration)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    streamed = isinstance(model, (str, Path))
-    if streamed and output is None:
-        raise ValueError("pruning a checkpoint folder block by block needs an output folder for the result")
-    source: ModelSource = (
-        CheckpointSource(model, dtype, device or "cpu") if streamed else InMemorySource(model)  # type: ignore[arg-type]
-    )
-    sequential = mode == "sequential"
+    source = _open_source(model, s, output)
     start = time.perf_counter()
     out = Path(output) if output is not None else None
-
-    layers = find_prunable_layers(source.model, include, exclude, m=m)
-    names = list(layers)
-    block_of = {name: int(name[len(source.prefix) + 1 :].split(".", 1)[0]) for name in names}
-    calib_key = f"{ids_digest(calibration)}:{mode}"
-    fps = {
-        name: layer_fingerprint(source.layer_tensors(name)[0], method, resolved, n, m, calib_key) for name in names
-    }
-    run_fp = run_fingerprint(fps, include, exclude)
-
-    if out is not None and resume:
-        section = _finished_section(out, run_fp)
-        if section is not None:
-            records = [LayerRecord.from_json({**r, "resumed": True}) for r in section.get("records", [])]
-            return PruneRun(
-                method, resolved, records, 0.0, mode, len(records), out,
-                None if streamed else load_pruned(out), section, already_done=True,
-            )
+    plan = _plan(source, calibration, s, resolved, out)
+    finished = _already_done(source, s, resolved, plan, out)
+    if finished is not None:
+        return finished
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").unlink(missing_ok=True)  # a half-updated folder must never look finished
-        if not resume:
-            shutil.rmtree(out / "layers", ignore_errors=True)
-    done = {
-        name for name in names
-        if out is not None and resume and peek_layer_file(layer_file(out, name), name, fps[name])
-    }
-    todo = [name for name in names if name not in done]
-    last = max((block_of[name] for name in todo), default=-1)
-
-    executor = executor or LocalExecutor()
-    tracker = _Progress(names, method, out, progress, callback)
-    act_root = Path(offload_dir) if offload_dir is not None else (out / ".activations" if out else None)
-    act_dir = (act_root or Path(os.environ.get("TMPDIR", "/tmp"))) / f"armor-act-{os.getpid()}-{time.time_ns()}"
-    budget = activation_budget // 2  # inputs and outputs of one block are alive together
-    inputs = ActivationStore(budget, act_dir)
-    outputs: ActivationStore | None = None
-    kinds = {name: spec.stats_kind for name in names}
-
-    def take(outcome: LayerOutcome) -> None:
-        tracker.accept(outcome)
-        if not source.streamed:
-            source.place(outcome.name, outcome.module(source.device))
-        elif sequential:
-            finished[outcome.name] = outcome
-
-    def restore(name: str) -> LayerOutcome:
-        got = load_layer_file(layer_file(out, name), name, fps[name], device=source.device)  # type: ignore[arg-type]
-        if got is None:
-            raise RuntimeError(f"layer file of {name} vanished or changed during the run; start it again")
-        return outcome_from_module(name, got[0], got[1], reused=True, written=False)
-
-    finished: dict[str, LayerOutcome] = {}
+        _prepare_output(out, s.resume)
+    act_dir, act_root = _activation_folder(s, out)
+    streams = _Streams(s.activation_budget, act_dir)
+    run = _Run(source, s, resolved, plan, executor or LocalExecutor(), out)
     try:
-        if last >= 0:
-            source.load_embeddings()
-            calls = capture_block_inputs(
-                source.model, source.blocks, last, calibration, batch_size, inputs, source.device, progress
-            )
-            source.release_embeddings()
-        for i in range(len(source.blocks)):
-            block_names = [name for name in names if block_of[name] == i]
-            if i > last:  # nothing left to prune or calibrate: only finished layers to restore
-                for name in block_names:
-                    take(restore(name))
-                continue
-            block = source.load_block(i)
-            block_todo = [name for name in block_names if name not in done]
-            # Restored layers go in place only after the statistics pass: a block is calibrated dense.
-            restored = [restore(name) for name in block_names if name in done]
-            tracker.bar.set_description(f"prune {method} [block {i + 1}/{last + 1}]")
-            hooks = StatsHooks({k: layers[k] for k in block_todo}, kinds) if block_todo else None
-            want_out = i < last
-            outputs = ActivationStore(budget, act_dir) if want_out else None
-            if hooks is not None or (want_out and not sequential):
-                # one-pass: the dense outputs come out of the statistics pass itself
-                run_block(block, calls[i], inputs, None if sequential else outputs, source.device, hooks)
-            stats = hooks.finish() if hooks is not None else {}
-            for outcome in restored:
-                take(outcome)
-            for name in block_todo:
-                while executor.pending >= executor.window:
-                    for o in executor.results(until_pending=executor.window - 1):
-                        take(o)
-                # the block is loaded: its layer modules hold real weights whatever the source (no second read)
-                lin = layers[name]
-                weight, bias = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-                executor.submit(LayerJob(
-                    name=name, weight=weight, bias=bias, stats=stats.get(name), method=method, options=resolved,
-                    fingerprint=fps[name], n=n, m=m, out_dir=None if out is None else str(out), resume=resume,
-                ))
-                for o in executor.results(until_pending=executor.pending):
-                    take(o)
-            del stats
-            if sequential and want_out:
-                # The pruned block computes the next block's inputs: wait for its layers and put them in place.
-                for o in executor.results(until_pending=0):
-                    take(o)
-                if source.streamed:
-                    for name in block_names:
-                        source.place(name, finished.pop(name).module(source.device))
-                run_block(block, calls[i], inputs, outputs, source.device)
-            finished.clear()
-            source.release_block(i)
-            inputs.close()
-            if outputs is not None:
-                inputs, outputs = outputs, None
-        for o in executor.results(until_pending=0):
-            take(o)
-        records = tracker.finish()
+        records = run.walk(calibration, streams)
     finally:
-        tracker.bar.close()
-        inputs.close()
-        if outputs is not None:
-            outputs.close()
-        shutil.rmtree(act_dir, ignore_errors=True)
-        if act_root is not None and offload_dir is None:
+        run.tracker.bar.close()
+        streams.close()
+        if act_root is not None:
             try:
                 act_root.rmdir()
             except OSError:
                 pass
     seconds = time.perf_counter() - start
-    nowag_mean, final_mean = mean_losses(records)
-    info = {
-        **dict(run_info or {}),
-        "method": method,
-        "options": resolved,
-        "pattern": f"{n}:{m}",
-        "include": list(include or []),
-        "exclude": list(exclude or []),
-        "calibration": {
-            "nsamples": int(calibration.shape[0]),
-            "seqlen": int(calibration.shape[1]),
-            "digest": ids_digest(calibration),
-            "mode": mode,
-            **dict((run_info or {}).get("calibration", {})),
-        },
-        "streamed": source.streamed,
-        "fingerprint": run_fp,
-        "mean_nowag_loss": nowag_mean,
-        "mean_loss": final_mean,
-        "prune_seconds": round(seconds, 2),
-        "records": [r.to_json() for r in records],
-    }
+    info = _provenance(s, resolved, calibration, plan, source.streamed, records, seconds)
     if out is not None:
-        source.save(out, tracker.specs, tracker.dtypes, info, tokenizer)
-        if not keep_layer_files:
+        source.save(out, run.tracker.specs, run.tracker.dtypes, info, tokenizer)
+        if not s.keep_layer_files:
             shutil.rmtree(out / "layers", ignore_errors=True)
     return PruneRun(
-        method, resolved, records, seconds, mode, sum(r.resumed for r in records), out,
+        s.method, resolved, records, seconds, s.mode, sum(r.resumed for r in records), out,
         None if source.streamed else source.model, info,
     )
 
