@@ -14,7 +14,7 @@ Where things live: the ARMOR step in :mod:`armor.solvers.armor`, the data flow i
 the algorithm's specification in ``docs/algorithm.md``.
 """
 
-from .pipeline import PruneRun, PruneSettings, RayExecutor, prune
+from .pipeline import PruneRun, PruneSettings, RayExecutor, ReconstructSettings, prune
 from .result import PruneResult
 from .solvers import METHODS, Method, Option, get_method, prune_layer
 from .stats import LayerStats, StatsAccumulator
@@ -27,6 +27,7 @@ __all__ = [
     "prune",
     "PruneRun",
     "PruneSettings",
+    "ReconstructSettings",
     "RayExecutor",
     "prune_layer",
     "PruneResult",

@@ -17,7 +17,7 @@ from .runtime.packing import packed_index_shape
 from .storage import read_armor_config
 from .storage.atomic import write_text_atomic
 
-__all__ = ["layer_footprint", "folder_footprint", "format_table", "write_report", "plot_losses"]
+__all__ = ["layer_footprint", "folder_footprint", "format_table", "write_report", "plot_losses", "reconstruction_lines"]
 
 
 def _elem(dtype: str) -> int:
@@ -137,6 +137,33 @@ def plot_losses(records: Mapping[str, Sequence[Mapping[str, Any]]], path: str | 
     return path
 
 
+def _projection(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def reconstruction_lines(method: str, recon: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown: each block's held-out output error before and after reconstruction, and each projection type's
+    proxy loss before and after (where the gain comes from)."""
+    lines = [f"### {method}: block-wise reconstruction", "",
+             f"Settings: {json.dumps({k: v for k, v in recon.items() if k != 'blocks'})}. Output error: "
+             "sum |y - y_dense|^2 / sum |y_dense|^2 of the block's output on the held-out calibration sequences.",
+             "", "| block | output error before | after | kept |", "|---|---|---|---|"]
+    for b in recon.get("blocks", []):
+        lines.append(f"| {b['block']} | {b['error_before']:.5f} | {_fmt(b['error_after'], 5)} | "
+                     f"{'yes' if b['kept'] else 'no (pruned tensors kept)'} |")
+    by_type: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        info = r.get("reconstruction") or {}
+        if "loss_after" in info:
+            by_type.setdefault(_projection(r["name"]), []).append((r["loss"], info["loss_after"]))
+    if by_type:
+        lines += ["", "| projection | mean proxy loss, pruned | after reconstruction | layers |", "|---|---|---|---|"]
+        for proj, pairs in by_type.items():
+            k = len(pairs)
+            lines.append(f"| {proj} | {sum(a for a, _ in pairs) / k:.4f} | {sum(b for _, b in pairs) / k:.4f} | {k} |")
+    return lines + [""]
+
+
 def write_report(
     out_dir: str | Path,
     rows: Sequence[Mapping[str, Any]],
@@ -164,6 +191,9 @@ def write_report(
     ]
     if png is not None:
         lines += ["## Proxy loss per layer", "", f"![proxy loss per layer]({png.name})", ""]
+    for row in rows:
+        if row.get("reconstruction"):
+            lines += reconstruction_lines(row["method"], row["reconstruction"], records.get(row["method"], []))
     for method, recs in records.items():
         if not recs:
             continue

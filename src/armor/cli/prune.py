@@ -17,6 +17,7 @@ from ..eval import perplexity_windows
 from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
+from ..pipeline.reconstruct import ReconstructSettings
 from ..report import folder_footprint, format_table, write_report
 from ..solvers import METHODS
 from ..storage import load_model, load_tokenizer, meta_skeleton, resolve_dtype, write_json_atomic
@@ -41,6 +42,8 @@ __all__ = ["register", "run", "DEMO_SWEEPS", "RUN_MARKER"]
 
 #: armor-fast sweeps per layer in the no-argument demo (a few minutes on 2 CPU cores).
 DEMO_SWEEPS = 3
+#: Block-wise reconstruction on by default (``--no-reconstruct`` turns it off).
+RECONSTRUCT_DEFAULT = True
 #: Written into an output folder when a run starts: a folder holding it is one this command may resume into.
 RUN_MARKER = "armor-prune.json"
 
@@ -78,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one-pass: every statistic from the dense model (the paper's); sequential: from the model "
                    "pruned so far (SparseGPT's and Wanda's)")
     c.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+    add_reconstruct_args(p)
     add_perplexity_args(p, in_prune=True)
     add_task_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip perplexity and tasks")
@@ -102,6 +106,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--address", default=None, metavar="ADDR",
                    help="run the layer jobs on this Ray cluster instead, e.g. ray://head:10001")
     p.set_defaults(func=run)
+
+
+def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
+    d = ReconstructSettings()
+    r = p.add_argument_group("block-wise reconstruction (every method; docs/algorithm.md)")
+    r.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=RECONSTRUCT_DEFAULT,
+                   help="after each block is pruned, tune its layers' free tensors (wrappers, kept values) so the "
+                   "pruned block reproduces the dense block's outputs; masks and stored format unchanged")
+    r.add_argument("--reconstruct-steps", type=int, default=d.steps, help="Adam steps per block, one batch each")
+    r.add_argument("--reconstruct-lr", type=float, default=d.lr, help="Adam learning rate")
+    r.add_argument("--reconstruct-holdout", type=int, default=d.holdout,
+                   help="calibration sequences held out to judge each block (a block keeps its pruned tensors "
+                   "when tuning does not lower their output error)")
+
+
+def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None:
+    if not args.reconstruct:
+        return None
+    s = ReconstructSettings(args.reconstruct_steps, args.reconstruct_lr, args.reconstruct_holdout)
+    try:
+        s.check()
+    except ValueError as exc:
+        raise CliError(f"--reconstruct-*: {exc}") from None
+    if s.holdout >= args.nsamples:
+        raise CliError(f"--reconstruct-holdout {s.holdout} leaves none of the --nsamples {args.nsamples} "
+                       "calibration sequences to train on")
+    return s
 
 
 def describe_methods() -> str:
@@ -176,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         # Fail now, not after minutes of pruning, when the text is too short for one window.
         perplexity_windows(eval_tokens, args.eval_seqlen, args.eval_windows, name=f"evaluation text ({eval_src})")
 
+    recon = reconstruct_settings(args)
     settings: dict[str, Any] = {
         "model": str(model_path),
         "methods": methods,
@@ -197,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         "streaming": args.streaming,
         "ray": args.address or (f"local, {args.workers} workers" if args.workers else None),
         "threads": torch.get_num_threads(),
+        "reconstruction": None if recon is None else {**recon.to_json(), "batch_size": args.batch_size},
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic({"command": command_line(), "settings": settings}, out / RUN_MARKER)
@@ -241,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
                 source, ids, method, options=options[method], mode=args.calibration_mode, executor=executor,
                 output=mdir, include=args.layers, exclude=args.exclude, resume=not args.no_resume,
                 keep_layer_files=args.keep_layers, progress=not args.quiet, tokenizer=tokenizer, dtype=dtype,
-                device=device, batch_size=args.batch_size,
+                device=device, batch_size=args.batch_size, reconstruct=recon,
                 run_info={"base_model": str(model_path), "calibration": {"source": calib_src, "seed": args.seed}},
             )
             if result.already_done:
@@ -257,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
                 "options": result.options,
                 **folder_footprint(mdir, model_path),
             }
+            if "reconstruction" in result.run_info:
+                row["reconstruction"] = result.run_info["reconstruction"]
             print(
                 f"  mean proxy loss: NoWag-P {nowag_mean:.4f} -> {method} {final_mean:.4f}; linear bytes "
                 f"{100 * row['linear_bytes_ratio']:.1f}% of dense, wrappers {100 * row['wrapper_overhead']:.1f}%",

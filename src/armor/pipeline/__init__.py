@@ -15,12 +15,15 @@ from .driver import CALIBRATION_MODES, PruneRun, PruneSettings, prune
 from .executors import Executor, LocalExecutor
 from .jobs import LayerJob, LayerOutcome, run_layer_job
 from .ray_executor import RayExecutor
+from .reconstruct import BlockReconstruction, ReconstructSettings
 from .sources import CheckpointSource, InMemorySource
 
 __all__ = [
     "prune",
     "PruneRun",
     "PruneSettings",
+    "ReconstructSettings",
+    "BlockReconstruction",
     "CALIBRATION_MODES",
     "Executor",
     "LocalExecutor",

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, BlockCalls, StatsHooks, capture_block_inputs, run_block
-from ..models import find_prunable_layers
-from ..solvers import get_method
+from ..models import find_prunable_layers, get_module
+from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
 from ..storage import load_pruned, read_armor_config
 from ..storage.atomic import write_text_atomic
@@ -49,9 +49,11 @@ from ..storage.resume import (
     load_layer_file,
     mean_losses,
     peek_layer_file,
+    save_layer_file,
 )
 from .executors import Executor, LocalExecutor
 from .jobs import LayerJob, LayerOutcome, outcome_from_module
+from .reconstruct import BlockReconstruction, ReconstructSettings, reconstruct_block
 from .sources import CheckpointSource, InMemorySource, ModelSource
 
 __all__ = ["CALIBRATION_MODES", "PruneRun", "PruneSettings", "prune"]
@@ -80,6 +82,8 @@ class PruneSettings:
             (default ``<output>/.activations``, or a temporary folder), removed at the end.
         run_info: extra provenance stored with the saved model (calibration source, model path, ...).
         callback: ``callback(name, record)`` after each layer.
+        reconstruct: tune each pruned block to reproduce the dense block's outputs
+            (:mod:`armor.pipeline.reconstruct`); ``None``: off.
     """
 
     method: str = "armor-fast"
@@ -99,6 +103,7 @@ class PruneSettings:
     offload_dir: str | Path | None = None
     run_info: Mapping[str, Any] | None = None
     callback: Callable[[str, LayerRecord], None] | None = None
+    reconstruct: ReconstructSettings | None = None
 
     def check(self) -> None:
         """Raise a ValueError naming the first invalid setting."""
@@ -106,10 +111,24 @@ class PruneSettings:
             raise ValueError(f"calibration mode must be one of {', '.join(CALIBRATION_MODES)}, got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.reconstruct is not None:
+            if not isinstance(self.reconstruct, ReconstructSettings):
+                raise TypeError(f"reconstruct must be a ReconstructSettings or None, got {self.reconstruct!r}")
+            self.reconstruct.check()
 
     @property
     def sequential(self) -> bool:
         return self.mode == "sequential"
+
+    @property
+    def needs_dense(self) -> bool:
+        """The dense model's activations are carried: for one-pass statistics or as reconstruction targets."""
+        return not self.sequential or self.reconstruct is not None
+
+    @property
+    def needs_pruned(self) -> bool:
+        """The pruned model's activations are carried: for sequential statistics or as reconstruction inputs."""
+        return self.sequential or self.reconstruct is not None
 
 
 @dataclass
@@ -161,6 +180,13 @@ class _Progress:
         if self.callback is not None:
             self.callback(outcome.name, rec)
 
+    def update(self, name: str, rec: LayerRecord) -> None:
+        """A layer's record changed after it was accepted (a later line in ``records.jsonl`` supersedes)."""
+        self.records[name] = rec
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec.to_json()) + "\n")
+
     def finish(self) -> list[LayerRecord]:
         self.bar.close()
         missing = [n for n in self.names if n not in self.records]
@@ -189,13 +215,21 @@ def run_fingerprint(layer_fps: Mapping[str, str], include: Sequence[str] | None,
 
 @dataclass
 class _Plan:
-    """Which layers the run prunes, their fingerprints, and which of them an earlier run in ``out`` finished."""
+    """Which layers the run prunes, their fingerprints, and how far an earlier run in ``out`` got.
+
+    ``fps`` identify a layer's pruning (the layer job's files); ``final_fps`` its final state, which with
+    reconstruction also covers the reconstruction settings and every earlier block's (a chain), so a tuned layer is
+    reused only after the very same tuning of everything before it.  ``done``: final layer files exist;
+    ``pruned``: pruned but not yet reconstructed.
+    """
 
     layers: dict[str, nn.Linear]
     block_of: dict[str, int]
     fps: dict[str, str]
+    final_fps: dict[str, str]
     run_fp: str
     done: set[str]
+    pruned: set[str]
 
     @property
     def names(self) -> list[str]:
@@ -210,6 +244,18 @@ class _Plan:
         return max((self.block_of[name] for name in self.layers if name not in self.done), default=-1)
 
 
+def _final_fingerprints(plan_fps: dict[str, str], block_of: dict[str, int], s: PruneSettings) -> dict[str, str]:
+    if s.reconstruct is None:
+        return dict(plan_fps)
+    chain = fingerprint(reconstruct=s.reconstruct.to_json(), batch_size=s.batch_size)
+    final: dict[str, str] = {}
+    for i in sorted(set(block_of.values())):
+        names = [name for name in plan_fps if block_of[name] == i]
+        chain = fingerprint(previous=chain, layers=[plan_fps[name] for name in names])
+        final.update({name: fingerprint(layer=plan_fps[name], reconstructed=chain) for name in names})
+    return final
+
+
 def _plan(source: ModelSource, calibration: Tensor, s: PruneSettings, resolved: dict[str, Any],
           out: Path | None) -> _Plan:
     layers = find_prunable_layers(source.model, s.include, s.exclude, m=s.m)
@@ -219,20 +265,23 @@ def _plan(source: ModelSource, calibration: Tensor, s: PruneSettings, resolved: 
         name: layer_fingerprint(source.layer_tensors(name)[0], s.method, resolved, s.n, s.m, calib_key)
         for name in layers
     }
-    done = {
-        name for name in layers
-        if out is not None and s.resume and peek_layer_file(layer_file(out, name), name, fps[name])
-    }
-    return _Plan(layers, block_of, fps, run_fingerprint(fps, s.include, s.exclude), done)
+    final = _final_fingerprints(fps, block_of, s)
+
+    def on_disk(name: str, fp: str) -> bool:
+        return out is not None and s.resume and peek_layer_file(layer_file(out, name), name, fp)
+
+    done = {name for name in layers if on_disk(name, final[name])}
+    pruned = {name for name in layers if s.reconstruct is not None and name not in done and on_disk(name, fps[name])}
+    run_fp = run_fingerprint(final, s.include, s.exclude)
+    return _Plan(layers, block_of, fps, final, run_fp, done, pruned)
 
 
-class _Streams:
-    """The current block's input activations and the next block's, in memory up to a budget, else on disk."""
+class _Stream:
+    """One activation stream: the current block's inputs and the next block's, in memory up to a budget."""
 
     def __init__(self, budget: int, folder: Path) -> None:
-        self.budget = budget // 2  # the inputs and outputs of one block are alive together
-        self.folder = folder
-        self.inputs = ActivationStore(self.budget, folder)
+        self.budget, self.folder = budget, folder
+        self.inputs = ActivationStore(budget, folder)
         self.outputs: ActivationStore | None = None
 
     def open_outputs(self) -> ActivationStore:
@@ -249,6 +298,36 @@ class _Streams:
         self.inputs.close()
         if self.outputs is not None:
             self.outputs.close()
+
+
+class _Streams:
+    """The dense model's activations and the pruned model's, each carried only when the run needs it."""
+
+    def __init__(self, s: PruneSettings, folder: Path) -> None:
+        # inputs and outputs of each carried stream are alive together
+        budget = s.activation_budget // (2 * (int(s.needs_dense) + int(s.needs_pruned)))
+        self.folder = folder
+        self.dense = _Stream(budget, folder) if s.needs_dense else None
+        self.pruned = _Stream(budget, folder) if s.needs_pruned else None
+
+    @property
+    def first(self) -> ActivationStore:
+        """Where the first block's inputs go (both streams start from the same embeddings)."""
+        return (self.dense or self.pruned).inputs  # type: ignore[union-attr]
+
+    def share_first(self) -> None:
+        if self.dense is not None and self.pruned is not None:
+            self.pruned.inputs = self.dense.inputs
+
+    def advance(self) -> None:
+        for stream in (self.dense, self.pruned):
+            if stream is not None:
+                stream.advance()
+
+    def close(self) -> None:
+        for stream in (self.dense, self.pruned):
+            if stream is not None:
+                stream.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -261,8 +340,9 @@ class _Run:
         self.executor, self.out = executor, out
         self.tracker = _Progress(plan.names, s.method, out, s.progress, s.callback)
         self.kinds = {name: get_method(s.method).stats_kind for name in plan.names}
-        self.finished: dict[str, LayerOutcome] = {}  # streamed + sequential: outcomes waiting to be placed
+        self.finished: dict[str, LayerOutcome] = {}  # streamed: outcomes waiting to be placed in their block
         self.calls: list[BlockCalls] = []
+        self.reconstructions: list[BlockReconstruction] = []
 
     # -- handing layers over ------------------------------------------------------------------------------
     def take(self, outcome: LayerOutcome) -> None:
@@ -270,13 +350,13 @@ class _Run:
         self.tracker.accept(outcome)
         if not self.source.streamed:
             self.source.place(outcome.name, outcome.module(self.source.device))
-        elif self.s.sequential:
+        elif self.s.needs_pruned:
             self.finished[outcome.name] = outcome
 
     def restore(self, name: str) -> LayerOutcome:
-        """A layer an earlier run finished, from its layer file."""
-        got = load_layer_file(layer_file(self.out, name), name, self.plan.fps[name],  # type: ignore[arg-type]
-                              device=self.source.device)
+        """A layer an earlier run finished (or pruned, before reconstruction), from its layer file."""
+        fp = self.plan.final_fps[name] if name in self.plan.done else self.plan.fps[name]
+        got = load_layer_file(layer_file(self.out, name), name, fp, device=self.source.device)  # type: ignore[arg-type]
         if got is None:
             raise RuntimeError(f"layer file of {name} vanished or changed during the run; start it again")
         return outcome_from_module(name, got[0], got[1], reused=True, written=False)
@@ -290,20 +370,27 @@ class _Run:
         """The first block's inputs and every block's call arguments, from the embeddings."""
         self.source.load_embeddings()
         self.calls = capture_block_inputs(
-            self.source.model, self.source.blocks, self.plan.last, calibration, self.s.batch_size, streams.inputs,
+            self.source.model, self.source.blocks, self.plan.last, calibration, self.s.batch_size, streams.first,
             self.source.device, self.s.progress,
         )
         self.source.release_embeddings()
+        streams.share_first()
 
-    def calibrate(self, i: int, block: nn.Module, todo: list[str], streams: _Streams) -> dict[str, LayerStats]:
-        """Statistics of the block's remaining layers (dense block); in one-pass mode its outputs too."""
+    def calibrate(self, i: int, block: nn.Module, todo: list[str], streams: _Streams,
+                  recon: bool) -> dict[str, LayerStats]:
+        """Statistics of the block's remaining layers, and the DENSE block's outputs where the run needs them."""
         hooks = StatsHooks({k: self.plan.layers[k] for k in todo}, self.kinds) if todo else None
-        want_out = i < self.plan.last
-        outputs = streams.open_outputs() if want_out else None
-        if hooks is not None or (want_out and not self.s.sequential):
-            # one-pass: the dense outputs come out of the statistics pass itself
-            run_block(block, self.calls[i], streams.inputs, None if self.s.sequential else outputs,
-                      self.source.device, hooks)
+        want = i < self.plan.last
+        dense_out = streams.dense.open_outputs() if streams.dense is not None and (want or recon) else None
+        if streams.pruned is not None and want:
+            streams.pruned.open_outputs()
+        stats_in = streams.pruned if self.s.sequential else streams.dense
+        # one-pass: the dense outputs come out of the statistics pass itself
+        one_pass_out = dense_out if stats_in is streams.dense else None
+        if hooks is not None or one_pass_out is not None:
+            run_block(block, self.calls[i], stats_in.inputs, one_pass_out, self.source.device, hooks)  # type: ignore[union-attr]
+        if dense_out is not None and one_pass_out is None:  # sequential statistics: the dense stream on its own
+            run_block(block, self.calls[i], streams.dense.inputs, dense_out, self.source.device)  # type: ignore[union-attr]
         return hooks.finish() if hooks is not None else {}
 
     def submit(self, todo: list[str], stats: dict[str, LayerStats]) -> None:
@@ -329,26 +416,58 @@ class _Run:
             for name in names:
                 self.source.place(name, self.finished.pop(name).module(self.source.device))
 
+    def reconstruct(self, i: int, block: nn.Module, names: list[str], stats: dict[str, LayerStats],
+                    streams: _Streams) -> None:
+        """Tune the pruned block (its layers in place) to the dense block's outputs; record and store the layers."""
+        assert self.s.reconstruct is not None and streams.dense is not None and streams.pruned is not None
+        rep = reconstruct_block(
+            self.source.model, block, i, names, self.calls[i], streams.pruned.inputs, streams.dense.outputs,  # type: ignore[arg-type]
+            self.s.reconstruct, self.source.device,
+        )
+        self.reconstructions.append(rep)
+        for name in names:
+            module = get_module(self.source.model, name)
+            rec = self.tracker.records[name]
+            rec.extra["reconstruction"] = {"block": i, "kept": rep.kept, "error_before": rep.error_before,
+                                           "error_after": rep.error_after}
+            if name in stats:  # the layer's own proxy loss after tuning (the solver's is ``loss``)
+                weight = self.plan.layers[name].weight
+                rec.extra["reconstruction"]["loss_after"] = layer_proxy_loss(weight, stats[name],
+                                                                            module.dense_weight())
+            self.tracker.update(name, rec)
+            if self.out is not None:
+                save_layer_file(layer_file(self.out, name), module, name, self.plan.final_fps[name], rec)
+
     def process_block(self, i: int, streams: _Streams) -> None:
-        """Calibrate, prune and advance one block that has work left."""
+        """Calibrate, prune, reconstruct and advance one block that has work left."""
         names = self.plan.block_names(i)
         block = self.source.load_block(i)
-        todo = [name for name in names if name not in self.plan.done]
-        # Restored layers go in place only after the statistics pass: a block is calibrated dense.
-        restored = [self.restore(name) for name in names if name in self.plan.done]
+        todo = [name for name in names if name not in self.plan.done and name not in self.plan.pruned]
+        recon = self.s.reconstruct is not None and any(name not in self.plan.done for name in names)
+        # Restored layers go in place only after the dense passes: a block is calibrated dense.
+        restored = [self.restore(name) for name in names if name not in todo]
         self.tracker.bar.set_description(f"prune {self.s.method} [block {i + 1}/{self.plan.last + 1}]")
-        stats = self.calibrate(i, block, todo, streams)
+        stats = self.calibrate(i, block, todo, streams, recon)
         for outcome in restored:
             self.take(outcome)
         self.submit(todo, stats)
-        del stats
-        if self.s.sequential and i < self.plan.last:
-            # The pruned block computes the next block's inputs.
+        if streams.pruned is not None and (recon or i < self.plan.last):
             self.place_block(names)
-            run_block(block, self.calls[i], streams.inputs, streams.outputs, self.source.device)
+        if recon:
+            self.reconstruct(i, block, names, stats, streams)
+        del stats
+        if streams.pruned is not None and i < self.plan.last:
+            # The pruned block computes the next block's inputs of the pruned model.
+            run_block(block, self.calls[i], streams.pruned.inputs, streams.pruned.outputs, self.source.device)
+        self.release(i, names)
+        streams.advance()
+
+    def release(self, i: int, names: list[str]) -> None:
         self.finished.clear()
         self.source.release_block(i)
-        streams.advance()
+        if self.source.streamed:  # the dense layers replaced in the block are still referenced by the plan
+            for name in names:
+                self.plan.layers[name].to("meta")
 
     def walk(self, calibration: Tensor, streams: _Streams) -> list[LayerRecord]:
         """Every block in order: those with work are processed, the rest only restored."""
@@ -362,6 +481,18 @@ class _Run:
                 self.process_block(i, streams)
         self.collect(0)
         return self.tracker.finish()
+
+
+def _reconstruction_info(s: PruneSettings, run: _Run) -> dict[str, Any] | None:
+    """The reconstruction settings and each block's errors (blocks restored from an earlier run: from their records)."""
+    if s.reconstruct is None:
+        return None
+    blocks = {r.block: r.to_json() for r in run.reconstructions}
+    for rec in run.tracker.records.values():
+        info = rec.extra.get("reconstruction")
+        if info is not None and info["block"] not in blocks:
+            blocks[info["block"]] = {k: info[k] for k in ("block", "kept", "error_before", "error_after")}
+    return {**s.reconstruct.to_json(), "batch_size": s.batch_size, "blocks": [blocks[b] for b in sorted(blocks)]}
 
 
 def _provenance(s: PruneSettings, resolved: dict[str, Any], calibration: Tensor, plan: _Plan, streamed: bool,
@@ -468,7 +599,7 @@ def prune(
     if out is not None:
         _prepare_output(out, s.resume)
     act_dir, act_root = _activation_folder(s, out)
-    streams = _Streams(s.activation_budget, act_dir)
+    streams = _Streams(s, act_dir)
     run = _Run(source, s, resolved, plan, executor or LocalExecutor(), out)
     try:
         records = run.walk(calibration, streams)
@@ -482,6 +613,9 @@ def prune(
                 pass
     seconds = time.perf_counter() - start
     info = _provenance(s, resolved, calibration, plan, source.streamed, records, seconds)
+    recon = _reconstruction_info(s, run)
+    if recon is not None:
+        info["reconstruction"] = recon
     if out is not None:
         source.save(out, run.tracker.specs, run.tracker.dtypes, info, tokenizer)
         if not s.keep_layer_files:

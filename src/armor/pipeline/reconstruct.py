@@ -1,0 +1,230 @@
+"""Block-wise reconstruction: tune a pruned decoder block's continuous tensors to reproduce the dense block.
+
+Each layer is pruned against its own proxy loss, which cannot see how its error compounds through the block
+(attention softmax, gating, residual adds).  Once a block's layers are pruned, :func:`reconstruct_block` tunes the
+tensors the packed format stores as free values — ARMOR's wrapper blocks ``A'``, ``B'`` and the kept core values,
+or a plain n:m layer's kept values — with Adam, so that the pruned block fed the PRUNED model's own inputs
+reproduces the DENSE block's outputs on the dense model's inputs (the hidden states of the dense model after this
+block).  Masks, pattern, block sizes, biases and every tensor outside the pruned layers stay as they are, so the
+stored format does not change.  Feeding the pruned inputs lets a block also correct what earlier blocks left.
+
+The error is judged on calibration sequences held out of training: when the tuned block's held-out error (as
+stored, in the module dtype) is not lower than the pruned block's, the block keeps its pruned tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..calibration import ActivationStore, BlockCalls
+from ..factors import block_product
+from ..models import get_module, set_module
+from ..runtime.packing import unpack_indices
+
+__all__ = ["ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
+
+
+@dataclass(frozen=True)
+class ReconstructSettings:
+    """How each block is tuned.
+
+    Attributes:
+        steps: Adam steps per block, each on one calibration batch (the driver's ``batch_size`` sequences),
+            cycling over the training batches.
+        lr: Adam's learning rate.
+        holdout: calibration sequences held out of training to judge the result, taken as whole batches from the
+            end of the calibration set (0: judged on the training batches).
+    """
+
+    steps: int = 32
+    lr: float = 1e-4
+    holdout: int = 8
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first invalid setting."""
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"reconstruction steps must be an integer >= 1, got {self.steps!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ValueError(f"reconstruction learning rate must be in (0, 1), got {self.lr!r}")
+        if not isinstance(self.holdout, int) or self.holdout < 0:
+            raise ValueError(f"reconstruction holdout must be an integer >= 0, got {self.holdout!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BlockReconstruction:
+    """What :func:`reconstruct_block` did to one block.  Errors are relative: ``sum |y - t|^2 / sum |t|^2``."""
+
+    block: int
+    kept: bool  # the tuned tensors were kept (False: they would not have lowered the held-out error)
+    error_before: float  # held-out output error of the block as pruned
+    error_after: float  # held-out output error of the tuned block, as stored (before any revert)
+    first_loss: float  # training loss (mean squared error) of the first and the last step
+    last_loss: float
+    steps: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _TrainView(nn.Module):
+    """A differentiable float32 stand-in for a packed layer: its free tensors as parameters, its mask fixed."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        n, m, kept = module.n, module.m, module.values.shape[1]
+        pos = unpack_indices(module.indices, kept, m)  # in-group position of every kept entry
+        group = torch.arange(kept, device=pos.device) // n
+        self.register_buffer("cols", group * m + pos)  # column of every kept entry
+        self.shape = (module.out_features, module.in_features)
+        self.values = nn.Parameter(module.values.detach().float().clone())
+        wrapped = hasattr(module, "a_blocks")
+        self.a_blocks = nn.Parameter(module.a_blocks.detach().float().clone()) if wrapped else None
+        self.b_blocks = nn.Parameter(module.b_blocks.detach().float().clone()) if wrapped else None
+        self.bias = None if module.bias is None else module.bias.detach()
+
+    def weight_hat(self) -> Tensor:
+        core = self.values.new_zeros(self.shape).scatter(1, self.cols, self.values)
+        if self.a_blocks is None:
+            return core
+        return block_product(self.a_blocks, core, self.b_blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def write_back(self, module: nn.Module) -> None:
+        """Store the tuned tensors in ``module`` (rounded to its dtype)."""
+        module.values.copy_(self.values.to(module.values.dtype))
+        if self.a_blocks is not None:
+            module.a_blocks.copy_(self.a_blocks.to(module.a_blocks.dtype))
+            module.b_blocks.copy_(self.b_blocks.to(module.b_blocks.dtype))
+        if hasattr(module, "drop_cache"):
+            module.drop_cache()
+
+
+def _free_tensors(module: nn.Module) -> dict[str, Tensor]:
+    return {k: getattr(module, k).detach().clone() for k in ("values", "a_blocks", "b_blocks") if hasattr(module, k)}
+
+
+def _output(y: Any) -> Tensor:
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def _split(inputs: ActivationStore, holdout: int) -> tuple[list[int], list[int]]:
+    """Training and held-out batch indices: whole batches from the end hold at least ``holdout`` sequences."""
+    held: list[int] = []
+    count = 0
+    for j in reversed(range(len(inputs))):
+        if count >= holdout:
+            break
+        held.insert(0, j)
+        count += inputs[j].shape[0]
+    train = [j for j in range(len(inputs)) if j not in held]
+    if not train:
+        raise ValueError(
+            f"reconstruction holds out {holdout} sequences, which leaves no calibration batch to train on; "
+            "lower the holdout or calibrate on more sequences"
+        )
+    return train, held or train
+
+
+@torch.no_grad()
+def _error(block: nn.Module, calls: BlockCalls, inputs: ActivationStore, targets: ActivationStore,
+           idx: Sequence[int], device: torch.device) -> float:
+    num = den = 0.0
+    for j in idx:
+        x, t = inputs[j].to(device), targets[j].to(device).float()
+        rest, kwargs = calls[tuple(x.shape)]
+        y = _output(block(x, *rest, **kwargs)).float()
+        num += float(((y - t) ** 2).sum())
+        den += float((t**2).sum())
+    return num / max(den, 1e-30)
+
+
+def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs: ActivationStore,
+           targets: ActivationStore, train: list[int], s: ReconstructSettings,
+           device: torch.device) -> tuple[float, float]:
+    """Adam on the views' parameters; returns the first and last step's loss (NaN: training diverged)."""
+    params = [p for v in views for p in v.parameters()]
+    opt = torch.optim.Adam(params, lr=s.lr)
+    first = last = float("nan")
+    with torch.enable_grad():
+        for step in range(s.steps):
+            j = train[step % len(train)]
+            x, t = inputs[j].to(device), targets[j].to(device)
+            rest, kwargs = calls[tuple(x.shape)]
+            loss = F.mse_loss(_output(block(x, *rest, **kwargs)).float(), t.float())
+            last = float(loss.detach())
+            if step == 0:
+                first = last
+            if last != last or last in (float("inf"), float("-inf")):
+                return first, float("nan")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return first, last
+
+
+def reconstruct_block(
+    root: nn.Module,
+    block: nn.Module,
+    index: int,
+    names: Sequence[str],
+    calls: BlockCalls,
+    inputs: ActivationStore,
+    targets: ActivationStore,
+    settings: ReconstructSettings,
+    device: torch.device | str,
+) -> BlockReconstruction:
+    """Tune the packed layers ``names`` (dotted paths in ``root``) of ``block`` in place.
+
+    ``inputs`` are the block's inputs in the pruned model, ``targets`` the dense model's hidden states after the
+    block, batch for batch.  On return the layers hold the tuned tensors, or their original ones when tuning
+    did not lower the held-out error.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    train, held = _split(inputs, settings.holdout)
+    modules = {name: get_module(root, name) for name in names}
+    before = _error(block, calls, inputs, targets, held, device)
+    originals = {name: _free_tensors(mod) for name, mod in modules.items()}
+    views = {name: _TrainView(mod) for name, mod in modules.items()}
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:  # only the views' tensors learn
+        p.requires_grad_(False)
+    try:
+        for name, view in views.items():
+            set_module(root, name, view)
+        first, last = _train(block, list(views.values()), calls, inputs, targets, train, settings, device)
+    finally:
+        for name, mod in modules.items():
+            set_module(root, name, mod)
+        for p in frozen:
+            p.requires_grad_(True)
+    after = float("nan")
+    if last == last:  # finite training: store the result and judge it as stored
+        for name, view in views.items():
+            view.write_back(modules[name])
+        after = _error(block, calls, inputs, targets, held, device)
+    kept = after < before  # False for NaN too
+    if not kept:
+        with torch.no_grad():
+            for name, mod in modules.items():
+                for k, v in originals[name].items():
+                    getattr(mod, k).copy_(v)
+                if hasattr(mod, "drop_cache"):
+                    mod.drop_cache()
+    return BlockReconstruction(index, kept, before, after, first, last, settings.steps,
+                               round(time.perf_counter() - start, 3))
