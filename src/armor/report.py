@@ -151,16 +151,20 @@ def reconstruction_lines(method: str, recon: Mapping[str, Any], records: Sequenc
     for b in recon.get("blocks", []):
         lines.append(f"| {b['block']} | {b['error_before']:.5f} | {_fmt(b['error_after'], 5)} | "
                      f"{'yes' if b['kept'] else 'no (pruned tensors kept)'} |")
-    by_type: dict[str, list[tuple[float, float]]] = {}
+    by_type: dict[str, list[tuple[float, float, float, float]]] = {}
     for r in records:
         info = r.get("reconstruction") or {}
-        if "loss_after" in info:
-            by_type.setdefault(_projection(r["name"]), []).append((r["loss"], info["loss_after"]))
+        if "loss_after" in info and "output_error" in info:
+            row = (*info["output_error"], r["loss"], info["loss_after"])
+            by_type.setdefault(_projection(r["name"]), []).append(row)
     if by_type:
-        lines += ["", "| projection | mean proxy loss, pruned | after reconstruction | layers |", "|---|---|---|---|"]
-        for proj, pairs in by_type.items():
-            k = len(pairs)
-            lines.append(f"| {proj} | {sum(a for a, _ in pairs) / k:.4f} | {sum(b for _, b in pairs) / k:.4f} | {k} |")
+        lines += ["", "Per projection type (means over blocks): the layer's relative output error against its dense "
+                  "weight on the pruned model's held-out inputs, and its proxy loss (§3).", "",
+                  "| projection | output error, pruned | after reconstruction | proxy loss, pruned | after | layers |",
+                  "|---|---|---|---|---|---|"]
+        for proj, rows in by_type.items():
+            means = [sum(row[c] for row in rows) / len(rows) for c in range(4)]
+            lines.append(f"| {proj} | " + " | ".join(f"{v:.4f}" for v in means) + f" | {len(rows)} |")
     return lines + [""]
 
 

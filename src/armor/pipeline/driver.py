@@ -420,16 +420,17 @@ class _Run:
                     streams: _Streams) -> None:
         """Tune the pruned block (its layers in place) to the dense block's outputs; record and store the layers."""
         assert self.s.reconstruct is not None and streams.dense is not None and streams.pruned is not None
+        dense = {name: self.plan.layers[name].weight.detach() for name in names}
         rep = reconstruct_block(
             self.source.model, block, i, names, self.calls[i], streams.pruned.inputs, streams.dense.outputs,  # type: ignore[arg-type]
-            self.s.reconstruct, self.source.device,
+            self.s.reconstruct, self.source.device, dense,
         )
         self.reconstructions.append(rep)
         for name in names:
             module = get_module(self.source.model, name)
             rec = self.tracker.records[name]
             rec.extra["reconstruction"] = {"block": i, "kept": rep.kept, "error_before": rep.error_before,
-                                           "error_after": rep.error_after}
+                                           "error_after": rep.error_after, "output_error": rep.layer_errors[name]}
             if name in stats:  # the layer's own proxy loss after tuning (the solver's is ``loss``)
                 weight = self.plan.layers[name].weight
                 rec.extra["reconstruction"]["loss_after"] = layer_proxy_loss(weight, stats[name],
@@ -487,7 +488,7 @@ def _reconstruction_info(s: PruneSettings, run: _Run) -> dict[str, Any] | None:
     """The reconstruction settings and each block's errors (blocks restored from an earlier run: from their records)."""
     if s.reconstruct is None:
         return None
-    blocks = {r.block: r.to_json() for r in run.reconstructions}
+    blocks = {r.block: {k: v for k, v in r.to_json().items() if k != "layer_errors"} for r in run.reconstructions}
     for rec in run.tracker.records.values():
         info = rec.extra.get("reconstruction")
         if info is not None and info["block"] not in blocks:

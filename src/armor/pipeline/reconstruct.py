@@ -73,6 +73,9 @@ class BlockReconstruction:
     last_loss: float
     steps: int
     seconds: float
+    #: per layer: relative output error against the dense layer on the same (pruned-model) held-out inputs,
+    #: before and after tuning (after: as finally stored)
+    layer_errors: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,17 +143,42 @@ def _split(inputs: ActivationStore, holdout: int) -> tuple[list[int], list[int]]
     return train, held or train
 
 
+class _LayerErrors:
+    """Hooks measuring each pruned layer's relative output error against its dense weight on the same input."""
+
+    def __init__(self, modules: dict[str, nn.Module], dense: dict[str, Tensor]) -> None:
+        self.sums = {name: [0.0, 0.0] for name in dense}
+        self.handles = [modules[name].register_forward_hook(self._hook(name, w)) for name, w in dense.items()]
+
+    def _hook(self, name: str, weight: Tensor):
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            ref = F.linear(args[0].float(), weight.float(), None if mod.bias is None else mod.bias.float())
+            self.sums[name][0] += float(((out.float() - ref) ** 2).sum())
+            self.sums[name][1] += float((ref**2).sum())
+
+        return hook
+
+    def finish(self) -> dict[str, float]:
+        for h in self.handles:
+            h.remove()
+        return {name: num / max(den, 1e-30) for name, (num, den) in self.sums.items()}
+
+
 @torch.no_grad()
 def _error(block: nn.Module, calls: BlockCalls, inputs: ActivationStore, targets: ActivationStore,
-           idx: Sequence[int], device: torch.device) -> float:
+           idx: Sequence[int], device: torch.device, layers: _LayerErrors | None = None) -> tuple[float, dict]:
+    """The block's relative output error on batches ``idx`` (and each hooked layer's, when given)."""
     num = den = 0.0
-    for j in idx:
-        x, t = inputs[j].to(device), targets[j].to(device).float()
-        rest, kwargs = calls[tuple(x.shape)]
-        y = _output(block(x, *rest, **kwargs)).float()
-        num += float(((y - t) ** 2).sum())
-        den += float((t**2).sum())
-    return num / max(den, 1e-30)
+    try:
+        for j in idx:
+            x, t = inputs[j].to(device), targets[j].to(device).float()
+            rest, kwargs = calls[tuple(x.shape)]
+            y = _output(block(x, *rest, **kwargs)).float()
+            num += float(((y - t) ** 2).sum())
+            den += float((t**2).sum())
+    finally:
+        per_layer = layers.finish() if layers is not None else {}
+    return num / max(den, 1e-30), per_layer
 
 
 def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs: ActivationStore,
@@ -187,18 +215,21 @@ def reconstruct_block(
     targets: ActivationStore,
     settings: ReconstructSettings,
     device: torch.device | str,
+    dense_weights: dict[str, Tensor] | None = None,
 ) -> BlockReconstruction:
     """Tune the packed layers ``names`` (dotted paths in ``root``) of ``block`` in place.
 
     ``inputs`` are the block's inputs in the pruned model, ``targets`` the dense model's hidden states after the
     block, batch for batch.  On return the layers hold the tuned tensors, or their original ones when tuning
-    did not lower the held-out error.
+    did not lower the held-out error.  ``dense_weights`` (name -> the dense weight) adds each layer's own output
+    error to the report.
     """
     start = time.perf_counter()
     device = torch.device(device)
     train, held = _split(inputs, settings.holdout)
     modules = {name: get_module(root, name) for name in names}
-    before = _error(block, calls, inputs, targets, held, device)
+    dense = dense_weights or {}
+    before, layers_before = _error(block, calls, inputs, targets, held, device, _LayerErrors(modules, dense))
     originals = {name: _free_tensors(mod) for name, mod in modules.items()}
     views = {name: _TrainView(mod) for name, mod in modules.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -213,11 +244,11 @@ def reconstruct_block(
             set_module(root, name, mod)
         for p in frozen:
             p.requires_grad_(True)
-    after = float("nan")
+    after, layers_after = float("nan"), layers_before
     if last == last:  # finite training: store the result and judge it as stored
         for name, view in views.items():
             view.write_back(modules[name])
-        after = _error(block, calls, inputs, targets, held, device)
+        after, layers_after = _error(block, calls, inputs, targets, held, device, _LayerErrors(modules, dense))
     kept = after < before  # False for NaN too
     if not kept:
         with torch.no_grad():
@@ -226,5 +257,7 @@ def reconstruct_block(
                     getattr(mod, k).copy_(v)
                 if hasattr(mod, "drop_cache"):
                     mod.drop_cache()
+    final = layers_after if kept else layers_before
     return BlockReconstruction(index, kept, before, after, first, last, settings.steps,
-                               round(time.perf_counter() - start, 3))
+                               round(time.perf_counter() - start, 3),
+                               {name: (layers_before[name], final[name]) for name in dense})
