@@ -25,8 +25,9 @@ def _cli(capsys, *argv):
 
 def _small(model_dir, text, out, *extra):
     return [
-        "prune", "--model", model_dir, "--calib-text", text, "--eval-text", text, "--nsamples", 4, "--seqlen", 48,
-        "--eval-seqlen", 48, "--eval-windows", 3, "--output", out, "--quiet", *extra,
+        "prune", "--model", model_dir, "--calib-text", text, "--eval-text", text, "--nsamples", 8, "--seqlen", 48,
+        "--eval-seqlen", 48, "--eval-windows", 3, "--output", out, "--quiet", "--reconstruct-steps", 3,
+        "--reconstruct-holdout", 4, *extra,
     ]
 
 
@@ -51,6 +52,9 @@ def test_prune_inspect_export_eval(capsys, tiny_model_dir, tiny_text, tmp_path):
     assert armor_row["wrapper_overhead"] > 0 and armor_row["linear_bytes_ratio"] > nowag["linear_bytes_ratio"]
     report = (out / "report.md").read_text()
     assert "linear bytes / dense" in report and "| 16, 16 |" in report  # the block sizes actually used
+    # reconstruction is on by default, for every method, with each block's errors in the report and results
+    assert report.count("block-wise reconstruction") == 3 and "| down_proj |" in report
+    assert all(len(r["reconstruction"]["blocks"]) == 2 for r in results if r["method"] != "dense")
 
     rc, stdout, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "armor-fast", "--compare",
                                          "none", "-O", "sweeps=1", "--block-size", 16, "--no-dense-eval"))

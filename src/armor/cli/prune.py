@@ -131,7 +131,7 @@ def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None
         raise CliError(f"--reconstruct-*: {exc}") from None
     if s.holdout >= args.nsamples:
         raise CliError(f"--reconstruct-holdout {s.holdout} leaves none of the --nsamples {args.nsamples} "
-                       "calibration sequences to train on")
+                       "calibration sequences to train on: lower it, raise --nsamples, or pass --no-reconstruct")
     return s
 
 
