@@ -4,6 +4,7 @@ settings are part of the fingerprint."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -55,14 +56,16 @@ def test_train_view_reproduces_the_module_exactly():
     assert {n for n, p in view.named_parameters() if p.grad is not None} == {"values", "a_blocks", "b_blocks"}
 
 
-@pytest.mark.parametrize("method", ["armor-fast", "wanda"])
-def test_held_out_error_falls_and_format_is_unchanged(method, char_tokenizer, tmp_path):
+@pytest.mark.parametrize(("method", "loss", "dtype"), [("armor-fast", "mse", "float32"), ("wanda", "token", "float32"),
+                                                       ("armor-fast", "token", "bfloat16")])
+def test_held_out_error_falls_and_format_is_unchanged(method, loss, dtype, char_tokenizer, tmp_path):
     ids = _ids(char_tokenizer)
     opts = ARMOR if method == "armor-fast" else None
     prune(make_tiny_model(len(char_tokenizer)), ids, method, options=opts, output=tmp_path / "plain",
-                  batch_size=4)
+          batch_size=4)
+    recon = dataclasses.replace(RECON, loss=loss, compute_dtype=dtype)
     tuned = prune(make_tiny_model(len(char_tokenizer)), ids, method, options=opts, output=tmp_path / "tuned",
-                  batch_size=4, reconstruct=RECON)
+                  batch_size=4, reconstruct=recon)
     blocks = tuned.run_info["reconstruction"]["blocks"]
     assert [b["block"] for b in blocks] == [0, 1]
     for b in blocks:  # kept blocks improved; this setting improves both on this model
@@ -179,7 +182,8 @@ def test_settings_change_the_fingerprint(char_tokenizer, tmp_path):
     again = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", output=out, reconstruct=RECON, **kw)
     assert again.already_done
     for other in (ReconstructSettings(steps=13, lr=1e-3, holdout=4), ReconstructSettings(steps=12, lr=2e-3, holdout=4),
-                  ReconstructSettings(steps=12, lr=1e-3, holdout=8)):
+                  ReconstructSettings(steps=12, lr=1e-3, holdout=8), dataclasses.replace(RECON, loss="token"),
+                  dataclasses.replace(RECON, compute_dtype="bfloat16")):
         run = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", output=out, reconstruct=other, **kw)
         assert not run.already_done and run.run_info["fingerprint"] != on.run_info["fingerprint"]
 
@@ -188,8 +192,23 @@ def test_bad_settings_are_refused(char_tokenizer):
     ids = _ids(char_tokenizer)
     model = make_tiny_model(len(char_tokenizer))
     for bad, word in ((ReconstructSettings(steps=0), "steps"), (ReconstructSettings(lr=-1.0), "learning rate"),
-                      (ReconstructSettings(holdout=-2), "holdout")):
+                      (ReconstructSettings(holdout=-2), "holdout"), (ReconstructSettings(loss="l1"), "loss"),
+                      (ReconstructSettings(compute_dtype="int8"), "compute dtype")):
         with pytest.raises(ValueError, match=word):
             prune(model, ids, "nowag", reconstruct=bad)
     with pytest.raises(ValueError, match="leaves no calibration batch"):
         prune(model, ids, "nowag", batch_size=4, reconstruct=ReconstructSettings(holdout=12))
+
+
+def test_error_terms_against_brute_force():
+    from armor.pipeline.reconstruct import _error_terms
+
+    torch.manual_seed(0)
+    y, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    t[0, 0] *= 100  # a massive-activation token: it dominates "mse" but counts once in "token"
+    num, den = _error_terms(y, t, "mse")
+    assert float(num / den) == pytest.approx(float(((y - t) ** 2).sum()) / float((t**2).sum()), rel=1e-6)
+    ratios = [float(((y[b, s] - t[b, s]) ** 2).sum() / (t[b, s] ** 2).sum()) for b in range(2) for s in range(5)]
+    num, den = _error_terms(y, t, "token")
+    assert float(num / den) == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
+    assert float(num / den) > 10 * float(_error_terms(y, t, "mse")[0] / _error_terms(y, t, "mse")[1])

@@ -17,7 +17,7 @@ from ..eval import perplexity_windows
 from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
-from ..pipeline.reconstruct import ReconstructSettings
+from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, ReconstructSettings
 from ..report import folder_footprint, format_table, write_report
 from ..solvers import METHODS
 from ..storage import load_model, load_tokenizer, meta_skeleton, resolve_dtype, write_json_atomic
@@ -116,6 +116,11 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
                    "pruned block reproduces the dense block's outputs; masks and stored format unchanged")
     r.add_argument("--reconstruct-steps", type=int, default=d.steps, help="Adam steps per block, one batch each")
     r.add_argument("--reconstruct-lr", type=float, default=d.lr, help="Adam learning rate")
+    r.add_argument("--reconstruct-loss", choices=LOSSES, default=d.loss,
+                   help="mse: squared error of the whole block output relative to its norm; token: each token's "
+                   "error relative to its own norm, averaged")
+    r.add_argument("--reconstruct-dtype", choices=COMPUTE_DTYPES, default=d.compute_dtype,
+                   help="training matmuls in this dtype (16-bit: autocast, float32 parameters and loss)")
     r.add_argument("--reconstruct-holdout", type=int, default=d.holdout,
                    help="calibration sequences held out to judge each block (a block keeps its pruned tensors "
                    "when tuning does not lower their output error)")
@@ -124,7 +129,8 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
 def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None:
     if not args.reconstruct:
         return None
-    s = ReconstructSettings(args.reconstruct_steps, args.reconstruct_lr, args.reconstruct_holdout)
+    s = ReconstructSettings(args.reconstruct_steps, args.reconstruct_lr, args.reconstruct_holdout,
+                            args.reconstruct_loss, args.reconstruct_dtype)
     try:
         s.check()
     except ValueError as exc:

@@ -29,7 +29,14 @@ from ..factors import block_product
 from ..models import get_module, set_module
 from ..runtime.packing import unpack_indices
 
-__all__ = ["ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
+__all__ = ["COMPUTE_DTYPES", "ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
+
+#: Training matmul dtypes: float32, or a 16-bit type under autocast.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+#: What "output error" means: ``mse``, the relative squared error of the whole output
+#: ``sum |y - t|^2 / sum |t|^2``; ``token``, each token's squared error relative to its own norm, averaged over
+#: tokens (the scale the next RMSNorm/LayerNorm sees; massive-activation tokens no longer dominate).
+LOSSES = ("mse", "token")
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,17 @@ class ReconstructSettings:
         lr: Adam's learning rate.
         holdout: calibration sequences held out of training to judge the result, taken as whole batches from the
             end of the calibration set (0: judged on the training batches).
+        loss: the output error trained on and judged by (:data:`LOSSES`).
+        compute_dtype: the dtype of the training forward and backward matmuls (``"bfloat16"``/``"float16"`` run
+            them under autocast, with float32 parameters, optimizer state and loss); the held-out judgement
+            always runs the stored model.
     """
 
     steps: int = 32
     lr: float = 1e-4
     holdout: int = 8
+    loss: str = "mse"
+    compute_dtype: str = "float32"
 
     def check(self) -> None:
         """Raise a ValueError naming the first invalid setting."""
@@ -56,6 +69,11 @@ class ReconstructSettings:
             raise ValueError(f"reconstruction learning rate must be in (0, 1), got {self.lr!r}")
         if not isinstance(self.holdout, int) or self.holdout < 0:
             raise ValueError(f"reconstruction holdout must be an integer >= 0, got {self.holdout!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"reconstruction loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"reconstruction compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                             f"got {self.compute_dtype!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,13 +81,14 @@ class ReconstructSettings:
 
 @dataclass
 class BlockReconstruction:
-    """What :func:`reconstruct_block` did to one block.  Errors are relative: ``sum |y - t|^2 / sum |t|^2``."""
+    """What :func:`reconstruct_block` did to one block.  Errors and losses are the settings' output error
+    (:data:`LOSSES`)."""
 
     block: int
     kept: bool  # the tuned tensors were kept (False: they would not have lowered the held-out error)
     error_before: float  # held-out output error of the block as pruned
     error_after: float  # held-out output error of the tuned block, as stored (before any revert)
-    first_loss: float  # training loss (mean squared error) of the first and the last step
+    first_loss: float  # training loss (output error of the batch) of the first and the last step
     last_loss: float
     steps: int
     seconds: float
@@ -125,6 +144,15 @@ def _output(y: Any) -> Tensor:
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
+def _error_terms(y: Tensor, t: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+    """Numerator and denominator of the output error of one batch (sums, so batches add up)."""
+    y, t = y.float(), t.float()
+    if loss == "token":
+        per_token = ((y - t) ** 2).sum(-1) / (t**2).sum(-1).clamp_min(1e-12)
+        return per_token.sum(), torch.tensor(float(per_token.numel()))
+    return ((y - t) ** 2).sum(), (t**2).sum()
+
+
 def _split(inputs: ActivationStore, holdout: int) -> tuple[list[int], list[int]]:
     """Training and held-out batch indices: whole batches from the end hold at least ``holdout`` sequences."""
     held: list[int] = []
@@ -166,16 +194,17 @@ class _LayerErrors:
 
 @torch.no_grad()
 def _error(block: nn.Module, calls: BlockCalls, inputs: ActivationStore, targets: ActivationStore,
-           idx: Sequence[int], device: torch.device, layers: _LayerErrors | None = None) -> tuple[float, dict]:
-    """The block's relative output error on batches ``idx`` (and each hooked layer's, when given)."""
+           idx: Sequence[int], device: torch.device, loss: str,
+           layers: _LayerErrors | None = None) -> tuple[float, dict]:
+    """The block's output error on batches ``idx`` (and each hooked layer's relative error, when given)."""
     num = den = 0.0
     try:
         for j in idx:
-            x, t = inputs[j].to(device), targets[j].to(device).float()
+            x = inputs[j].to(device)
             rest, kwargs = calls[tuple(x.shape)]
-            y = _output(block(x, *rest, **kwargs)).float()
-            num += float(((y - t) ** 2).sum())
-            den += float((t**2).sum())
+            a, b = _error_terms(_output(block(x, *rest, **kwargs)), targets[j].to(device), loss)
+            num += float(a)
+            den += float(b)
     finally:
         per_layer = layers.finish() if layers is not None else {}
     return num / max(den, 1e-30), per_layer
@@ -188,12 +217,15 @@ def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs:
     params = [p for v in views for p in v.parameters()]
     opt = torch.optim.Adam(params, lr=s.lr)
     first = last = float("nan")
-    with torch.enable_grad():
+    low = s.compute_dtype != "float32"
+    autocast = torch.autocast(device.type, dtype=getattr(torch, s.compute_dtype), enabled=low)
+    with torch.enable_grad(), autocast:
         for step in range(s.steps):
             j = train[step % len(train)]
             x, t = inputs[j].to(device), targets[j].to(device)
             rest, kwargs = calls[tuple(x.shape)]
-            loss = F.mse_loss(_output(block(x, *rest, **kwargs)).float(), t.float())
+            num, den = _error_terms(_output(block(x, *rest, **kwargs)), t, s.loss)
+            loss = num / den.clamp_min(1e-30)
             last = float(loss.detach())
             if step == 0:
                 first = last
@@ -229,7 +261,8 @@ def reconstruct_block(
     train, held = _split(inputs, settings.holdout)
     modules = {name: get_module(root, name) for name in names}
     dense = dense_weights or {}
-    before, layers_before = _error(block, calls, inputs, targets, held, device, _LayerErrors(modules, dense))
+    before, layers_before = _error(block, calls, inputs, targets, held, device, settings.loss,
+                                   _LayerErrors(modules, dense))
     originals = {name: _free_tensors(mod) for name, mod in modules.items()}
     views = {name: _TrainView(mod) for name, mod in modules.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -248,7 +281,8 @@ def reconstruct_block(
     if last == last:  # finite training: store the result and judge it as stored
         for name, view in views.items():
             view.write_back(modules[name])
-        after, layers_after = _error(block, calls, inputs, targets, held, device, _LayerErrors(modules, dense))
+        after, layers_after = _error(block, calls, inputs, targets, held, device, settings.loss,
+                                     _LayerErrors(modules, dense))
     kept = after < before  # False for NaN too
     if not kept:
         with torch.no_grad():
