@@ -204,8 +204,9 @@ def test_error_terms_against_brute_force():
     from armor.pipeline.reconstruct import _error_terms
 
     torch.manual_seed(0)
-    y, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    t[0, 0] *= 100  # a massive-activation token: it dominates "mse" but counts once in "token"
+    t = torch.randn(2, 5, 8)
+    t[0, 0] *= 100  # a massive-activation token: it dominates "mse"'s denominator but counts once in "token"
+    y = t + 0.1 * torch.randn(2, 5, 8)
     num, den = _error_terms(y, t, "mse")
     assert float(num / den) == pytest.approx(float(((y - t) ** 2).sum()) / float((t**2).sum()), rel=1e-6)
     ratios = [float(((y[b, s] - t[b, s]) ** 2).sum() / (t[b, s] ** 2).sum()) for b in range(2) for s in range(5)]
