@@ -276,7 +276,7 @@ def objectives_table(args: argparse.Namespace) -> None:
                 res = armor_blockhess(wn, h, mask, r, c, hessian=full_h, **opts)
             secs = time.perf_counter() - start
             bo, bi = res.block_size_out, res.block_size_in
-            bh_problem = ArmorProblem(wn, h, bo, bi, h_blocks=diagonal_blocks(bi, hessian=full_h))
+            bh_problem = ArmorProblem(wn, h, bo, bi, h_blocks=diagonal_blocks(bi, full_h))
             a = res.a_blocks / r.reshape(-1, bo, 1)
             b = res.b_blocks / c.reshape(-1, 1, bi)
             e = bh_problem.left(a, bh_problem.right(res.core, b)) - wn

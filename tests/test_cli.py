@@ -120,7 +120,7 @@ def test_streaming_sequential_and_ray(capsys, tiny_model_dir, tiny_text, tmp_pat
         (["--layers", "no_such_layer"], "no prunable layers selected"),
         (["-O", "sweeps"], "NAME=VALUE"),
         (["--method", "nowag", "--compare", "none", "-O", "sweeps=2"], "option 'sweeps' is not taken by nowag"),
-        (["-O", "sweeps=many"], "must be a int"),
+        (["-O", "sweeps=many"], "option 'sweeps' must be an integer, got"),
         (["--method", "nowag", "--compare", "none", "--block-size", "16"], "option 'block_size' is not taken"),
         (["--device", "cuda"], "CUDA is not available"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -9,27 +10,42 @@ import torch
 
 import armor
 from armor.solvers import get_method
+from armor.solvers.armor_fast import SweepSettings
+from armor.solvers.options import SWEEP_OPTIONS
 
 
 @pytest.mark.parametrize("name", list(armor.METHODS))
 def test_registry_matches_the_solver_signatures(name):
-    """Every registered option is a parameter of the solver with the same default, and every solver parameter
-    (bar the pattern and progress callback) is registered: nothing is described in two places differently."""
+    """Every registered option reaches the solver with the registry's default, and the solver takes nothing else
+    (bar the pattern, the progress callback and the full Hessian): nothing is described in two places
+    differently.  The sweep solvers take ``**options`` and build :class:`SweepSettings` from the same table."""
     method = armor.METHODS[name]
     params = inspect.signature(method.solve).parameters
     solver_opts = {
         k: p.default for k, p in params.items()
         if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and k not in ("n", "m", "callback", "hessian")
     }
-    assert {o.name: o.default for o in method.options} == solver_opts
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        assert solver_opts == {} and method.options is SWEEP_OPTIONS
+        fields = [f.name for f in dataclasses.fields(SweepSettings)]
+        assert fields == [o.name for o in method.options]
+        assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(SweepSettings))  # no second default
+        assert dataclasses.asdict(SweepSettings.from_options()) == method.resolve()
+        assert SweepSettings.from_options(sweeps="3").sweeps == 3
+        with pytest.raises(TypeError, match="unknown sweep option"):
+            SweepSettings.from_options(seed=0)
+    else:
+        assert {o.name: o.default for o in method.options} == solver_opts
 
 
 def test_option_conversion_and_errors():
     fast = get_method("armor-fast")
     assert fast.resolve({"sweeps": "7", "max_seconds": "none"})["sweeps"] == 7
     assert fast.resolve({"max_seconds": "none"})["max_seconds"] is None
-    with pytest.raises(ValueError, match="must be a int"):
+    with pytest.raises(ValueError, match="option 'sweeps' must be an integer, got 'many'"):
         fast.resolve({"sweeps": "many"})
+    with pytest.raises(ValueError, match="option 'damping' must be a number, got 'tiny'"):
+        fast.resolve({"damping": "tiny"})
     with pytest.raises(ValueError, match="must be an integer"):
         fast.resolve({"sweeps": 2.5})
     with pytest.raises(TypeError, match="takes no option 'seed'"):

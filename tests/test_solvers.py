@@ -19,10 +19,10 @@ from armor.factors import (
 )
 from armor.solvers import baselines
 from armor.solvers.armor import ArmorProblem, ArmorState, sparse_core_step
-from armor.solvers.armor_blockhess import armor_blockhess, hessian_block_size
+from armor.solvers.armor_blockhess import armor_blockhess
 from armor.solvers.armor_fast import armor_fast, greedy_mask_step, group_gains, update_a, update_b, update_core_cg
 from armor.sparsity import is_nm_mask, nm_mask_from_scores
-from armor.stats import LayerStats, StatsAccumulator, diagonal_blocks
+from armor.stats import StatsAccumulator, diagonal_blocks
 
 
 def random_spd_blocks(k, b, g):
@@ -405,28 +405,23 @@ def test_too_small_budget_falls_back_to_the_smallest_blocks():
 # -- block-Hessian objective ----------------------------------------------------------------------------------
 
 
-def test_stats_accumulator_collects_exact_diagonal_blocks():
+def test_stats_accumulator_and_diagonal_blocks_are_exact():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 50, 24, generator=g)
-    acc = StatsAccumulator(24, full=True, block_size=8)
+    acc = StatsAccumulator(24, full=True)
     acc.update(x[0])
     acc.update(x[1:])
     st = acc.finalize()
-    assert st.hessian_block_size == 8
     h_ref = 2 * x.reshape(-1, 24).double().T @ x.reshape(-1, 24).double() / 150
+    torch.testing.assert_close(st.hessian.double(), h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.hessian_diag.double(), h_ref.diagonal(), rtol=1e-5, atol=1e-5)
+    blocks = diagonal_blocks(8, st.hessian)
+    assert blocks.shape == (3, 8, 8)
     for k in range(3):
         sl = slice(8 * k, 8 * k + 8)
-        torch.testing.assert_close(st.hessian_blocks[k].double(), h_ref[sl, sl], rtol=1e-5, atol=1e-5)
-    # blocks of a divisor are sub-blocks; blocks of a multiple are laid out block-diagonally
-    torch.testing.assert_close(st.diagonal_blocks(4), diagonal_blocks(4, hessian=st.hessian), rtol=1e-5, atol=1e-6)
-    coarse = diagonal_blocks(24, hessian_blocks=st.hessian_blocks)
-    torch.testing.assert_close(coarse[0], blockdiag_to_dense(st.hessian_blocks))
-    with pytest.raises(ValueError, match="need 8 to divide it or be divided by it"):
-        LayerStats(st.hessian_diag, hessian_blocks=st.hessian_blocks).diagonal_blocks(12)
-    with pytest.raises(ValueError, match="does not divide 24 input features"):
-        StatsAccumulator(24, block_size=5)
-    with pytest.raises(ValueError, match="hessian_blocks must be"):
-        LayerStats(torch.ones(24), hessian_blocks=torch.ones(2, 8, 8))
+        torch.testing.assert_close(blocks[k].double(), h_ref[sl, sl], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not divide the 24 input features"):
+        diagonal_blocks(5, st.hessian)
 
 
 @pytest.mark.parametrize("kind", ["random", "ill"])
@@ -438,7 +433,7 @@ def test_block_hessian_loss_never_rises_and_beats_nowag_under_its_objective(kind
     res = armor_blockhess(wn, h, mask, r, c, hessian=stats.hessian, block_size=16, sweeps=6, patience=0)
     assert res.method == "armor-bh" and res.extras["objective"] == "block-hessian"
     # the starting point is NoWag-P, measured under the block-Hessian objective on the full matrices
-    prob = ArmorProblem(wn, h, 16, 16, h_blocks=diagonal_blocks(16, hessian=stats.hessian))
+    prob = ArmorProblem(wn, h, 16, 16, h_blocks=diagonal_blocks(16, stats.hessian))
     nowag_bh = full_loss(prob, torch.eye(16).expand(4, 16, 16), wn * mask, torch.eye(16).expand(8, 16, 16))
     assert res.history[0] == pytest.approx(nowag_bh, rel=1e-4)
     assert all(b <= a for a, b in zip(res.history, res.history[1:], strict=False))
@@ -448,11 +443,8 @@ def test_block_hessian_loss_never_rises_and_beats_nowag_under_its_objective(kind
     b = res.b_blocks / c.reshape(8, 1, 16)
     assert full_loss(prob, a, res.core, b) == pytest.approx(res.loss, rel=1e-3, abs=1e-7)
     assert is_nm_mask(res.mask) and 0 < res.extras["diagonal_loss"] < 1
-    # stored blocks of a multiple of the input block size serve as well as the full matrix
-    blocks32 = diagonal_blocks(32, hessian=stats.hessian)
-    res32 = armor_blockhess(wn, h, mask, r, c, hessian=blocks32, block_size=16, sweeps=6, patience=0)
-    assert res32.loss == pytest.approx(res.loss, rel=1e-4)
-    assert hessian_block_size(64, 128, block_size=16) == 16
+    with pytest.raises(ValueError, match="full"):
+        armor_blockhess(wn, h, mask, r, c, hessian=diagonal_blocks(16, stats.hessian), block_size=16)
 
 
 def test_block_hessian_with_diagonal_blocks_equals_the_papers_objective():
@@ -460,7 +452,7 @@ def test_block_hessian_with_diagonal_blocks_equals_the_papers_objective():
     wn, r, c = normalize_weight(w)
     h = stats.hessian_diag
     mask = nm_mask_from_scores(baselines.nowag_scores(wn, h))
-    diag_only = torch.diag_embed(h.reshape(8, 16))
+    diag_only = torch.diag(h)
     bh = armor_blockhess(wn, h, mask, r, c, hessian=diag_only, block_size=16, sweeps=3, patience=0)
     paper = armor_fast(wn, h, mask, r, c, block_size=16, sweeps=3, patience=0)
     assert bh.loss == pytest.approx(paper.loss, rel=1e-4)

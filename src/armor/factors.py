@@ -25,8 +25,6 @@ __all__ = [
     "block_product",
     "blockdiag_to_dense",
     "identity_blocks",
-    "tiles",
-    "untile",
 ]
 
 NORM_EPS = 1e-5
@@ -134,18 +132,6 @@ def proxy_loss(w_hat: Tensor, w_ref: Tensor, h: Tensor) -> Tensor:
     num = ((w_hat - w_ref).square() * h).sum()
     den = (w_ref.square() * h).sum()
     return num / den
-
-
-def tiles(x: Tensor, bo: int, bi: int) -> Tensor:
-    """View a ``(m, n)`` matrix as ``(P, Q, bo, bi)`` tiles (a copy, contiguous per tile)."""
-    m, n = x.shape
-    return x.reshape(m // bo, bo, n // bi, bi).permute(0, 2, 1, 3).contiguous()
-
-
-def untile(t: Tensor) -> Tensor:
-    """Inverse of :func:`tiles`."""
-    p, q, bo, bi = t.shape
-    return t.permute(0, 2, 1, 3).reshape(p * bo, q * bi)
 
 
 def block_product(a_blocks: Tensor, core: Tensor, b_blocks: Tensor) -> Tensor:

@@ -30,42 +30,13 @@ def repair_hessian_diag(h: Tensor) -> tuple[Tensor, int]:
     return h, n_bad
 
 
-def diagonal_blocks(block_size: int, hessian: Tensor | None = None, hessian_blocks: Tensor | None = None) -> Tensor:
-    """The ``(n / block_size, block_size, block_size)`` diagonal blocks of ``H``.
-
-    From the full ``hessian`` ``(n, n)``, or from stored ``hessian_blocks`` ``(n / bk, bk, bk)``: when
-    ``block_size`` divides ``bk`` these are the diagonal sub-blocks (exact); when ``bk`` divides ``block_size``
-    the stored blocks are laid out block-diagonally (the cross terms between them were not collected, so they
-    are zero).  Any other combination is a ValueError.
-    """
-    if hessian is not None:
-        n = hessian.shape[0]
-        if n % block_size:
-            raise ValueError(f"block size {block_size} does not divide the {n} input features")
-        k = n // block_size
-        return hessian.reshape(k, block_size, k, block_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
-    if hessian_blocks is None:
-        raise ValueError("diagonal blocks of the Hessian need the full Hessian or its stored diagonal blocks")
-    k, bk, _ = hessian_blocks.shape
-    n = k * bk
+def diagonal_blocks(block_size: int, hessian: Tensor) -> Tensor:
+    """The ``(n / block_size, block_size, block_size)`` diagonal blocks of the full ``hessian`` ``(n, n)``."""
+    n = hessian.shape[0]
     if n % block_size:
         raise ValueError(f"block size {block_size} does not divide the {n} input features")
-    if bk % block_size == 0:
-        per = bk // block_size
-        sub = hessian_blocks.reshape(k, per, block_size, per, block_size).diagonal(dim1=1, dim2=3)
-        return sub.permute(0, 3, 1, 2).reshape(n // block_size, block_size, block_size).contiguous()
-    if block_size % bk == 0:
-        per = block_size // bk
-        out = torch.zeros(
-            n // block_size, block_size, block_size, dtype=hessian_blocks.dtype, device=hessian_blocks.device
-        )
-        grouped = hessian_blocks.reshape(n // block_size, per, bk, bk)
-        for j in range(per):
-            out[:, j * bk : (j + 1) * bk, j * bk : (j + 1) * bk] = grouped[:, j]
-        return out
-    raise ValueError(
-        f"Hessian blocks of {bk} were collected; blocks of {block_size} need {bk} to divide it or be divided by it"
-    )
+    k = n // block_size
+    return hessian.reshape(k, block_size, k, block_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
 
 
 def repair_hessian_blocks(blocks: Tensor, repaired_diag: Tensor) -> Tensor:
@@ -89,14 +60,11 @@ class LayerStats:
         hessian_diag: ``(n,)`` float32, ``(2/N) sum_t x_t^2`` per input feature.
         hessian: optional ``(n, n)`` float32, ``(2/N) X^T X``; required by SparseGPT.
         n_tokens: number of token vectors ``N`` the statistics were taken over (0 if unknown).
-        hessian_blocks: optional ``(n / bk, bk, bk)`` float32, the diagonal blocks of ``(2/N) X^T X``; used by
-            the block-Hessian ARMOR objective (the full ``hessian`` serves too).
     """
 
     hessian_diag: Tensor
     hessian: Tensor | None = None
     n_tokens: int = 0
-    hessian_blocks: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.hessian_diag.dim() != 1:
@@ -104,33 +72,15 @@ class LayerStats:
         n = self.hessian_diag.shape[0]
         if self.hessian is not None and tuple(self.hessian.shape) != (n, n):
             raise ValueError(f"hessian must be ({n}, {n}) to match hessian_diag, got shape {tuple(self.hessian.shape)}")
-        if self.hessian_blocks is not None:
-            hb = self.hessian_blocks
-            if hb.dim() != 3 or hb.shape[1] != hb.shape[2] or hb.shape[0] * hb.shape[1] != n:
-                raise ValueError(f"hessian_blocks must be (k, bk, bk) with k * bk = {n}, got shape {tuple(hb.shape)}")
 
     @property
     def in_features(self) -> int:
         return self.hessian_diag.shape[0]
 
-    @property
-    def has_full(self) -> bool:
-        return self.hessian is not None
-
-    @property
-    def hessian_block_size(self) -> int | None:
-        """Size of the stored diagonal blocks (``None`` when none were collected)."""
-        return None if self.hessian_blocks is None else int(self.hessian_blocks.shape[1])
-
-    def diagonal_blocks(self, block_size: int) -> Tensor:
-        """The ``block_size`` diagonal blocks of ``H``, from the full matrix or the stored blocks; see
-        :func:`diagonal_blocks`."""
-        return diagonal_blocks(block_size, self.hessian, self.hessian_blocks)
-
     @classmethod
-    def from_inputs(cls, x: Tensor, full: bool = False, block_size: int | None = None) -> LayerStats:
+    def from_inputs(cls, x: Tensor, full: bool = False) -> LayerStats:
         """Statistics of a batch of inputs ``x`` of shape ``(..., n)``."""
-        acc = StatsAccumulator(x.shape[-1], full=full, device=x.device, block_size=block_size)
+        acc = StatsAccumulator(x.shape[-1], full=full, device=x.device)
         acc.update(x)
         return acc.finalize()
 
@@ -139,7 +89,6 @@ class LayerStats:
             self.hessian_diag.to(device),
             None if self.hessian is None else self.hessian.to(device),
             self.n_tokens,
-            None if self.hessian_blocks is None else self.hessian_blocks.to(device),
         )
 
 
@@ -147,17 +96,14 @@ class LayerStats:
 class StatsAccumulator:
     """Running float32 sums for :class:`LayerStats`, fed batch by batch (e.g. from a forward hook).
 
-    ``full`` collects ``X^T X``; ``block_size`` collects its ``block_size x block_size`` diagonal blocks only
-    (``N n bk`` flops and ``n bk`` values instead of ``N n^2`` and ``n^2``).
+    ``full`` collects ``X^T X`` as well as its diagonal.
     """
 
     in_features: int
     full: bool = False
     device: torch.device | str = "cpu"
-    block_size: int | None = None
     sum_sq: Tensor = field(init=False)
     sum_outer: Tensor | None = field(init=False)
-    sum_blocks: Tensor | None = field(init=False)
     n_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -167,14 +113,6 @@ class StatsAccumulator:
             if self.full
             else None
         )
-        if self.block_size is not None and (self.block_size < 1 or self.in_features % self.block_size):
-            raise ValueError(f"Hessian block size {self.block_size} does not divide {self.in_features} input features")
-        k = None if self.block_size is None else self.in_features // self.block_size
-        self.sum_blocks = (
-            None
-            if self.block_size is None
-            else torch.zeros(k, self.block_size, self.block_size, dtype=torch.float32, device=self.device)
-        )
 
     def update(self, x: Tensor) -> None:
         if x.shape[-1] != self.in_features:
@@ -183,9 +121,6 @@ class StatsAccumulator:
         self.sum_sq += x.square().sum(0)
         if self.sum_outer is not None:
             self.sum_outer.addmm_(x.T, x)
-        if self.sum_blocks is not None:
-            xb = x.reshape(x.shape[0], -1, self.block_size).transpose(0, 1)  # (k, N, bk)
-            self.sum_blocks.baddbmm_(xb.transpose(1, 2), xb)
         self.n_tokens += x.shape[0]
 
     def finalize(self) -> LayerStats:
@@ -194,5 +129,4 @@ class StatsAccumulator:
             self.sum_sq * scale,
             None if self.sum_outer is None else self.sum_outer * scale,
             self.n_tokens,
-            None if self.sum_blocks is None else self.sum_blocks * scale,
         )

@@ -19,18 +19,16 @@ from ..result import PruneResult
 from ..sparsity import check_nm_shape, nm_mask_from_scores
 from ..stats import LayerStats, repair_hessian_diag
 from . import baselines
-from .registry import METHODS, STATS_KINDS, Method, Option, get_method, method_names
+from .registry import METHODS, Method, Option, get_method
 
 __all__ = [
     "prune_layer",
     "layer_proxy_loss",
     "as_stats",
     "METHODS",
-    "STATS_KINDS",
     "Method",
     "Option",
     "get_method",
-    "method_names",
 ]
 
 
@@ -99,12 +97,7 @@ def prune_layer(
             f"method {method!r} needs the full input second-moment matrix: collect LayerStats with full=True"
         )
     h, n_repaired = repair_hessian_diag(st.hessian_diag.to(w.device))
-    st = LayerStats(
-        h,
-        None if st.hessian is None else st.hessian.to(w.device),
-        st.n_tokens,
-        None if st.hessian_blocks is None else st.hessian_blocks.to(w.device),
-    )
+    st = LayerStats(h, None if st.hessian is None else st.hessian.to(w.device), st.n_tokens)
 
     wn, r, c = normalize_weight(w)
     nowag_mask = nm_mask_from_scores(baselines.nowag_scores(wn, h), n, m)

@@ -18,28 +18,16 @@ above NoWag-P's under the same objective.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
-from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes
 from ..result import PruneResult
 from ..stats import diagonal_blocks, repair_hessian_blocks
 from .armor import ArmorProblem
-from .armor_fast import run_sweeps
+from .armor_fast import SweepSettings, run_sweeps
 
-__all__ = ["armor_blockhess", "hessian_block_size"]
-
-
-def hessian_block_size(
-    out_features: int,
-    in_features: int,
-    block_size: int | None = None,
-    wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
-    m: int = 4,
-) -> int:
-    """The size of the diagonal Hessian blocks that :func:`armor_blockhess` needs for a layer: its input block
-    size ``bi`` (statistics collected with any multiple of it dividing ``in_features`` serve as well)."""
-    return resolve_block_sizes(out_features, in_features, block_size, wrapper_budget, m)[1]
+__all__ = ["armor_blockhess"]
 
 
 def armor_blockhess(
@@ -52,56 +40,27 @@ def armor_blockhess(
     hessian: Tensor,
     n: int = 2,
     m: int = 4,
-    block_size: int | None = None,
-    wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
-    sweeps: int = 20,
-    cg_steps: int = 2,
-    mask_steps: int = 1,
-    groups_per_tile: int = 64,
-    damping: float = 1e-6,
-    patience: int = 3,
-    rtol: float = 1e-4,
-    max_seconds: float | None = None,
     callback: Callable[[int, float], None] | None = None,
+    **options: Any,
 ) -> PruneResult:
-    """The fast solver's sweeps (:func:`~armor.solvers.armor_fast.armor_fast`, same options) on the
-    block-Hessian loss.
+    """The fast solver's sweeps (:func:`~armor.solvers.armor_fast.armor_fast`, same options:
+    :class:`~armor.solvers.armor_fast.SweepSettings`) on the block-Hessian loss.
 
     Args:
-        hessian: the full ``(n, n)`` ``2 X^T X / N`` or its diagonal blocks ``(n / bk, bk, bk)`` with ``bk`` a
-            multiple of the input block size (see :func:`hessian_block_size`).
+        hessian: the full ``(n, n)`` ``2 X^T X / N``; its ``bi x bi`` diagonal blocks weight the loss.
         h: the (repaired) Hessian diagonal; it replaces the blocks' diagonal, so repaired features are weighted
             as in the paper's loss and have no cross terms.
 
     ``result.loss`` and ``result.nowag_loss`` are under the block-Hessian objective; ``extras["diagonal_loss"]``
     is the paper's proxy loss of the same result.
     """
-    bo, bi = resolve_block_sizes(wn.shape[0], wn.shape[1], block_size, wrapper_budget, m)
-    if hessian.dim() == 2:
-        blocks = diagonal_blocks(bi, hessian=hessian.to(wn.device))
-    elif hessian.dim() == 3:
-        blocks = diagonal_blocks(bi, hessian_blocks=hessian.to(wn.device))
-    else:
-        raise ValueError(f"hessian must be (n, n) or (n / bk, bk, bk), got shape {tuple(hessian.shape)}")
-    blocks = repair_hessian_blocks(blocks, h)
+    settings = SweepSettings.from_options(**options)
+    bo, bi = settings.block_sizes(wn.shape[0], wn.shape[1], m)
+    if hessian.dim() != 2:
+        raise ValueError(f"hessian must be the full (n, n) matrix, got shape {tuple(hessian.shape)}")
+    blocks = repair_hessian_blocks(diagonal_blocks(bi, hessian.to(wn.device)), h)
     problem = ArmorProblem(wn, h, bo, bi, n, m, h_blocks=blocks)
-    result = run_sweeps(
-        "armor-bh",
-        problem,
-        mask,
-        r,
-        c,
-        sweeps=sweeps,
-        cg_steps=cg_steps,
-        mask_steps=mask_steps,
-        groups_per_tile=groups_per_tile,
-        damping=damping,
-        patience=patience,
-        rtol=rtol,
-        max_seconds=max_seconds,
-        callback=callback,
-        extras={} if block_size is not None else {"wrapper_budget": wrapper_budget},
-    )
+    result = run_sweeps("armor-bh", problem, mask, r, c, settings, callback)
     diag_problem = ArmorProblem(wn, h, bo, bi, n, m)
     a = result.a_blocks / r.reshape(problem.P, bo, 1)
     b = result.b_blocks / c.reshape(problem.Q, 1, bi)

@@ -25,18 +25,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes
+from ..factors import resolve_block_sizes
 from ..result import PruneResult
 from ..sparsity import nm_supports
 from .armor import ArmorProblem, ArmorState, finish_result, tile_losses
+from .options import SWEEP_OPTIONS
 
 __all__ = [
     "armor_fast",
     "run_sweeps",
+    "SweepSettings",
     "GroupMoves",
     "group_moves",
     "group_gains",
@@ -238,6 +241,41 @@ def greedy_mask_step(problem: ArmorProblem, state: ArmorState, e: Tensor, per_ti
     return e_new, float((after - before).sum()) / problem.denominator
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """The sweeps' options (:data:`~armor.solvers.options.SWEEP_OPTIONS`, where their defaults and meanings are),
+    one value each; build it with :meth:`from_options`."""
+
+    block_size: int | None
+    wrapper_budget: float
+    sweeps: int
+    cg_steps: int
+    mask_steps: int
+    groups_per_tile: int
+    damping: float
+    patience: int
+    rtol: float
+    max_seconds: float | None
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SweepSettings:
+        """The given options (checked and converted), the table's defaults for the rest; an unknown name is a
+        TypeError naming the accepted ones."""
+        unknown = set(options) - {o.name for o in SWEEP_OPTIONS}
+        if unknown:
+            accepted = ", ".join(o.name for o in SWEEP_OPTIONS)
+            raise TypeError(f"unknown sweep option(s) {', '.join(sorted(unknown))} (accepted: {accepted})")
+        return cls(**{o.name: o.convert(options[o.name]) if o.name in options else o.default for o in SWEEP_OPTIONS})
+
+    def block_sizes(self, out_features: int, in_features: int, m: int) -> tuple[int, int]:
+        """The wrapper blocks ``(bo, bi)`` for a layer (:func:`armor.factors.resolve_block_sizes`)."""
+        return resolve_block_sizes(out_features, in_features, self.block_size, self.wrapper_budget, m)
+
+    def extras(self) -> dict[str, Any]:
+        """What a result records about the block choice: the budget when it chose the blocks."""
+        return {} if self.block_size is not None else {"wrapper_budget": self.wrapper_budget}
+
+
 def armor_fast(
     wn: Tensor,
     h: Tensor,
@@ -247,44 +285,18 @@ def armor_fast(
     *,
     n: int = 2,
     m: int = 4,
-    block_size: int | None = None,
-    wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
-    sweeps: int = 20,
-    cg_steps: int = 2,
-    mask_steps: int = 1,
-    groups_per_tile: int = 64,
-    damping: float = 1e-6,
-    patience: int = 3,
-    rtol: float = 1e-4,
-    max_seconds: float | None = None,
     callback: Callable[[int, float], None] | None = None,
+    **options: Any,
 ) -> PruneResult:
     """Fast ARMOR on the paper's (diagonal) proxy loss: ``sweeps`` rounds of exact ``A`` and ``B`` updates,
     ``cg_steps`` CG steps on the core values and ``mask_steps`` greedy sparse-core steps.  Stops early when
     ``patience`` sweeps in a row improve the loss by less than a relative ``rtol``, or after ``max_seconds``.
-    Deterministic.  ``history[k]`` is the loss after sweep ``k``.  Wrapper blocks: ``block_size`` when given,
-    else the largest that add at most ``wrapper_budget`` x the layer's dense values
-    (:func:`armor.factors.resolve_block_sizes`).
+    Deterministic.  ``history[k]`` is the loss after sweep ``k``.  ``options``: :class:`SweepSettings`
+    (wrapper blocks: ``block_size`` when given, else the largest within ``wrapper_budget``).
     """
-    bo, bi = resolve_block_sizes(wn.shape[0], wn.shape[1], block_size, wrapper_budget, m)
-    problem = ArmorProblem(wn, h, bo, bi, n, m)
-    return run_sweeps(
-        "armor-fast",
-        problem,
-        mask,
-        r,
-        c,
-        sweeps=sweeps,
-        cg_steps=cg_steps,
-        mask_steps=mask_steps,
-        groups_per_tile=groups_per_tile,
-        damping=damping,
-        patience=patience,
-        rtol=rtol,
-        max_seconds=max_seconds,
-        callback=callback,
-        extras={} if block_size is not None else {"wrapper_budget": wrapper_budget},
-    )
+    settings = SweepSettings.from_options(**options)
+    bo, bi = settings.block_sizes(wn.shape[0], wn.shape[1], m)
+    return run_sweeps("armor-fast", ArmorProblem(wn, h, bo, bi, n, m), mask, r, c, settings, callback)
 
 
 def run_sweeps(
@@ -293,17 +305,8 @@ def run_sweeps(
     mask: Tensor,
     r: Tensor,
     c: Tensor,
-    *,
-    sweeps: int,
-    cg_steps: int,
-    mask_steps: int,
-    groups_per_tile: int,
-    damping: float,
-    patience: int,
-    rtol: float,
-    max_seconds: float | None,
-    callback: Callable[[int, float], None] | None,
-    extras: dict,
+    settings: SweepSettings,
+    callback: Callable[[int, float], None] | None = None,
 ) -> PruneResult:
     """The fast solver's sweeps on any :class:`ArmorProblem` (either objective), from the NoWag-P ``mask``."""
     state = problem.initial_state(mask)
@@ -313,13 +316,13 @@ def run_sweeps(
     best = state.clone()
     t0 = time.perf_counter()
     stalled, stopped_early, sweep = 0, False, 0
-    for sweep in range(1, sweeps + 1):
+    for sweep in range(1, settings.sweeps + 1):
         before = loss
-        e = update_a(problem, state, e, damping)
-        e = update_b(problem, state, e, damping)
-        e = update_core_cg(problem, state, e, cg_steps)
-        for _ in range(mask_steps):
-            e, change = greedy_mask_step(problem, state, e, groups_per_tile)
+        e = update_a(problem, state, e, settings.damping)
+        e = update_b(problem, state, e, settings.damping)
+        e = update_core_cg(problem, state, e, settings.cg_steps)
+        for _ in range(settings.mask_steps):
+            e, change = greedy_mask_step(problem, state, e, settings.groups_per_tile)
             if change == 0:
                 break
         loss = problem.loss_of_residual(e)  # every step returns the exact residual of its state
@@ -335,18 +338,18 @@ def run_sweeps(
             callback(sweep, loss)
         if stopped_early:
             break
-        stalled = stalled + 1 if loss > before * (1 - rtol) else 0
-        if patience > 0 and stalled >= patience:
+        stalled = stalled + 1 if loss > before * (1 - settings.rtol) else 0
+        if settings.patience > 0 and stalled >= settings.patience:
             stopped_early = True
             break
-        if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
+        if settings.max_seconds is not None and time.perf_counter() - t0 >= settings.max_seconds:
             stopped_early = True
             break
     extras = {
         "mode": "fast",
-        "cg_steps": cg_steps,
-        "mask_steps": mask_steps,
+        "cg_steps": settings.cg_steps,
+        "mask_steps": settings.mask_steps,
         "solve_seconds": time.perf_counter() - t0,
-        **extras,
+        **settings.extras(),
     }
     return finish_result(method, problem, state, loss, r, c, history, raw_history, sweep, stopped_early, extras)

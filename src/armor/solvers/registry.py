@@ -14,47 +14,9 @@ from . import baselines
 from .armor import armor_faithful
 from .armor_blockhess import armor_blockhess
 from .armor_fast import armor_fast
+from .options import ARMOR_COMMON, SWEEP_OPTIONS, Option
 
-__all__ = ["Option", "Method", "METHODS", "STATS_KINDS", "get_method", "method_names"]
-
-#: What a method needs from the calibration data, weakest first.  The pipeline always collects at least the
-#: Hessian diagonal when it has calibration data, so every method's proxy loss is weighted the same way.
-STATS_KINDS = ("none", "diagonal", "full")
-
-
-@dataclass(frozen=True)
-class Option:
-    """One method option: its name, type, default and meaning (shown by ``armor prune --help-methods``)."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    optional: bool = False  # ``None`` is an accepted value (e.g. "no time cap")
-
-    def convert(self, value: Any) -> Any:
-        """``value`` (e.g. a command-line string) as this option's type; a ValueError naming the option."""
-        if value is None:
-            if self.optional:
-                return None
-            raise ValueError(f"option {self.name!r} needs a value of type {self.type.__name__}")
-        if isinstance(value, str) and self.type is not str:
-            text = value.strip().lower()
-            if self.optional and text in ("none", ""):
-                return None
-            if self.type is bool:
-                if text in ("1", "true", "yes", "on"):
-                    return True
-                if text in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(f"option {self.name!r} is a yes/no option, got {value!r}")
-        try:
-            converted = self.type(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"option {self.name!r} must be a {self.type.__name__}, got {value!r}") from None
-        if self.type is int and isinstance(value, float) and value != converted:
-            raise ValueError(f"option {self.name!r} must be an integer, got {value!r}")
-        return converted
+__all__ = ["Option", "Method", "METHODS", "get_method"]
 
 
 @dataclass(frozen=True)
@@ -102,28 +64,6 @@ class Method:
         return "full" if self.needs == "full" else "diagonal"
 
 
-_ARMOR_COMMON = (
-    Option("block_size", int, None, "wrapper block size; default: chosen per layer from wrapper_budget", True),
-    Option(
-        "wrapper_budget", float, 0.0625,
-        "largest share of the layer's dense parameter count the two wrappers may add (0.0625 = the paper's "
-        "128 blocks on a 4096x4096 layer); ignored when block_size is given",
-    ),
-)
-
-#: armor-fast's sweeps, shared by every solver built on them (armor-bh runs the same sweeps on another loss).
-_SWEEP_OPTIONS = (
-    *_ARMOR_COMMON,
-    Option("sweeps", int, 20, "sweeps (A, B, core values, mask) at most"),
-    Option("cg_steps", int, 2, "conjugate-gradient steps on the core values per sweep"),
-    Option("mask_steps", int, 1, "mask steps per sweep"),
-    Option("groups_per_tile", int, 64, "groups re-solved together per tile in a mask step"),
-    Option("damping", float, 1e-6, "ridge of the A/B normal equations, relative to their mean diagonal"),
-    Option("patience", int, 3, "stop after this many sweeps without a relative gain of rtol"),
-    Option("rtol", float, 1e-4, "relative gain per sweep that counts as progress"),
-    Option("max_seconds", float, None, "time cap per layer in seconds", True),
-)
-
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -151,7 +91,7 @@ METHODS: dict[str, Method] = {
             "the paper's schedule: joint Adam step on A, B and the core, then one exact sparse-core step per tile",
             armor_faithful,
             (
-                *_ARMOR_COMMON,
+                *ARMOR_COMMON,
                 Option("iterations", int, 20_000, "iterations (one Adam step + one sparse-core step each)"),
                 Option("lr", float, 1e-4, "Adam learning rate"),
                 Option("patience", int, 100, "stop after this many iterations without a relative gain of rtol"),
@@ -165,7 +105,7 @@ METHODS: dict[str, Method] = {
             "diagonal",
             "exact A/B block updates, CG on the core values, exact multi-group mask steps; every step monotone",
             armor_fast,
-            _SWEEP_OPTIONS,
+            SWEEP_OPTIONS,
             wrappers=True,
         ),
         Method(
@@ -174,7 +114,7 @@ METHODS: dict[str, Method] = {
             "armor-fast on the proxy loss weighted by the diagonal blocks of X^T X instead of its diagonal "
             "(beyond the paper; losses reported under that objective)",
             armor_blockhess,
-            _SWEEP_OPTIONS,
+            SWEEP_OPTIONS,
             wrappers=True,
             objective="block-hessian",
         ),
@@ -188,8 +128,3 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
-
-
-def method_names() -> tuple[str, ...]:
-    return tuple(METHODS)
-
