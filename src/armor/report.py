@@ -17,7 +17,21 @@ from .runtime.packing import packed_index_shape
 from .storage import read_armor_config
 from .storage.atomic import write_text_atomic
 
-__all__ = ["layer_footprint", "folder_footprint", "format_table", "write_report", "plot_losses", "reconstruction_lines"]
+__all__ = [
+    "layer_footprint",
+    "folder_footprint",
+    "DENSE_FOOTPRINT",
+    "result_row",
+    "format_table",
+    "write_report",
+    "plot_losses",
+    "reconstruction_lines",
+]
+
+#: The footprint columns of the dense model itself.
+DENSE_FOOTPRINT = {
+    "linear_bytes_ratio": 1.0, "checkpoint_bytes_ratio": 1.0, "values_kept_ratio": 1.0, "wrapper_overhead": 0.0,
+}
 
 
 def _elem(dtype: str) -> int:
@@ -70,6 +84,16 @@ def folder_footprint(folder: str | Path, dense_folder: str | Path | None = None)
     if dense_folder is not None:
         out["checkpoint_bytes_ratio"] = out["checkpoint_bytes"] / max(_weights_bytes(Path(dense_folder)), 1)
     return out
+
+
+def result_row(method: str, evaluation: Mapping[str, Any], **measures: Any) -> dict[str, Any]:
+    """One row of the results table: the method, its perplexity and task accuracies (``task/acc``,
+    ``task/acc_norm`` columns) from an evaluation, the whole evaluation, then ``measures`` (footprint, losses,
+    times)."""
+    ppl = evaluation.get("perplexity", {}).get("ppl")
+    tasks = {f"{task}/{metric}": value for task, metrics in evaluation.get("tasks", {}).items()
+             for metric, value in metrics.items() if metric in ("acc", "acc_norm")}
+    return {"method": method, "ppl": ppl, **tasks, "evaluation": dict(evaluation), **measures}
 
 
 def _fmt(v: Any, digits: int = 2) -> str:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from ..eval import perplexity_windows
 from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
 from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, ReconstructSettings
-from ..report import folder_footprint, format_table, write_report
+from ..report import DENSE_FOOTPRINT, folder_footprint, format_table, result_row, write_report
 from ..solvers import METHODS
 from ..storage import load_model, load_tokenizer, meta_skeleton, resolve_dtype, write_json_atomic
 from ..text import calibration_ids, dataset_documents, tokenize_documents
@@ -36,7 +38,7 @@ from .common import (
     parse_method_options,
     split_list,
 )
-from .eval import add_perplexity_args, add_task_args, check_eval_args, evaluate
+from .eval import EvalSettings, add_perplexity_args, add_task_args, evaluate
 
 __all__ = ["register", "run", "DEMO_SWEEPS", "RUN_MARKER"]
 
@@ -162,25 +164,31 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.help_methods:
-        print(describe_methods())
-        return 0
+def _methods(args: argparse.Namespace) -> list[str]:
+    """The methods to run (the compared ones first, the main one last), each a registered one."""
     methods = list(dict.fromkeys([*split_list(args.compare), args.method]))
     for name in methods:
         if name not in METHODS:
             raise CliError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return methods
+
+
+def _check_args(args: argparse.Namespace) -> EvalSettings | None:
+    """One-line :class:`CliError` for bad arguments (before anything is loaded); the evaluation settings."""
     for flag in ("nsamples", "seqlen", "batch_size", "workers", "block_size", "wrapper_budget", "max_seconds"):
         check_positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    check_eval_args(args)
-    args.no_ppl = args.no_eval
-    if args.streaming and not args.no_eval and (args.protocol != "armor" or split_list(args.tasks)):
+    evaluation = EvalSettings.from_args(args, perplexity=not args.no_eval, progress=not args.quiet)
+    if args.streaming and not args.no_eval and (args.protocol != "armor" or evaluation.tasks):
         raise CliError(
             "with --streaming, evaluation runs block by block and supports the armor perplexity protocol only; "
             "drop --protocol/--tasks (evaluate the saved model with armor eval) or pass --no-eval"
         )
     if args.calib_text and args.calib_dataset:
         raise CliError("give --calib-text or --calib-dataset, not both")
+    return None if args.no_eval else evaluation
+
+
+def _method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
     options = parse_method_options(
         methods, args.option,
         {"block_size": args.block_size, "wrapper_budget": args.wrapper_budget, "max_seconds": args.max_seconds},
@@ -189,6 +197,145 @@ def run(args: argparse.Namespace) -> int:
         # The embedded demo must finish in a few minutes on 2 CPU cores; a user's own model gets the full default.
         options["armor-fast"]["sweeps"] = DEMO_SWEEPS
         print(f"demo budget: armor-fast runs {DEMO_SWEEPS} sweeps per layer (-O sweeps=N for more)")
+    return options
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[Tensor, str]:
+    """The calibration token ids ``(nsamples, seqlen)`` and where they come from."""
+    if args.calib_dataset:
+        docs = dataset_documents(args.calib_dataset, args.calib_split, args.calib_field, args.calib_config)
+        src = f"dataset:{args.calib_dataset}[{args.calib_split}]"
+    else:
+        docs, src = documents(args.calib_text, DEFAULT_CALIB_TEXT, "calibration text")
+    ids = calibration_ids(tokenizer, docs, args.nsamples, args.seqlen, args.seed, f"calibration text ({src})")
+    return ids, src
+
+
+@dataclass
+class _Evaluator:
+    """Evaluates the dense and the pruned models of one run: in memory, or block by block of a folder."""
+
+    settings: EvalSettings
+    tokenizer: Any
+    tokens: Tensor  # the evaluation text's ids, checked long enough for one window before any pruning
+    source: str
+    dtype: torch.dtype | None
+    device: str | None
+
+    @classmethod
+    def prepare(cls, settings: EvalSettings, tokenizer: Any, dtype: torch.dtype | None, device: str | None
+                ) -> _Evaluator:
+        docs, src = documents(list(settings.text), DEFAULT_EVAL_TEXT, "evaluation text")
+        tokens = tokenize_documents(tokenizer, docs, name=f"evaluation text ({src})")
+        # Fail now, not after minutes of pruning, when the text is too short for one window.
+        perplexity_windows(tokens, settings.seqlen, settings.max_windows, name=f"evaluation text ({src})")
+        return cls(settings, tokenizer, tokens, src, dtype, device)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        return {"text": self.source, "protocol": s.protocol, "seqlen": s.seqlen, "max_windows": s.max_windows,
+                "tasks": list(s.tasks)}
+
+    def __call__(self, target: nn.Module | Path, label: str) -> dict[str, Any]:
+        if not isinstance(target, Path):
+            return evaluate(target, self.tokenizer, self.settings, label=label)
+        s = self.settings  # streaming: block by block, never the whole model
+        res = perplexity_blockwise(
+            target, self.tokens, seqlen=s.seqlen, max_windows=s.max_windows, batch_size=s.batch_size,
+            dtype=self.dtype, device=self.device or "cpu", progress=s.progress, name=self.source,
+        )
+        print(f"  [{label}] perplexity on {self.source} (armor protocol, block by block): {res.ppl:.3f}  "
+              f"[{res.windows} windows, {res.seconds:.1f} s]", flush=True)
+        return {"perplexity": res.to_json()}
+
+
+@dataclass
+class _Job:
+    """One ``armor prune`` invocation, checked and with its inputs loaded."""
+
+    args: argparse.Namespace
+    methods: list[str]
+    options: dict[str, dict[str, Any]]
+    model_path: Path
+    out: Path
+    tokenizer: Any
+    ids: Tensor
+    calib_source: str
+    evaluator: _Evaluator | None
+    reconstruct: ReconstructSettings | None
+    dtype: torch.dtype | None
+    device: str | None
+
+    def settings(self) -> dict[str, Any]:
+        """The run's settings as the report and the run marker record them."""
+        a = self.args
+        return {
+            "model": str(self.model_path),
+            "methods": self.methods,
+            "options": self.options,
+            "calibration": f"{self.calib_source}, {a.nsamples} x {a.seqlen} tokens, seed {a.seed}, "
+            f"{a.calibration_mode}",
+            "evaluation": None if self.evaluator is None else self.evaluator.describe(),
+            "layers": a.layers or "all decoder linears",
+            "exclude": a.exclude or [],
+            "device": self.device or "cpu",
+            "dtype": a.dtype or "float32",
+            "streaming": a.streaming,
+            "ray": a.address or (f"local, {a.workers} workers" if a.workers else None),
+            "threads": torch.get_num_threads(),
+            "reconstruction": None if self.reconstruct is None else {**self.reconstruct.to_json(),
+                                                                      "batch_size": a.batch_size},
+        }
+
+    def model(self) -> nn.Module | Path:
+        """A fresh dense model, or its folder when streaming."""
+        return self.model_path if self.args.streaming else load_model(self.model_path, self.dtype, self.device)
+
+    def evaluate(self, target: nn.Module | Path, label: str) -> dict[str, Any]:
+        return {} if self.evaluator is None else self.evaluator(target, label)
+
+    def prune_one(self, method: str, executor: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Prune (or resume) one method into ``out/method``, evaluate it; its table row and layer records."""
+        a, mdir = self.args, self.out / method
+        print(f"{method}: options {json.dumps(self.options[method])} -> {mdir}", flush=True)
+        result = prune(
+            self.model(), self.ids, method, options=self.options[method], mode=a.calibration_mode,
+            executor=executor, output=mdir, include=a.layers, exclude=a.exclude, resume=not a.no_resume,
+            keep_layer_files=a.keep_layers, progress=not a.quiet, tokenizer=self.tokenizer, dtype=self.dtype,
+            device=self.device, batch_size=a.batch_size, reconstruct=self.reconstruct,
+            run_info={"base_model": str(self.model_path), "calibration": {"source": self.calib_source,
+                                                                         "seed": a.seed}},
+        )
+        if result.already_done:
+            print("  already pruned with these settings; loaded it (--no-resume to redo)", flush=True)
+        elif result.resumed:
+            print(f"  resumed {result.resumed} finished layers", flush=True)
+        nowag_mean, final_mean = result.mean_losses()
+        footprint = folder_footprint(mdir, self.model_path)
+        print(
+            f"  mean proxy loss: NoWag-P {nowag_mean:.4f} -> {method} {final_mean:.4f}; linear bytes "
+            f"{100 * footprint['linear_bytes_ratio']:.1f}% of dense, wrappers "
+            f"{100 * footprint['wrapper_overhead']:.1f}%",
+            flush=True,
+        )
+        evaluation = self.evaluate(mdir if a.streaming else result.model, method)
+        measures = {
+            "mean_nowag_loss": nowag_mean,
+            "mean_loss": final_mean,
+            "prune_seconds": round(float(result.run_info.get("prune_seconds", result.seconds)), 1),
+            "options": result.options,
+            **footprint,  # its "layers": the layers stored in the folder
+        }
+        if "reconstruction" in result.run_info:
+            measures["reconstruction"] = result.run_info["reconstruction"]
+        return result_row(method, evaluation, **measures), [r.to_json() for r in result.records]
+
+
+def _load(args: argparse.Namespace) -> _Job:
+    """Check the arguments, then load what the run needs: tokenizer, calibration ids, evaluation text."""
+    methods = _methods(args)
+    evaluation = _check_args(args)
+    options = _method_options(args, methods)
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype)
     model_path = model_folder(args.model)
@@ -197,119 +344,38 @@ def run(args: argparse.Namespace) -> int:
     # the layer selection on a weightless skeleton: a bad pattern fails now, not after the dense evaluation
     find_prunable_layers(meta_skeleton(model_path), args.layers, args.exclude)
     tokenizer = load_tokenizer(model_path)
-
-    if args.calib_dataset:
-        calib_docs = dataset_documents(args.calib_dataset, args.calib_split, args.calib_field, args.calib_config)
-        calib_src = f"dataset:{args.calib_dataset}[{args.calib_split}]"
-    else:
-        calib_docs, calib_src = documents(args.calib_text, DEFAULT_CALIB_TEXT, "calibration text")
-    ids = calibration_ids(
-        tokenizer, calib_docs, args.nsamples, args.seqlen, args.seed, f"calibration text ({calib_src})"
-    )
-    eval_tokens, eval_src = None, None
-    if not args.no_eval:
-        eval_docs, eval_src = documents(args.eval_text, DEFAULT_EVAL_TEXT, "evaluation text")
-        eval_tokens = tokenize_documents(tokenizer, eval_docs, name=f"evaluation text ({eval_src})")
-        # Fail now, not after minutes of pruning, when the text is too short for one window.
-        perplexity_windows(eval_tokens, args.eval_seqlen, args.eval_windows, name=f"evaluation text ({eval_src})")
-
+    ids, calib_source = _calibration(args, tokenizer)
+    evaluator = None if evaluation is None else _Evaluator.prepare(evaluation, tokenizer, dtype, device)
     recon = reconstruct_settings(args)
-    settings: dict[str, Any] = {
-        "model": str(model_path),
-        "methods": methods,
-        "options": options,
-        "calibration": (
-            f"{calib_src}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}, {args.calibration_mode}"
-        ),
-        "evaluation": None if args.no_eval else {
-            "text": eval_src,
-            "protocol": args.protocol,
-            "seqlen": args.eval_seqlen,
-            "max_windows": args.eval_windows,
-            "tasks": split_list(args.tasks),
-        },
-        "layers": args.layers or "all decoder linears",
-        "exclude": args.exclude or [],
-        "device": device or "cpu",
-        "dtype": args.dtype or "float32",
-        "streaming": args.streaming,
-        "ray": args.address or (f"local, {args.workers} workers" if args.workers else None),
-        "threads": torch.get_num_threads(),
-        "reconstruction": None if recon is None else {**recon.to_json(), "batch_size": args.batch_size},
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({"command": command_line(), "settings": settings}, out / RUN_MARKER)
-    print(f"model: {model_path}\ncalibration: {settings['calibration']}\nmethods: {', '.join(methods)}", flush=True)
+    return _Job(
+        args, methods, options, model_path, out, tokenizer, ids, calib_source, evaluator, recon, dtype, device
+    )
 
-    def evaluate_model(folder_or_model: Any, label: str) -> dict[str, Any]:
-        """Perplexity (and tasks) of a model in memory, or block by block of a folder when streaming."""
-        if args.no_eval:
-            return {}
-        if isinstance(folder_or_model, Path):  # streaming: block by block, never the whole model
-            res = perplexity_blockwise(
-                folder_or_model, eval_tokens, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
-                batch_size=args.eval_batch_size, dtype=dtype, device=device or "cpu", progress=not args.quiet,
-                name=eval_src,
-            )
-            print(f"  [{label}] perplexity on {eval_src} (armor protocol, block by block): {res.ppl:.3f}  "
-                  f"[{res.windows} windows, {res.seconds:.1f} s]", flush=True)
-            return {"perplexity": res.to_json()}
-        return evaluate(folder_or_model, tokenizer, args, label=label)
 
-    def row_of(method: str, result: dict[str, Any]) -> dict[str, Any]:
-        ppl = result.get("perplexity", {}).get("ppl")
-        tasks = {f"{task}/{metric}": value for task, metrics in result.get("tasks", {}).items()
-                 for metric, value in metrics.items() if metric in ("acc", "acc_norm")}
-        return {"method": method, "ppl": ppl, **tasks, "evaluation": result}
-
+def run(args: argparse.Namespace) -> int:
+    if args.help_methods:
+        print(describe_methods())
+        return 0
+    job = _load(args)
+    settings = job.settings()
+    job.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"command": command_line(), "settings": settings}, job.out / RUN_MARKER)
+    print(f"model: {job.model_path}\ncalibration: {settings['calibration']}\nmethods: {', '.join(job.methods)}",
+          flush=True)
     rows: list[dict[str, Any]] = []
     records: dict[str, list[dict[str, Any]]] = {}
-    if not args.no_eval and not args.no_dense_eval:
+    if job.evaluator is not None and not args.no_dense_eval:
         print("dense:", flush=True)
-        dense = evaluate_model(model_path if args.streaming else load_model(model_path, dtype, device), "dense")
-        rows.append({**row_of("dense", dense), "linear_bytes_ratio": 1.0, "checkpoint_bytes_ratio": 1.0,
-                     "values_kept_ratio": 1.0, "wrapper_overhead": 0.0})
-
+        rows.append(result_row("dense", job.evaluate(job.model(), "dense"), **DENSE_FOOTPRINT))
     executor = make_executor(args.workers, args.address)
     try:
-        for method in methods:
-            mdir = out / method
-            print(f"{method}: options {json.dumps(options[method])} -> {mdir}", flush=True)
-            source: Any = model_path if args.streaming else load_model(model_path, dtype, device)
-            result = prune(
-                source, ids, method, options=options[method], mode=args.calibration_mode, executor=executor,
-                output=mdir, include=args.layers, exclude=args.exclude, resume=not args.no_resume,
-                keep_layer_files=args.keep_layers, progress=not args.quiet, tokenizer=tokenizer, dtype=dtype,
-                device=device, batch_size=args.batch_size, reconstruct=recon,
-                run_info={"base_model": str(model_path), "calibration": {"source": calib_src, "seed": args.seed}},
-            )
-            if result.already_done:
-                print("  already pruned with these settings; loaded it (--no-resume to redo)", flush=True)
-            elif result.resumed:
-                print(f"  resumed {result.resumed} finished layers", flush=True)
-            nowag_mean, final_mean = result.mean_losses()
-            row = {
-                "mean_nowag_loss": nowag_mean,
-                "mean_loss": final_mean,
-                "prune_seconds": round(float(result.run_info.get("prune_seconds", result.seconds)), 1),
-                "layers": len(result.records),
-                "options": result.options,
-                **folder_footprint(mdir, model_path),
-            }
-            if "reconstruction" in result.run_info:
-                row["reconstruction"] = result.run_info["reconstruction"]
-            print(
-                f"  mean proxy loss: NoWag-P {nowag_mean:.4f} -> {method} {final_mean:.4f}; linear bytes "
-                f"{100 * row['linear_bytes_ratio']:.1f}% of dense, wrappers {100 * row['wrapper_overhead']:.1f}%",
-                flush=True,
-            )
-            rows.append({**row_of(method, evaluate_model(mdir if args.streaming else result.model, method)), **row})
-            records[method] = [r.to_json() for r in result.records]
-            del result, source
+        for method in job.methods:
+            row, records[method] = job.prune_one(method, executor)
+            rows.append(row)
     finally:
         executor.close()
-    report = write_report(out, rows, records, settings, command=command_line())
+    report = write_report(job.out, rows, records, settings, command=command_line())
     print("\n" + format_table(rows))
-    models = ", ".join(str(out / m) for m in methods)
-    print(f"\nreport: {report}\nplot:   {out / 'loss_per_layer.png'}\nmodels: {models}")
+    models = ", ".join(str(job.out / m) for m in job.methods)
+    print(f"\nreport: {report}\nplot:   {job.out / 'loss_per_layer.png'}\nmodels: {models}")
     return 0
