@@ -184,8 +184,7 @@ def sum_token_nll(
     log-sum-exp's temporary, soft-capping's two temporaries, and the ``B`` last-position logits compared with the
     model's. It does not grow with ``T``, nor with ``V`` beyond those ``B`` rows (for a plain ``nn.Linear`` head;
     another head module is applied to all ``V`` at once, ``chunk_tokens`` positions at a time). With the defaults
-    (1024 x 16384) and a float32 model that is 128 MiB + ``8BV``; measured (benchmarks/RESULTS_eval.md): 131 MiB
-    at V = 32k and 150 MiB at V = 262k, against 0.39 and 3.0 GiB for the full logits of two 512-token windows.
+    (1024 x 16384) and a float32 model that is 128 MiB + ``8BV``.
     The full-logits path holds ``B * T * V * (b + 4)`` bytes (the logits and their float32 selection) plus the
     cross-entropy's temporaries of the same size.
     """
@@ -201,6 +200,33 @@ def sum_token_nll(
             f"{type(model).__name__} has no output embeddings to apply in chunks; use chunk_tokens=None (full logits)"
         )
     transform = transform if transform is not None else logit_transform(model)
+    hidden, vocab, device = _final_hidden_states(model, head, input_ids, transform, chunk_vocab)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).to(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for r0 in range(0, flat_labels.numel(), chunk_tokens):
+        chunk_labels = flat_labels[r0 : r0 + chunk_tokens]
+        rows = (chunk_labels != IGNORE_INDEX).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        targets = chunk_labels[rows]
+        if int(targets.min()) < 0 or int(targets.max()) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}), got {int(targets.min())}..{int(targets.max())}")
+        chunk_hidden = flat_hidden[r0 : r0 + chunk_tokens].to(device)[rows]
+        total += _nll_rows(chunk_hidden, targets, head, transform, chunk_vocab).sum(dtype=torch.float64)
+        count += rows.numel()
+    return float(total), count
+
+
+def _final_hidden_states(
+    model: nn.Module, head: nn.Module, input_ids: Tensor, transform: LogitTransform, chunk_vocab: int
+) -> tuple[Tensor, int, torch.device]:
+    """The ``(B, T, H)`` states the model hands its head, its vocabulary size and the head's device.
+
+    The model's forward runs with the head applied to the last position only; those logits are checked against
+    the chunked head's, so a model whose head is not what :func:`logit_transform` assumed fails loudly.
+    """
     captured: dict[str, Tensor] = {}
 
     def keep_last_position(
@@ -226,22 +252,5 @@ def sum_token_nll(
     _check_logits(
         _head_logits(hidden[:, -1].to(device), head, transform, chunk_vocab), out.logits[:, -1], hidden.dtype
     )
-    vocab = out.logits.shape[-1]
-    del out
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1).to(device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for r0 in range(0, flat_labels.numel(), chunk_tokens):
-        chunk_labels = flat_labels[r0 : r0 + chunk_tokens]
-        rows = (chunk_labels != IGNORE_INDEX).nonzero().squeeze(-1)
-        if rows.numel() == 0:
-            continue
-        targets = chunk_labels[rows]
-        if int(targets.min()) < 0 or int(targets.max()) >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab}), got {int(targets.min())}..{int(targets.max())}")
-        chunk_hidden = flat_hidden[r0 : r0 + chunk_tokens].to(device)[rows]
-        total += _nll_rows(chunk_hidden, targets, head, transform, chunk_vocab).sum(dtype=torch.float64)
-        count += rows.numel()
-    return float(total), count
+    return hidden, out.logits.shape[-1], device
 

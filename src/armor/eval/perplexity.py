@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +139,37 @@ def _batch(
     return ids, labels
 
 
+def _summed_nll(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    n_batches: int,
+    chunk_tokens: int | None,
+    chunk_vocab: int,
+    progress: bool,
+) -> tuple[float, int]:
+    """Summed NLL and scored positions over ``(input_ids, labels)`` batches, the model in eval mode meanwhile."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll, count = 0.0, 0
+    try:
+        for ids, labels in tqdm(batches, total=n_batches, desc="perplexity", disable=not progress, leave=False):
+            nll, n = sum_token_nll(model, ids.to(device), labels.to(device), chunk_tokens, chunk_vocab)
+            total_nll += nll
+            count += n
+    finally:
+        model.train(was_training)
+    return total_nll, count
+
+
+def _word_and_byte_measures(text: str | Sequence[str], total_nll: float) -> tuple[float, float]:
+    """lm-eval's word_perplexity and bits_per_byte: the same summed log-likelihood over words / UTF-8 bytes."""
+    docs = [text] if isinstance(text, str) else [d for d in text if d.strip()]
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    return math.exp(total_nll / words), total_nll / nbytes / math.log(2)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -159,8 +190,8 @@ def perplexity(
     ``protocol`` is a preset name (``"armor"``, ``"lm-eval-rolling"``, ``"strided"``; see
     :mod:`armor.eval.protocols`) or a :class:`PerplexityProtocol`; ``seqlen``/``stride`` override the preset's
     (``seqlen`` defaults to 512). ``max_windows`` keeps the first windows in text order. ``chunk_tokens=None``
-    computes the full logits of each batch (the old, memory-hungry path), otherwise the NLL is computed in chunks
-    (same value to float tolerance).
+    computes the full logits of each batch (memory grows with the vocabulary), otherwise the NLL is computed in
+    chunks (same value to float tolerance).
     """
     start = time.perf_counter()
     proto = get_protocol(protocol, seqlen=seqlen, stride=stride)
@@ -180,37 +211,17 @@ def perplexity(
     order = planned if proto.windowing == "disjoint" else sorted(planned, key=lambda kw: -(kw[1].end - kw[1].begin))
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = int(pad_id) if pad_id is not None else 0
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    total_nll = 0.0
-    count = 0
-    try:
-        for s in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress, leave=False):
-            ids, labels = _batch(streams, order[s : s + batch_size], pad_id)
-            nll, n = sum_token_nll(model, ids.to(device), labels.to(device), chunk_tokens, chunk_vocab)
-            total_nll += nll
-            count += n
-    finally:
-        model.train(was_training)
+    starts = range(0, len(order), batch_size)
+    batches = (_batch(streams, order[s : s + batch_size], pad_id) for s in starts)  # built one at a time
+    total_nll, count = _summed_nll(model, batches, len(starts), chunk_tokens, chunk_vocab, progress)
     if count == 0:
         raise ValueError(f"no token of the {name} is scored under protocol {proto.name!r}")
     mean = total_nll / count
     word_ppl = bpb = None
     docs_text = None if isinstance(text, Tensor) or (text and isinstance(text[0], Tensor)) else text
-    if (
-        complete
-        and docs_text is not None
-        and proto.documents == "separate"
-        and proto.prefix_token
-        and proto.windowing == "rolling"
-    ):
-        # lm-eval's word_perplexity / bits_per_byte: the same summed log-likelihood over words / UTF-8 bytes.
-        docs = [docs_text] if isinstance(docs_text, str) else [d for d in docs_text if d.strip()]
-        words = sum(len(re.split(r"\s+", d)) for d in docs)
-        nbytes = sum(len(d.encode("utf-8")) for d in docs)
-        word_ppl = math.exp(total_nll / words)
-        bpb = total_nll / nbytes / math.log(2)
+    lm_eval_like = proto.documents == "separate" and proto.prefix_token and proto.windowing == "rolling"
+    if complete and docs_text is not None and lm_eval_like:
+        word_ppl, bpb = _word_and_byte_measures(docs_text, total_nll)  # type: ignore[arg-type]
     return PerplexityResult(
         ppl=math.exp(mean),
         nll=mean,

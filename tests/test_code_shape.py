@@ -1,0 +1,57 @@
+"""The shape of the source: no function in ``src/`` longer than 80 lines (docstring and decorators included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MAX_LINES = 80
+
+#: Functions being split elsewhere (the driver's steps, the runtime's kernels and harness), with their length
+#: today: none of them may grow, and an entry goes once its function fits.
+ALLOWED = {
+    "armor/pipeline/driver.py::prune": 216,
+    "armor/runtime/bench.py::run_layer_bench": 102,
+    "armor/runtime/kernels.py::_dot24_rows": 112,
+    "armor/runtime/kernels.py::_dot24_rows.codegen": 98,
+}
+
+
+def function_lengths(root: Path = SRC) -> dict[str, int]:
+    """``{"path::qualified.name": lines}`` of every function and method under ``root``."""
+    out: dict[str, int] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+
+        def visit(node: ast.AST, prefix: str, rel: str = rel) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    first = min([child.lineno, *(d.lineno for d in child.decorator_list)])
+                    out[f"{rel}::{prefix}{child.name}"] = child.end_lineno - first + 1
+                    visit(child, f"{prefix}{child.name}.")
+                elif isinstance(child, ast.ClassDef):
+                    visit(child, f"{prefix}{child.name}.")
+                else:  # inside if/try/with blocks too
+                    visit(child, prefix)
+
+        visit(ast.parse(path.read_text(encoding="utf-8")), "")
+    return out
+
+
+def test_no_function_is_longer_than_80_lines():
+    lengths = function_lengths()
+    too_long = {k: v for k, v in lengths.items() if v > ALLOWED.get(k, MAX_LINES)}
+    assert not too_long, f"functions over {MAX_LINES} lines (split them into named steps): {too_long}"
+    fitted = [k for k in ALLOWED if lengths.get(k, 0) <= MAX_LINES]
+    assert not fitted, f"these now fit in {MAX_LINES} lines or are gone: drop them from ALLOWED: {fitted}"
+
+
+def test_the_length_check_sees_functions_and_methods(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "@decorator\ndef f():\n    pass\n\n\nif True:\n    def h():\n        pass\n\n\n"
+        "class C:\n    def g(self):\n        def inner():\n" + "            x = 1\n" * 90
+    )
+    lengths = function_lengths(tmp_path)
+    assert lengths["m.py::f"] == 3 and lengths["m.py::h"] == 2
+    assert lengths["m.py::C.g"] == 92 and lengths["m.py::C.g.inner"] == 91
