@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -309,11 +308,12 @@ def test_text_protocols_tokenise_as_documented(char_tokenizer) -> None:
     res = perplexity(model, docs, char_tokenizer, seqlen=64, protocol="lm-eval-rolling", chunk_tokens=16)
     want = _reference_lm_eval_rolling(model, per_doc, char_tokenizer.eos_token_id, 64)
     assert res.ppl == pytest.approx(want, rel=1e-5)
-    # lm-eval's word perplexity and bits per byte: the same total NLL over words / bytes
+    # lm-eval's word perplexity and bits per byte: the same total NLL over these documents' 6 words, 36 bytes
+    counted = ["alpha beta  gamma", "d\u00e9lta\nepsilon zeta"]
+    res = perplexity(model, counted, char_tokenizer, seqlen=64, protocol="lm-eval-rolling", chunk_tokens=16)
     total = res.nll * res.tokens
-    words = sum(len(re.split(r"\s+", d)) for d in docs)
-    assert res.word_perplexity == pytest.approx(math.exp(total / words), rel=1e-9)
-    assert res.bits_per_byte == pytest.approx(total / sum(len(d.encode()) for d in docs) / math.log(2), rel=1e-9)
+    assert res.word_perplexity == pytest.approx(math.exp(total / 6), rel=1e-9)
+    assert res.bits_per_byte == pytest.approx(total / 36 / math.log(2), rel=1e-9)
     # truncated runs do not claim word perplexity
     truncated = perplexity(model, docs, char_tokenizer, seqlen=64, protocol="lm-eval-rolling", max_windows=1)
     assert truncated.word_perplexity is None
@@ -495,4 +495,22 @@ def test_smollm2_chunked_equals_full_and_lm_eval(smollm2_path: Path) -> None:
         pytest.skip("lm-eval is not installed")
     out = run_lm_eval(model, ["britannica_completion"], tokenizer, batch_size=8, limit=8)
     assert out["britannica_completion"]["samples"] == 8
-    assert 0.0 <= out["britannica_completion"]["acc"] <= 1.0
+    # the same accuracy computed here: the choice with the highest log-likelihood after the context
+    items = read_items(SHIPPED_TASKS["britannica_completion"].with_suffix(".jsonl"))[:8]
+    assert out["britannica_completion"]["acc"] == pytest.approx(_choice_accuracy(model, tokenizer, items))
+
+
+def _choice_accuracy(model, tokenizer, items) -> float:
+    """Share of multiple-choice items whose label is the choice of highest summed log-probability, each choice
+    tokenised as lm-eval does (the context's ids, then the rest of the ids of context + " " + choice)."""
+    right = 0
+    for item in items:
+        ctx = tokenizer(item["context"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in item["choices"]:
+            whole = tokenizer(item["context"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), -1)
+            scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+        right += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+    return right / len(items)
