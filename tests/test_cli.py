@@ -109,6 +109,20 @@ def test_streaming_sequential_and_ray(capsys, tiny_model_dir, tiny_text, tmp_pat
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
 
 
+def test_other_nm_patterns_from_the_command_line(capsys, tiny_model_dir, tiny_text, tmp_path):
+    out = tmp_path / "o"
+    rc, stdout, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "armor-fast", "--compare",
+                                           "magnitude", "-O", "sweeps=1", "--n", 1, "--m", 8, "--no-eval"))
+    assert rc == 0, err
+    for method in ("magnitude", "armor-fast"):
+        specs = read_armor_config(out / method)["layers"]
+        assert specs and all((s["n"], s["m"]) == (1, 8) for s in specs.values())
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["pattern"] == "1:8"
+    magnitude = next(r for r in results["results"] if r["method"] == "magnitude")
+    assert magnitude["values_kept_ratio"] == pytest.approx(1 / 8)
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -123,6 +137,7 @@ def test_streaming_sequential_and_ray(capsys, tiny_model_dir, tiny_text, tmp_pat
         (["-O", "sweeps=many"], "option 'sweeps' must be an integer, got"),
         (["--method", "nowag", "--compare", "none", "--block-size", "16"], "option 'block_size' is not taken"),
         (["--device", "cuda"], "CUDA is not available"),
+        (["--n", "4", "--m", "4"], "--n must be smaller than --m"),
     ],
 )
 def test_errors_are_one_line(capsys, tiny_model_dir, tiny_text, tmp_path, extra, needle):

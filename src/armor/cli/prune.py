@@ -27,6 +27,7 @@ from ..text import calibration_ids, dataset_documents, tokenize_documents
 from .common import (
     DEFAULT_CALIB_TEXT,
     DEFAULT_EVAL_TEXT,
+    DEFAULTS_NOTE,
     CliError,
     HelpFormatter,
     add_device_args,
@@ -54,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
         help="calibrate, prune, save, evaluate (no arguments: the embedded demo)",
+        description="Calibrate, prune with one or more methods, save, evaluate and report. With no arguments: "
+        "the embedded demo. " + DEFAULTS_NOTE,
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M-Instruct from PyPI, cached)")
@@ -68,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--wrapper-budget", type=float, default=None,
                    help="ARMOR wrappers' largest share of each layer's dense values (default 0.0625)")
     o.add_argument("--max-seconds", type=float, default=None, help="armor-fast time cap per layer")
+    o.add_argument("--n", type=int, default=2, help="values kept per group of m (the pattern n:m, every method)")
+    o.add_argument("--m", type=int, default=4, help="group size of the n:m pattern")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="calibration text files (.txt whole, .cor one doc per line, .jsonl with 'text'); "
@@ -175,8 +180,11 @@ def _methods(args: argparse.Namespace) -> list[str]:
 
 def _check_args(args: argparse.Namespace) -> EvalSettings | None:
     """One-line :class:`CliError` for bad arguments (before anything is loaded); the evaluation settings."""
-    for flag in ("nsamples", "seqlen", "batch_size", "workers", "block_size", "wrapper_budget", "max_seconds"):
+    positive = ("nsamples", "seqlen", "batch_size", "workers", "block_size", "wrapper_budget", "max_seconds", "n", "m")
+    for flag in positive:
         check_positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.n >= args.m:
+        raise CliError(f"--n must be smaller than --m (n:m keeps n of every m values), got {args.n}:{args.m}")
     evaluation = EvalSettings.from_args(args, perplexity=not args.no_eval, progress=not args.quiet)
     if args.streaming and not args.no_eval and (args.protocol != "armor" or evaluation.tasks):
         raise CliError(
@@ -273,6 +281,7 @@ class _Job:
             "model": str(self.model_path),
             "methods": self.methods,
             "options": self.options,
+            "pattern": f"{a.n}:{a.m}",
             "calibration": f"{self.calib_source}, {a.nsamples} x {a.seqlen} tokens, seed {a.seed}, "
             f"{a.calibration_mode}",
             "evaluation": None if self.evaluator is None else self.evaluator.describe(),
@@ -302,7 +311,7 @@ class _Job:
             self.model(), self.ids, method, options=self.options[method], mode=a.calibration_mode,
             executor=executor, output=mdir, include=a.layers, exclude=a.exclude, resume=not a.no_resume,
             keep_layer_files=a.keep_layers, progress=not a.quiet, tokenizer=self.tokenizer, dtype=self.dtype,
-            device=self.device, batch_size=a.batch_size, reconstruct=self.reconstruct,
+            device=self.device, batch_size=a.batch_size, n=a.n, m=a.m, reconstruct=self.reconstruct,
             run_info={"base_model": str(self.model_path), "calibration": {"source": self.calib_source,
                                                                          "seed": a.seed}},
         )
