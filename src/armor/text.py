@@ -63,7 +63,7 @@ def dataset_documents(
     try:
         import datasets
     except ImportError:
-        raise ImportError("--calib-dataset needs the 'datasets' package: pip install datasets") from None
+        raise ImportError("--calib-dataset needs the 'datasets' package: pip install 'armor-prune[datasets]'") from None
     p = Path(name)
     if p.is_dir():  # written by Dataset(Dict).save_to_disk
         ds = datasets.load_from_disk(str(p))
