@@ -9,7 +9,7 @@ exists is not repeated, so the script can be stopped and resumed.
     python benchmarks/frontier.py --runs /tmp/frontier --only armor-fast-b6.25 baselines-one-pass
     python benchmarks/frontier.py --runs /tmp/frontier --collect-only       # table + PNG from what exists
 
-Protocol (MEASURED.md): calibration 64 x 512 tokens of the Britannica text (seed 0), perplexity on the Lee
+Protocol: calibration 64 x 512 tokens of the Britannica text (seed 0), perplexity on the Lee
 corpus in 147 windows of 512 tokens.
 """
 

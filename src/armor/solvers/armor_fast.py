@@ -58,8 +58,8 @@ def _solve_spd(normal: Tensor, rhs: Tensor, damping: float) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(normal + (damping * diag_mean)[:, None, None] * eye)
     if bool((info > 0).any()):  # very ill-conditioned: fall back to a least-squares solve
         return torch.linalg.lstsq(normal.transpose(1, 2), rhs.transpose(1, 2)).solution.transpose(1, 2)
-    # an explicit inverse and one bmm: for many tiny blocks, batched triangular solves are far slower (and
-    # erratic on a busy machine); the block update is checked against the old loss anyway
+    # an explicit inverse and one bmm: for many tiny blocks this is cheaper than batched triangular solves; the
+    # refinement below restores a solve's accuracy, and a block's update is kept only where it lowers the loss
     inv = torch.cholesky_inverse(chol)
     x = torch.bmm(rhs, inv)
     return x + torch.bmm(rhs - torch.bmm(x, normal), inv)  # one step of refinement: back to a solve's accuracy

@@ -171,7 +171,7 @@ def release_memory() -> None:
 
     Block-by-block work frees a block's weights and activations and allocates the next block's of about the same
     sizes; glibc keeps such freed chunks in its arenas, so without a trim the resident size creeps up block after
-    block (measured on SmolLM2: +40 MiB per block) although nothing is alive.
+    block although nothing is alive (benchmarks/RESULTS_memory.md).
     """
     gc.collect()
     if not sys.platform.startswith("linux"):
