@@ -1,8 +1,9 @@
 """Calibration statistics of one linear layer's input.
 
 ARMOR, NoWag-P and Wanda need only the diagonal ``h_j = (2/N) sum_t x_{t,j}^2`` (docs/algorithm.md §1); SparseGPT
-and armor-bh need the full second-moment matrix ``H = (2/N) X^T X`` (armor-bh only its diagonal blocks).  One :class:`LayerStats` carries either: the diagonal is
-always there (it is the diagonal of ``H`` when ``H`` is given), the full matrix only when it was collected.
+and armor-bh need the full second-moment matrix ``H = (2/N) X^T X`` (armor-bh only its diagonal blocks).  One
+:class:`LayerStats` carries either: the diagonal is always there (it is the diagonal of ``H`` when ``H`` is
+given), the full matrix only when it was collected.
 """
 
 from __future__ import annotations
