@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..eval import perplexity_windows
+from ..factors import DEFAULT_WRAPPER_BUDGET
 from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
@@ -69,10 +70,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a method option, e.g. -O sweeps=10 or -O armor-fast.sweeps=10; repeatable")
     o.add_argument("--block-size", type=int, default=None, help="ARMOR wrapper block size (default: from the budget)")
     o.add_argument("--wrapper-budget", type=float, default=None,
-                   help="ARMOR wrappers' largest share of each layer's dense values (default 0.0625)")
+                   help=f"ARMOR wrappers' largest share of a layer's dense values (default {DEFAULT_WRAPPER_BUDGET})")
     o.add_argument("--max-seconds", type=float, default=None, help="armor-fast time cap per layer")
     o.add_argument("--n", type=int, default=2, help="values kept per group of m (the pattern n:m, every method)")
     o.add_argument("--m", type=int, default=4, help="group size of the n:m pattern")
+    _add_calibration_args(p)
+    add_reconstruct_args(p)
+    add_perplexity_args(p, in_prune=True)
+    add_task_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity and tasks")
+    p.add_argument("--no-dense-eval", action="store_true",
+                   help="evaluate only the pruned models, not the dense one (e.g. when its figure is known from an "
+                   "earlier run with the same evaluation)")
+    _add_output_args(p)
+    add_device_args(p)
+    _add_scaling_args(p)
+    p.set_defaults(func=run)
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="calibration text files (.txt whole, .cor one doc per line, .jsonl with 'text'); "
@@ -88,13 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one-pass: every statistic from the dense model (the paper's); sequential: from the model "
                    "pruned so far (SparseGPT's and Wanda's)")
     c.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
-    add_reconstruct_args(p)
-    add_perplexity_args(p, in_prune=True)
-    add_task_args(p)
-    p.add_argument("--no-eval", action="store_true", help="skip perplexity and tasks")
-    p.add_argument("--no-dense-eval", action="store_true",
-                   help="evaluate only the pruned models, not the dense one (e.g. when its figure is known from an "
-                   "earlier run with the same evaluation)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("layers and output")
     s.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
                    help="only layers matching these globs (on any dotted suffix) or 're:REGEX'")
@@ -104,7 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-resume", action="store_true", help="redo every layer even if finished files exist")
     s.add_argument("--keep-layers", action="store_true", help="keep the per-layer resume files after saving")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_device_args(p)
+
+
+def _add_scaling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scaling (see docs/scaling.md)")
     g.add_argument("--streaming", action="store_true",
                    help="hold one decoder block in memory at a time (calibration, pruning, evaluation, saving)")
@@ -112,7 +126,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prune layers in parallel on a local Ray with N CPUs (pip install 'armor-prune[distributed]')")
     g.add_argument("--address", default=None, metavar="ADDR",
                    help="run the layer jobs on this Ray cluster instead, e.g. ray://head:10001")
-    p.set_defaults(func=run)
 
 
 def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
