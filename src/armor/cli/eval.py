@@ -45,23 +45,24 @@ def add_perplexity_args(p: argparse.ArgumentParser, in_prune: bool = False) -> N
     (``armor prune``'s own ``--seqlen``/``--batch-size`` are the calibration's).  ``in_prune`` only changes the
     default number of windows (20 there, all here).
     """
+    d = EvalSettings()  # the defaults, stated once
     g = p.add_argument_group("perplexity")
     g.add_argument("--eval-text", dest="eval_text", nargs="+", default=None, metavar="FILE",
                    help="evaluation text files (.txt whole, .cor/.lines one document per line, .jsonl with 'text'); "
                    "default: the embedded Lee news corpus (one article per line)")
-    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="armor",
+    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default=d.protocol,
                    help="armor: documents joined, non-overlapping windows (SparseGPT/Wanda/ARMOR scripts); "
                    "lm-eval-rolling: lm-eval's rolling windows per document; strided: HF's sliding windows")
-    g.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=512,
+    g.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=d.seqlen,
                    help="tokens per window (lm-eval's max_length for rolling)")
     g.add_argument("--stride", type=int, default=None,
                    help="strided protocol: tokens between window starts (default: seqlen / 2)")
     g.add_argument("--eval-windows", dest="eval_windows", type=int,
                    default=20 if in_prune else None,
                    help="at most this many windows, the first in text order" + ("" if in_prune else " (default: all)"))
-    g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=4,
+    g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=d.batch_size,
                    help="windows (and lm-eval requests) per forward")
-    g.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+    g.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens,
                    help="positions per output-head chunk: bounds the logits held at once")
     g.add_argument("--full-logits", action="store_true",
                    help="compute each batch's full-vocabulary logits instead (more memory, same value)")
