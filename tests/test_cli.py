@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from armor.cli import main
+from armor.report import DENSE_FOOTPRINT, format_table, result_row
 from armor.storage import read_armor_config
 from armor.storage.resume import layer_file
 
@@ -191,3 +192,18 @@ def test_help_has_no_doubled_none_and_lists_methods(capsys):
     assert "(default: None)" not in text and "--eval-windows" in text
     rc, stdout, _ = _cli(capsys, "prune", "--help-methods")
     assert rc == 0 and "column_batch=128" in stdout and "sweeps=20" in stdout and "armor-bh" in stdout
+
+
+def test_result_rows_and_table():
+    """A row carries the perplexity and the task accuracies of its evaluation as columns, then the measures; the
+    table shows a column per task and a dash where a row has no value."""
+    evaluation = {"perplexity": {"ppl": 12.5}, "tasks": {"quiz": {"acc": 0.75, "acc_stderr": 0.1, "samples": 8}}}
+    dense = result_row("dense", evaluation, **DENSE_FOOTPRINT)
+    pruned = result_row("nowag", {}, mean_loss=0.0632, linear_bytes_ratio=0.531)
+    assert dense["ppl"] == 12.5 and dense["quiz/acc"] == 0.75 and "quiz/acc_stderr" not in dense
+    assert dense["evaluation"] == evaluation and dense["linear_bytes_ratio"] == 1.0
+    assert pruned["ppl"] is None and pruned["mean_loss"] == 0.0632
+    table = format_table([dense, pruned]).splitlines()
+    assert table[0].startswith("| method | ppl | quiz/acc | linear bytes / dense |")
+    assert table[2].startswith("| dense | 12.50 | 0.750 | 100.0% | 100.0% | 100.0% | 0.0% |")
+    assert table[3].startswith("| nowag | – | – | 53.1% | – |") and "| 0.0632 |" in table[3]
