@@ -168,6 +168,12 @@ def describe_methods() -> str:
         lines.append(f"{m.name}  (statistics: {m.needs})\n    {m.summary}")
         for o in m.options:
             lines.append(f"    -O {o.name + '=' + str(o.default):<24} {o.help}")
+    d = ReconstructSettings()
+    lines.append(
+        f"\nevery method, then block-wise reconstruction ({'on' if RECONSTRUCT_DEFAULT else 'off'} by default, "
+        f"--no-reconstruct): --reconstruct-steps {d.steps}, --reconstruct-lr {d.lr}, --reconstruct-holdout "
+        f"{d.holdout}, --reconstruct-loss {d.loss}, --reconstruct-dtype {d.compute_dtype}; batch = --batch-size"
+    )
     return "\n".join(lines)
 
 
