@@ -24,7 +24,7 @@ from conftest import TEXT, make_tiny_model
 
 N_LAYERS = 14
 ARMOR = {"sweeps": 2, "block_size": 16}
-RECON = ReconstructSettings(steps=12, lr=1e-3, holdout=4)
+RECON = ReconstructSettings(steps=12, lr=1e-3, holdout=4, compute_dtype="float32")
 
 
 def _ids(tokenizer, nsamples=12, seqlen=32, seed=0):
@@ -181,8 +181,12 @@ def test_settings_change_the_fingerprint(char_tokenizer, tmp_path):
     assert not on.already_done and on.run_info["fingerprint"] != off.run_info["fingerprint"]
     again = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", output=out, reconstruct=RECON, **kw)
     assert again.already_done
-    for other in (ReconstructSettings(steps=13, lr=1e-3, holdout=4), ReconstructSettings(steps=12, lr=2e-3, holdout=4),
-                  ReconstructSettings(steps=12, lr=1e-3, holdout=8), dataclasses.replace(RECON, loss="token"),
+    # "auto" is recorded (and fingerprinted) as the dtype it chose on this device
+    auto = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", batch_size=4, options=ARMOR,
+                 reconstruct=dataclasses.replace(RECON, compute_dtype="auto"))
+    assert auto.run_info["reconstruction"]["compute_dtype"] in ("float32", "bfloat16")
+    for other in (dataclasses.replace(RECON, steps=13), dataclasses.replace(RECON, lr=2e-3),
+                  dataclasses.replace(RECON, holdout=8), dataclasses.replace(RECON, loss="token"),
                   dataclasses.replace(RECON, compute_dtype="bfloat16")):
         run = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", output=out, reconstruct=other, **kw)
         assert not run.already_done and run.run_info["fingerprint"] != on.run_info["fingerprint"]

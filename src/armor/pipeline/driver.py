@@ -591,6 +591,8 @@ def prune(
     s.check()
     calibration = _check_calibration(calibration)
     source = _open_source(model, s, output)
+    if s.reconstruct is not None:  # "auto" settled for this device before it is fingerprinted and recorded
+        s = dataclasses.replace(s, reconstruct=s.reconstruct.for_device(source.device))
     start = time.perf_counter()
     out = Path(output) if output is not None else None
     plan = _plan(source, calibration, s, resolved, out)

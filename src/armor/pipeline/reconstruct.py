@@ -31,8 +31,9 @@ from ..runtime.packing import unpack_indices
 
 __all__ = ["COMPUTE_DTYPES", "ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
 
-#: Training matmul dtypes: float32, or a 16-bit type under autocast.
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+#: Training matmul dtypes: float32, or a 16-bit type under autocast; ``auto``: bfloat16 where the device has fast
+#: bfloat16 matmuls (CUDA, or a CPU oneDNN runs natively in bfloat16), else float32.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: What "output error" means: ``mse``, the relative squared error of the whole output
 #: ``sum |y - t|^2 / sum |t|^2``; ``token``, each token's squared error relative to its own norm, averaged over
 #: tokens (the scale the next RMSNorm/LayerNorm sees; massive-activation tokens no longer dominate).
@@ -59,7 +60,7 @@ class ReconstructSettings:
     lr: float = 1e-4
     holdout: int = 8
     loss: str = "mse"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"
 
     def check(self) -> None:
         """Raise a ValueError naming the first invalid setting."""
@@ -77,6 +78,21 @@ class ReconstructSettings:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_device(self, device: torch.device | str) -> ReconstructSettings:
+        """These settings with ``auto`` resolved for ``device`` (what a run records and fingerprints)."""
+        if self.compute_dtype != "auto":
+            return self
+        return dataclasses.replace(self, compute_dtype="bfloat16" if _fast_bf16(torch.device(device)) else "float32")
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(probe is not None and probe())
+    return False
 
 
 @dataclass
@@ -217,6 +233,7 @@ def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs:
     params = [p for v in views for p in v.parameters()]
     opt = torch.optim.Adam(params, lr=s.lr)
     first = last = float("nan")
+    s = s.for_device(device)
     low = s.compute_dtype != "float32"
     autocast = torch.autocast(device.type, dtype=getattr(torch, s.compute_dtype), enabled=low)
     with torch.enable_grad(), autocast:
