@@ -55,6 +55,7 @@ def test_prune_inspect_export_eval(capsys, tiny_model_dir, tiny_text, tmp_path):
     assert "linear bytes / dense" in report and "| 16, 16 |" in report  # the block sizes actually used
     # reconstruction is on by default, for every method, with each block's errors in the report and results
     assert report.count("block-wise reconstruction") == 3 and "| down_proj |" in report
+    assert stdout.count("  reconstruction: ") == 3 and "held-out output error" in stdout
     assert all(len(r["reconstruction"]["blocks"]) == 2 for r in results if r["method"] != "dense")
 
     rc, stdout, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, "--method", "armor-fast", "--compare",

@@ -26,6 +26,7 @@ __all__ = [
     "write_report",
     "plot_losses",
     "reconstruction_lines",
+    "reconstruction_summary",
 ]
 
 #: The footprint columns of the dense model itself.
@@ -163,6 +164,17 @@ def plot_losses(records: Mapping[str, Sequence[Mapping[str, Any]]], path: str | 
 
 def _projection(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+def reconstruction_summary(recon: Mapping[str, Any]) -> str:
+    """One line: blocks kept, mean held-out output error before and after, seconds spent."""
+    blocks = recon.get("blocks", [])
+    k = max(len(blocks), 1)
+    before = sum(b["error_before"] for b in blocks) / k
+    after = sum(b["error_after"] if b["kept"] else b["error_before"] for b in blocks) / k
+    seconds = sum(b.get("seconds", 0.0) for b in blocks)
+    return (f"reconstruction: {sum(b['kept'] for b in blocks)}/{len(blocks)} blocks improved, mean held-out output "
+            f"error {before:.4f} -> {after:.4f}, {seconds:.0f} s")
 
 
 def reconstruction_lines(method: str, recon: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -21,7 +21,14 @@ from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
 from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, ReconstructSettings
-from ..report import DENSE_FOOTPRINT, folder_footprint, format_table, result_row, write_report
+from ..report import (
+    DENSE_FOOTPRINT,
+    folder_footprint,
+    format_table,
+    reconstruction_summary,
+    result_row,
+    write_report,
+)
 from ..solvers import METHODS
 from ..storage import load_model, load_tokenizer, meta_skeleton, resolve_dtype, write_json_atomic
 from ..text import calibration_ids, dataset_documents, tokenize_documents
@@ -46,6 +53,8 @@ __all__ = ["register", "run", "DEMO_SWEEPS", "RUN_MARKER"]
 
 #: armor-fast sweeps per layer in the no-argument demo (a few minutes on 2 CPU cores).
 DEMO_SWEEPS = 3
+#: reconstruction steps per block in the no-argument demo.
+DEMO_RECONSTRUCT_STEPS = 16
 #: Block-wise reconstruction on by default (``--no-reconstruct`` turns it off).
 RECONSTRUCT_DEFAULT = True
 #: Written into an output folder when a run starts: a folder holding it is one this command may resume into.
@@ -134,7 +143,8 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=RECONSTRUCT_DEFAULT,
                    help="after each block is pruned, tune its layers' free tensors (wrappers, kept values) so the "
                    "pruned block reproduces the dense block's outputs; masks and stored format unchanged")
-    r.add_argument("--reconstruct-steps", type=int, default=d.steps, help="Adam steps per block, one batch each")
+    r.add_argument("--reconstruct-steps", type=int, default=None,
+                   help=f"Adam steps per block, one batch each (default {d.steps}; the demo {DEMO_RECONSTRUCT_STEPS})")
     r.add_argument("--reconstruct-lr", type=float, default=d.lr, help="Adam learning rate")
     r.add_argument("--reconstruct-loss", choices=LOSSES, default=d.loss,
                    help="mse: squared error of the whole block output relative to its norm; token: each token's "
@@ -149,8 +159,14 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
 def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None:
     if not args.reconstruct:
         return None
-    s = ReconstructSettings(args.reconstruct_steps, args.reconstruct_lr, args.reconstruct_holdout,
-                            args.reconstruct_loss, args.reconstruct_dtype)
+    steps = args.reconstruct_steps
+    if steps is None:
+        steps = DEMO_RECONSTRUCT_STEPS if args.model is None else ReconstructSettings.steps
+        if args.model is None:
+            print(f"demo budget: {steps} reconstruction steps per block (--reconstruct-steps N for more, "
+                  "--no-reconstruct for none)")
+    s = ReconstructSettings(steps, args.reconstruct_lr, args.reconstruct_holdout, args.reconstruct_loss,
+                            args.reconstruct_dtype)
     try:
         s.check()
     except ValueError as exc:
@@ -355,7 +371,8 @@ class _Job:
             **footprint,  # its "layers": the layers stored in the folder
         }
         if "reconstruction" in result.run_info:
-            measures["reconstruction"] = result.run_info["reconstruction"]
+            measures["reconstruction"] = recon = result.run_info["reconstruction"]
+            print("  " + reconstruction_summary(recon), flush=True)
         return result_row(method, evaluation, **measures), [r.to_json() for r in result.records]
 
 
