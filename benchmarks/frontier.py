@@ -28,8 +28,13 @@ from pathlib import Path
 ARMOR = str(Path(sys.executable).parent / "armor") if (Path(sys.executable).parent / "armor").exists() else "armor"
 PROTOCOL = ["--nsamples", "64", "--seqlen", "512", "--eval-windows", "147", "--quiet"]
 ARMOR_SWEEPS = ["-O", "sweeps=20"]
+#: the layer-wise runs (the paper's protocol); the "-recon" runs keep armor prune's default block-wise reconstruction
+LAYERWISE = ["--no-reconstruct"]
+#: rows measured earlier with this protocol (their results.json are not kept): plotted and tabled with the new ones
+PREVIOUS = Path(__file__).with_name("frontier_rows.json")
 
-#: name -> (extra CLI arguments, what the run is); ARMOR at several budgets, then the baselines.
+#: name -> (extra CLI arguments, what the run is); ARMOR at several budgets, then the baselines, then the same with
+#: block-wise reconstruction (armor prune's default settings).
 RUNS: dict[str, tuple[list[str], str]] = {
     "armor-fast-b6.25": (["--method", "armor-fast", "--compare", "none", *ARMOR_SWEEPS], "ARMOR, default budget"),
     "armor-bh-b6.25": (
@@ -60,6 +65,18 @@ RUNS: dict[str, tuple[list[str], str]] = {
         for pct in (2, 5, 10, 20, 40)
     },
 }
+RUNS = {name: ([*LAYERWISE, *args], what) for name, (args, what) in RUNS.items()}
+RUNS.update({
+    "armor-fast-b6.25-recon": (["--method", "armor-fast", "--compare", "none"], "ARMOR + reconstruction, default"),
+    "baselines-recon": (["--method", "sparsegpt", "--compare", "wanda,nowag"], "baselines + reconstruction"),
+    **{
+        f"armor-fast-b{pct:g}-recon": (
+            ["--method", "armor-fast", "--compare", "none", "--wrapper-budget", str(pct / 100)],
+            f"ARMOR + reconstruction, budget {pct:g}%",
+        )
+        for pct in (2, 10)
+    },
+})
 
 
 def run(name: str, runs_dir: Path, model: str) -> None:
@@ -81,9 +98,15 @@ def run(name: str, runs_dir: Path, model: str) -> None:
 
 
 def collect(runs_dir: Path) -> list[dict]:
-    """One row per (run, method) from every finished run; the dense row once."""
+    """One row per (run, method) from every finished run (else from :data:`PREVIOUS`); the dense row once."""
     rows, dense_seen = [], False
+    previous = json.loads(PREVIOUS.read_text()) if PREVIOUS.exists() else []
     for name in RUNS:
+        if not (runs_dir / name / "results.json").exists():
+            for row in previous:
+                if row["run"] == name and (row["method"] != "dense" or not dense_seen):
+                    dense_seen |= row["method"] == "dense"
+                    rows.append(row)
         path = runs_dir / name / "results.json"
         if not path.exists():
             continue
@@ -102,6 +125,7 @@ def collect(runs_dir: Path) -> list[dict]:
                 dense_seen = True
             row = dict(r)
             row["run"], row["command"], row["mode"] = name, cmd, "–" if r["method"] == "dense" else mode
+            row["reconstruction"] = "yes" if r.get("reconstruction") else "no"
             rows.append(row)
     return rows
 
@@ -114,13 +138,14 @@ def _f(x, digits=2, pct=False) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| method | calibration | ppl (Lee, 147 x 512) | linear-layer bytes / dense | checkpoint bytes / dense | "
-        "values kept | wrapper overhead | mean proxy loss (NoWag-P) | prune s | run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | calibration | reconstruction | ppl (Lee, 147 x 512) | linear-layer bytes / dense | "
+        "checkpoint bytes / dense | values kept | wrapper overhead | mean proxy loss (NoWag-P) | prune s | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r.get("linear_bytes_ratio") or 1.0, r.get("ppl") or 0)):
         lines.append(
-            f"| {r['method']} | {r['mode']} | {_f(r.get('ppl'))} | {_f(r.get('linear_bytes_ratio'), pct=True)} | "
+            f"| {r['method']} | {r['mode']} | {r.get('reconstruction', 'no')} | {_f(r.get('ppl'))} | "
+            f"{_f(r.get('linear_bytes_ratio'), pct=True)} | "
             f"{_f(r.get('checkpoint_bytes_ratio'), pct=True)} | {_f(r.get('values_kept_ratio'), pct=True)} | "
             f"{_f(r.get('wrapper_overhead'), pct=True)} | {_f(r.get('mean_loss'), 4)} "
             f"({_f(r.get('mean_nowag_loss'), 4)}) | {_f(r.get('prune_seconds'), 0)} | {r['run']} |"
@@ -138,15 +163,19 @@ def plot(rows: list[dict], path: Path) -> None:
     def on_budget_line(r: dict) -> bool:  # armor-fast one-pass at each budget; other ARMOR runs are markers
         return r["method"] == "armor-fast" and r["run"].startswith("armor-fast-b")
 
-    armor_pts = sorted((r["linear_bytes_ratio"], r["ppl"]) for r in rows if on_budget_line(r) and r.get("ppl"))
-    if armor_pts:
-        ax.plot(*zip(*armor_pts, strict=True), "o-", label="ARMOR (armor-fast), one point per wrapper budget")
+    for recon, style, label in (("no", "o-", ""), ("yes", "o--", " + block-wise reconstruction")):
+        pts = sorted((r["linear_bytes_ratio"], r["ppl"]) for r in rows
+                     if on_budget_line(r) and r.get("ppl") and r.get("reconstruction", "no") == recon)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=f"ARMOR (armor-fast){label}, one point per wrapper budget")
     for r in rows:
         if on_budget_line(r) or not r.get("ppl") or r.get("linear_bytes_ratio") is None:
             continue
         label = r["method"] if r["mode"] in ("one-pass", "–") else f"{r['method']} ({r['mode']})"
         if r["run"] == "armor-fast-calib128":
             label += ", 128 x 512 calibration"
+        if r.get("reconstruction") == "yes":
+            label += " + reconstruction"
         marker = "*" if r["method"] == "dense" else ("^" if r["method"].startswith("armor") else "s")
         ax.plot(r["linear_bytes_ratio"], r["ppl"], marker, label=label)
     ax.set_yscale("log")
