@@ -130,8 +130,8 @@ def test_other_nm_patterns_from_the_command_line(capsys, tiny_model_dir, tiny_te
     [
         (["--method", "bogus"], "unknown method 'bogus'"),
         (["--compare", "nowag,bogus2"], "unknown method 'bogus2'"),
-        (["--seqlen", "100000"], "seqlen 100000 is larger than the calibration text"),
-        (["--eval-seqlen", "100000"], "larger than the evaluation text"),
+        (["--seqlen", "100000"], "--seqlen 100000 is longer than the model's max_position_embeddings (256)"),
+        (["--eval-seqlen", "100000"], "--eval-seqlen 100000 is longer than the model's max_position_embeddings"),
         (["--nsamples", "0"], "--nsamples must be > 0"),
         (["--layers", "no_such_layer"], "no prunable layers selected"),
         (["-O", "sweeps"], "NAME=VALUE"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, pipeline
 
@@ -230,6 +230,7 @@ def test_v1_folder_still_loads_through_armor_load(folder, tmp_path):
     )
     cfg = json.loads((path / "config.json").read_text())
     quant = cfg.pop("quantization_config")
+    cfg["model_type"] = quant["base_model_type"]  # armor 0.1 kept the architecture's own type
     cfg["armor"] = {
         **quant["run"], "format": "armor-model-v1", "weights": "armor.safetensors", "layers": quant["layers"],
         "layer_dtypes": quant["layer_dtypes"], "versions": quant["versions"],
@@ -348,3 +349,61 @@ def test_export_dense_of_a_from_pretrained_model_restores_it(folder, tmp_path):
     assert {type(m) for m in pruned_modules(hf).values()} == {expected_type(method)}
     assert hf.hf_quantizer is not None and isinstance(hf.config.quantization_config, ArmorConfig)
     torch.testing.assert_close(logits(hf), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["missing", "misshaped"])
+def test_missing_or_misshaped_packed_tensor_is_an_error_both_ways(folder, tmp_path, damage):
+    """Before: from_pretrained loaded a folder missing one packed tensor and gave all-NaN logits."""
+    path, _, _ = folder
+    bad = copy_folder(path, tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(weights))
+    key = "model.layers.1.mlp.up_proj.values"
+    if damage == "missing":
+        del state[key]
+    else:
+        state[key] = state[key][:-1].clone()
+    save_file(state, str(weights), metadata=meta)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.values"):
+        load_pruned(bad)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.values"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+_WITHOUT_ARMOR = """
+import sys
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except ValueError as exc:
+    assert "armor" not in sys.modules, "armor was imported"
+    print("REFUSED:", str(exc).splitlines()[0])
+    sys.exit(0)
+print("LOADED")
+sys.exit(1)
+"""
+
+
+def test_transformers_without_armor_refuses_a_pruned_folder(folder, tmp_path):
+    """Before: a process that never imported armor loaded random weights for every pruned layer, with a warning."""
+    import subprocess
+    import sys
+
+    path, ref, _ = folder
+    resaved = tmp_path / "resaved"
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(resaved)  # armor imported here: it round-trips
+    for target in (path, resaved, _export_free_copy(path, tmp_path)):
+        proc = subprocess.run([sys.executable, "-c", _WITHOUT_ARMOR, str(target)], capture_output=True, text=True)
+        assert proc.returncode == 0 and "REFUSED" in proc.stdout and "`armor`" in proc.stdout, proc.stdout
+    assert json.loads((resaved / "config.json").read_text())["model_type"] == "armor"
+    assert json.loads((resaved / "config.json").read_text())["quantization_config"]["base_model_type"] == "llama"
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(resaved)), ref, rtol=0, atol=0)
+
+
+def _export_free_copy(path: Path, tmp_path: Path) -> Path:
+    """The folder as armor.load + save_pruned writes it again."""
+    out = tmp_path / "again"
+    save_pruned(load_pruned(path), out)
+    return out

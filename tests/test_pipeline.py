@@ -563,3 +563,30 @@ def test_guarantee_checked_in_the_stored_dtype(char_tokenizer, tmp_path, monkeyp
     assert all(r.extra["stored_check"]["kept"] == "nowag" for r in run.records)
     assert all(type(model.get_submodule(r.name)).__name__ == "SparseLinear" for r in run.records)
     assert all(r.loss == pytest.approx(r.nowag_loss) for r in run.records)
+
+
+def test_ray_workers_without_the_drivers_disk(ray_cluster, char_tokenizer, tmp_path, monkeypatch):
+    """A worker whose output folder is not the driver's (here: a relative output path and a worker in another
+    directory): the driver writes the layer files it receives, so the save and a resume find them."""
+    ids = _ids(char_tokenizer)
+    driver, elsewhere = tmp_path / "driver", tmp_path / "worker-disk"
+    driver.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(driver)
+
+    def move_worker(name, where=str(elsewhere)):
+        import os
+
+        os.chdir(where)  # the worker's "run/layers" is now another folder than the driver's
+
+    with RayExecutor(hook=move_worker) as executor:
+        run = prune(make_tiny_model(len(char_tokenizer)), ids, "wanda", output="run", executor=executor,
+                    keep_layer_files=True)
+        assert len(list((driver / "run" / "layers").glob("*.safetensors"))) == N_LAYERS
+        assert not (elsewhere / "run").exists()
+        (driver / "run" / "config.json").unlink()  # as if the run had been killed before its save
+        again = prune(make_tiny_model(len(char_tokenizer)), ids, "wanda", output="run", executor=executor)
+    assert again.resumed == N_LAYERS
+    ref = prune(make_tiny_model(len(char_tokenizer)), ids, "wanda", output=tmp_path / "ref")
+    assert _strip([r.to_json() for r in run.records]) == _strip([r.to_json() for r in ref.records])
+    assert torch.equal(_logits(load_pruned(driver / "run"), ids), _logits(load_pruned(tmp_path / "ref"), ids))

@@ -59,7 +59,10 @@ def layer_footprint(spec: Mapping[str, Any], dtype: str) -> dict[str, int]:
 
 
 def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    """Bytes of a folder's weight files: its safetensors, else its pickled ``*.bin`` (the one from_pretrained
+    reads when there is no safetensors)."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return sum(p.stat().st_size for p in files)
 
 
 def folder_footprint(folder: str | Path, dense_folder: str | Path | None = None) -> dict[str, Any]:
@@ -83,7 +86,9 @@ def folder_footprint(folder: str | Path, dense_folder: str | Path | None = None)
         "checkpoint_bytes": _weights_bytes(folder),
     }
     if dense_folder is not None:
-        out["checkpoint_bytes_ratio"] = out["checkpoint_bytes"] / max(_weights_bytes(Path(dense_folder)), 1)
+        dense_bytes = _weights_bytes(Path(dense_folder))
+        # no weight file found (another format): no ratio rather than one against zero
+        out["checkpoint_bytes_ratio"] = out["checkpoint_bytes"] / dense_bytes if dense_bytes else None
     return out
 
 

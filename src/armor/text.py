@@ -7,6 +7,7 @@ Documents are joined with blank lines, tokenised once and cut into ``nsamples`` 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,21 +24,48 @@ __all__ = [
     "calibration_ids",
 ]
 
+log = logging.getLogger(__name__)
+
 #: How documents are joined before tokenisation (the perplexity protocol of docs/algorithm.md §9 uses blank lines).
 DOC_SEPARATOR = "\n\n"
+
+
+#: Share of a text file's bytes that may be invalid UTF-8 (replaced, with a warning) before it is refused.
+MAX_BAD_BYTES = 0.001
+
+
+def _decode_text(p: Path) -> str:
+    """The UTF-8 text of ``p``.  A binary file (NUL bytes) or another encoding (more than :data:`MAX_BAD_BYTES`
+    of the bytes invalid) is a ValueError naming the file and the first bad byte; a few stray bytes (a corpus
+    with one Latin-1 pound sign) are replaced by U+FFFD with a warning that says how many."""
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{p} holds NUL bytes (first at byte {data.index(0)}): a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        first = exc.start
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_BAD_BYTES * len(data):
+        raise ValueError(
+            f"{p} is not UTF-8 text ({bad} invalid sequences, the first at byte {first}: "
+            f"{data[first:first + 1]!r}); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        )
+    log.warning("%s: %d byte sequence(s) are not UTF-8 (the first at byte %d); replaced by U+FFFD", p, bad, first)
+    return text
 
 
 def read_documents(path: str | Path) -> list[str]:
     """Documents of a local text file.
 
     ``.cor``/``.lines`` files hold one document per line, ``.jsonl`` one JSON object with a ``"text"`` field
-    per
-    line; any other file is one document.
+    per line; any other file is one document.  The file must be UTF-8 text (see :func:`_decode_text`).
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"text file not found: {p}")
-    raw = p.read_text(encoding="utf-8", errors="replace")
+    raw = _decode_text(p)
     if p.suffix in (".cor", ".lines"):
         docs = [line.strip() for line in raw.splitlines()]
     elif p.suffix == ".jsonl":

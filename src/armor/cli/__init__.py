@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import sys
 import time
 from collections.abc import Sequence
+
+from safetensors import SafetensorError
 
 from ..storage import CheckpointError
 from . import bench, export, inspect, prune
@@ -41,6 +44,26 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+#: Lines of a multi-line error shown (torch's state-dict errors list every mismatched tensor).
+MAX_ERROR_LINES = 12
+
+
+def error_message(exc: BaseException) -> str:
+    """What the user reads for ``exc``: every line of its message (up to :data:`MAX_ERROR_LINES`), quotes kept.
+
+    ``KeyError`` is the one exception whose ``str`` adds quotes around the message; its argument is used as is.
+    """
+    raw = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    lines = [ln.strip() for ln in str(raw).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError):
+        lines[0] = f"refused to unpickle a checkpoint (only weights are loaded; nothing in it ran): {lines[0]}"
+    if len(lines) > MAX_ERROR_LINES:
+        lines = [*lines[:MAX_ERROR_LINES], f"... ({len(lines) - MAX_ERROR_LINES} more lines; --debug shows all)"]
+    return "\n  ".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``armor`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -58,12 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("armor: interrupted (finished layers are kept; rerun the same command to resume)", file=sys.stderr)
         return 130
     except (CliError, CheckpointError, ValueError, TypeError, FileNotFoundError, ImportError, OSError, RuntimeError,
-            KeyError) as exc:
+            KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         if args.debug:
             raise
-        text = str(exc).strip().strip("'\"")
-        msg = text.splitlines()[0] if text else type(exc).__name__
-        print(f"armor: error: {msg}", file=sys.stderr)
+        print(f"armor: error: {error_message(exc)}", file=sys.stderr)
         return 2
     if args.command == "prune":
         print(f"total time: {time.perf_counter() - start:.0f} s")

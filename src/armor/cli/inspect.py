@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..report import folder_footprint
 from ..storage import read_armor_config
+from ..storage.verify import verify_pruned_folder
 from .common import CliError, HelpFormatter
 
 __all__ = ["register", "run"]
@@ -25,12 +26,12 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.model)
     if not (path / "config.json").is_file():
         raise CliError(f"not a model folder (no config.json): {args.model}")
-    section = read_armor_config(path)
-    if section is None:
+    if read_armor_config(path) is None:
         raise CliError(
             f"{args.model} is not an armor-pruned model "
             "(its config.json has no quantization_config with quant_method 'armor')"
         )
+    section = verify_pruned_folder(path)  # it checks what it describes: config, weights and records agree
     if args.json:
         print(json.dumps(section, indent=2))
         return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..eval import perplexity_windows
-from ..factors import DEFAULT_WRAPPER_BUDGET
+from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overhead
 from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
@@ -30,7 +31,16 @@ from ..report import (
     write_report,
 )
 from ..solvers import METHODS
-from ..storage import load_model, load_tokenizer, meta_skeleton, resolve_dtype, write_json_atomic
+from ..storage import (
+    is_pruned_folder,
+    load_model,
+    load_tokenizer,
+    meta_skeleton,
+    read_armor_config,
+    resolve_dtype,
+    write_json_atomic,
+)
+from ..storage.lock import LOCK_NAME, FolderLock
 from ..text import calibration_ids, dataset_documents, tokenize_documents
 from .common import (
     DEFAULT_CALIB_TEXT,
@@ -193,15 +203,90 @@ def describe_methods() -> str:
     return "\n".join(lines)
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder that is not a previous run of this command (unless ``overwrite``)."""
+#: What ``armor prune`` writes at the top of its output folder (besides one folder per method).
+OUTPUT_FILES = (RUN_MARKER, "report.md", "results.json", "loss_per_layer.png")
+
+
+def _is_method_folder(folder: Path) -> bool:
+    """A folder that is empty, or written by armor: a pruned model, or a run's resume files."""
+    if not folder.is_dir():
+        return False
+    if not any(p.name != LOCK_NAME for p in folder.iterdir()):
+        return True
+    if (folder / "records.jsonl").is_file() or (folder / "layers").is_dir():
+        return True
+    try:
+        return is_pruned_folder(folder)
+    except ValueError:
+        return False
+
+
+def check_output_folder(out: Path, overwrite: bool, methods: list[str]) -> None:
+    """Refuse a non-empty folder that is not a previous run of this command (unless ``overwrite``), and never
+    replace a file or folder armor did not write: ``overwrite`` lets armor write beside other files, not over
+    them."""
     if out.exists() and not out.is_dir():
         raise CliError(f"--output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_MARKER).is_file() and not overwrite:
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return
+    previous = (out / RUN_MARKER).is_file()
+    if not previous and not overwrite:
         raise CliError(
             f"--output {out} is not empty and is not a previous 'armor prune' output; choose another folder or "
             "pass --overwrite"
         )
+    clash = [] if previous else [name for name in OUTPUT_FILES if (out / name).exists()]
+    clash += [f"{m}/" for m in methods if (out / m).exists() and not _is_method_folder(out / m)]
+    if clash:
+        raise CliError(
+            f"--output {out}: armor would replace {', '.join(clash)}, which it did not write; move them or choose "
+            "another folder (--overwrite writes beside other files, never over them)"
+        )
+
+
+def _previous_model(folder: Path) -> dict[str, Any] | None:
+    try:
+        return read_armor_config(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def check_lengths(args: argparse.Namespace, config: Any) -> None:
+    """Calibration and evaluation windows no longer than the model's position range (longer ones would run the
+    model on positions it was never trained for)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for flag, value in (("--seqlen", args.seqlen), ("--eval-seqlen", None if args.no_eval else args.eval_seqlen)):
+        if value is not None and value > limit:
+            raise CliError(f"{flag} {value} is longer than the model's max_position_embeddings ({limit})")
+
+
+def warn_block_sizes(layers: dict[str, Any], methods: list[str], options: dict[str, dict], n: int = 2,
+                     m: int = 4) -> None:
+    """Say when a requested wrapper block size is not the one the layers get (the largest divisor of each
+    dimension up to it is used: a block must tile the layer)."""
+    for method in methods:
+        requested = options[method].get("block_size")
+        if requested is None or not METHODS[method].wrappers:
+            continue
+        used = {}
+        for lin in layers.values():
+            shape = (lin.out_features, lin.in_features)
+            used[shape] = resolve_block_sizes(*shape, requested, m=m)
+        other = {shape: bs for shape, bs in used.items() if bs != (requested, requested)}
+        if other:
+            sizes = "; ".join(f"{o}x{i} layers get {bo}x{bi}" for (o, i), (bo, bi) in sorted(other.items()))
+            print(f"warning: {method} block size {requested} does not tile every layer: {sizes} "
+                  "(the largest divisors up to it)", file=sys.stderr, flush=True)
+        # an n:m core keeps n/m of the values: wrappers adding the rest or more store at least as much as dense
+        overhead = {shape: wrapper_overhead(*shape, *bs) for shape, bs in used.items()}
+        big = {shape: share for shape, share in overhead.items() if share >= 1 - n / m}
+        if big:
+            worst = max(big.values())
+            print(f"warning: {method} block size {requested} makes the wrappers of {len(big)} layer shape(s) add "
+                  f"{100 * worst:.0f}% of the dense values: those layers store more than the dense ones",
+                  file=sys.stderr, flush=True)
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -342,6 +427,7 @@ class _Job:
         """Prune (or resume) one method into ``out/method``, evaluate it; its table row and layer records."""
         a, mdir = self.args, self.out / method
         print(f"{method}: options {json.dumps(self.options[method])} -> {mdir}", flush=True)
+        before = _previous_model(mdir)
         result = prune(
             self.model(), self.ids, method, options=self.options[method], mode=a.calibration_mode,
             executor=executor, output=mdir, include=a.layers, exclude=a.exclude, resume=not a.no_resume,
@@ -354,6 +440,10 @@ class _Job:
             print("  already pruned with these settings; loaded it (--no-resume to redo)", flush=True)
         elif result.resumed:
             print(f"  resumed {result.resumed} finished layers", flush=True)
+        if before is not None and not result.already_done:
+            print(f"  replaced the {before.get('method')} model that was in {mdir} (options "
+                  f"{json.dumps(before.get('options'))}, calibration {json.dumps(before.get('calibration'))})",
+                  flush=True)
         nowag_mean, final_mean = result.mean_losses()
         footprint = folder_footprint(mdir, self.model_path)
         print(
@@ -385,9 +475,12 @@ def _load(args: argparse.Namespace) -> _Job:
     dtype = resolve_dtype(args.dtype)
     model_path = model_folder(args.model)
     out = Path(args.output)
-    check_output_folder(out, args.overwrite)
+    check_output_folder(out, args.overwrite, methods)
     # the layer selection on a weightless skeleton: a bad pattern fails now, not after the dense evaluation
-    find_prunable_layers(meta_skeleton(model_path), args.layers, args.exclude)
+    skeleton = meta_skeleton(model_path)
+    layers = find_prunable_layers(skeleton, args.layers, args.exclude, m=args.m)
+    check_lengths(args, skeleton.config)
+    warn_block_sizes(layers, methods, options, args.n, args.m)
     tokenizer = load_tokenizer(model_path)
     ids, calib_source = _calibration(args, tokenizer)
     evaluator = None if evaluation is None else _Evaluator.prepare(evaluation, tokenizer, dtype, device)
@@ -402,6 +495,13 @@ def run(args: argparse.Namespace) -> int:
         print(describe_methods())
         return 0
     job = _load(args)
+    with FolderLock(job.out):  # one writer per output folder; a killed run's lock dies with it
+        return _run_locked(job)
+
+
+def _run_locked(job: _Job) -> int:
+    """Prune each method into ``out/<method>``, evaluate and report (``out`` is locked)."""
+    args = job.args
     settings = job.settings()
     job.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic({"command": command_line(), "settings": settings}, job.out / RUN_MARKER)

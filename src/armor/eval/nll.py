@@ -133,8 +133,20 @@ def _head_logits(hidden: Tensor, head: nn.Module, transform: LogitTransform, chu
     return torch.cat(parts, -1)
 
 
+def check_finite_logits(logits: Tensor) -> None:
+    """A RuntimeError saying so when the model's logits hold NaN or inf (a damaged or overflowing model): no
+    perplexity is computed from them."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise RuntimeError(
+            f"the model produces non-finite logits ({bad} of {logits.numel()} NaN or inf on the evaluation text): "
+            "its weights hold non-finite values or its activations overflow in this dtype; no perplexity computed"
+        )
+
+
 def _check_logits(mine: Tensor, model_logits: Tensor, dtype: torch.dtype) -> None:
     ref = model_logits.float()
+    check_finite_logits(ref)
     if mine.shape != ref.shape:
         raise RuntimeError(
             f"the model's logits have shape {tuple(ref.shape)} but its output embeddings give {tuple(mine.shape)}; "
@@ -153,6 +165,7 @@ def _check_logits(mine: Tensor, model_logits: Tensor, dtype: torch.dtype) -> Non
 def _full_logits_nll(model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple[float, int]:
     """The reference path: the model's full logits, then float32 cross-entropy."""
     logits = model(input_ids=input_ids, use_cache=False).logits
+    check_finite_logits(logits)
     scored = labels != IGNORE_INDEX
     nll = F.cross_entropy(logits[scored].float(), labels[scored], reduction="sum")
     return float(nll), int(scored.sum())
@@ -216,6 +229,8 @@ def sum_token_nll(
         chunk_hidden = flat_hidden[r0 : r0 + chunk_tokens].to(device)[rows]
         total += _nll_rows(chunk_hidden, targets, head, transform, chunk_vocab).sum(dtype=torch.float64)
         count += rows.numel()
+    if not math.isfinite(float(total)):  # NaN/inf logits at a position other than the last (checked above)
+        check_finite_logits(torch.tensor([float(total)]))
     return float(total), count
 
 

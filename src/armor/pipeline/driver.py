@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
 from ..storage import load_pruned, read_armor_config
 from ..storage.atomic import write_text_atomic
+from ..storage.lock import FolderLock
 from ..storage.resume import (
     LayerRecord,
+    ModelDigests,
     fingerprint,
     ids_digest,
     layer_file,
@@ -207,29 +210,93 @@ def _check_calibration(calibration: Tensor) -> Tensor:
     return calibration.long()
 
 
-def run_fingerprint(layer_fps: Mapping[str, str], include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:
+def run_fingerprint(layer_fps: Mapping[str, str], include: Sequence[str] | None, exclude: Sequence[str] | None,
+                    model: str = "") -> str:
     """Everything that determines a pruned model: every layer's fingerprint (method, options, pattern, calibration,
-    weight) and the layer selection."""
-    return fingerprint(layers=dict(layer_fps), include=list(include or []), exclude=list(exclude or []))
+    weight, context), the layer selection and the digest of the whole model (the tensors copied unpruned)."""
+    return fingerprint(layers=dict(layer_fps), include=list(include or []), exclude=list(exclude or []), model=model)
+
+
+class _Fingerprints:
+    """The layers' fingerprints, from the model's digests (:class:`~armor.storage.resume.ModelDigests`).
+
+    ``fps`` identify a layer's pruning (the layer job's files); ``final`` its final state, which with reconstruction
+    also covers the reconstruction settings and every earlier block's (a chain), so a tuned layer is reused only
+    after the very same tuning of everything before it.  Filled all at once when an earlier run's files must be
+    judged (:meth:`adopt`), else block by block from the tensors the walk loads anyway (:meth:`add_outer`,
+    :meth:`add_block`): a fresh streamed run reads its checkpoint once.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Linear], block_of: Mapping[str, int], s: PruneSettings,
+                 resolved: dict[str, Any], calib_key: str) -> None:
+        self.layers, self.block_of, self.s, self.resolved, self.calib_key = layers, block_of, s, resolved, calib_key
+        self.digests = ModelDigests()
+        self.fps: dict[str, str] = {}
+        self.final: dict[str, str] = {}
+        self._recon = None if s.reconstruct is None else fingerprint(
+            reconstruct=s.reconstruct.to_json(), batch_size=s.batch_size)
+
+    @property
+    def blocks(self) -> int:
+        """Blocks digested so far (always a prefix of the model's blocks)."""
+        return len(self.digests.chain)
+
+    def adopt(self, digests: ModelDigests) -> None:
+        self.digests = digests
+        for i in range(len(digests.chain)):
+            self._block_fingerprints(i)
+
+    def add_outer(self, tensors: Mapping[str, Tensor]) -> None:
+        self.digests.add_outer(tensors)
+
+    def add_block(self, tensors: Mapping[str, Tensor]) -> None:
+        self.digests.add_block(tensors)
+        self._block_fingerprints(self.blocks - 1)
+
+    def _block_fingerprints(self, i: int) -> None:
+        names = [name for name in self.layers if self.block_of[name] == i]
+        s = self.s
+        for name in names:
+            self.fps[name] = layer_fingerprint(
+                self.digests.tensors[f"{name}.weight"], s.method, self.resolved, s.n, s.m, self.calib_key,
+                context=self.digests.chain[i],
+            )
+        if self._recon is None:
+            self.final.update({name: self.fps[name] for name in names})
+        elif names:
+            self._recon = fingerprint(previous=self._recon, layers=[self.fps[name] for name in names])
+            self.final.update({name: fingerprint(layer=self.fps[name], reconstructed=self._recon) for name in names})
+
+    def run_fp(self) -> str:
+        return run_fingerprint(self.final, self.s.include, self.s.exclude, self.digests.model)
 
 
 @dataclass
 class _Plan:
     """Which layers the run prunes, their fingerprints, and how far an earlier run in ``out`` got.
 
-    ``fps`` identify a layer's pruning (the layer job's files); ``final_fps`` its final state, which with
-    reconstruction also covers the reconstruction settings and every earlier block's (a chain), so a tuned layer is
-    reused only after the very same tuning of everything before it.  ``done``: final layer files exist;
-    ``pruned``: pruned but not yet reconstructed.
+    ``done``: final layer files exist; ``pruned``: pruned but not yet reconstructed.  ``lazy``: nothing in ``out``
+    to reuse, so the fingerprints are filled as the walk loads the blocks.
     """
 
     layers: dict[str, nn.Linear]
     block_of: dict[str, int]
-    fps: dict[str, str]
-    final_fps: dict[str, str]
-    run_fp: str
+    fp: _Fingerprints
     done: set[str]
     pruned: set[str]
+    lazy: bool = False
+
+    @property
+    def fps(self) -> dict[str, str]:
+        return self.fp.fps
+
+    @property
+    def final_fps(self) -> dict[str, str]:
+        return self.fp.final
+
+    @property
+    def run_fp(self) -> str:
+        return self.fp.run_fp()
 
     @property
     def names(self) -> list[str]:
@@ -244,36 +311,28 @@ class _Plan:
         return max((self.block_of[name] for name in self.layers if name not in self.done), default=-1)
 
 
-def _final_fingerprints(plan_fps: dict[str, str], block_of: dict[str, int], s: PruneSettings) -> dict[str, str]:
-    if s.reconstruct is None:
-        return dict(plan_fps)
-    chain = fingerprint(reconstruct=s.reconstruct.to_json(), batch_size=s.batch_size)
-    final: dict[str, str] = {}
-    for i in sorted(set(block_of.values())):
-        names = [name for name in plan_fps if block_of[name] == i]
-        chain = fingerprint(previous=chain, layers=[plan_fps[name] for name in names])
-        final.update({name: fingerprint(layer=plan_fps[name], reconstructed=chain) for name in names})
-    return final
+def _has_results(out: Path) -> bool:
+    """Whether ``out`` holds anything a run could reuse (a saved model or layer files)."""
+    return (out / "config.json").is_file() or any((out / "layers").glob("*.safetensors"))
 
 
 def _plan(source: ModelSource, calibration: Tensor, s: PruneSettings, resolved: dict[str, Any],
           out: Path | None) -> _Plan:
     layers = find_prunable_layers(source.model, s.include, s.exclude, m=s.m)
     block_of = {name: int(name[len(source.prefix) + 1 :].split(".", 1)[0]) for name in layers}
-    calib_key = f"{ids_digest(calibration)}:{s.mode}"
-    fps = {
-        name: layer_fingerprint(source.layer_tensors(name)[0], s.method, resolved, s.n, s.m, calib_key)
-        for name in layers
-    }
-    final = _final_fingerprints(fps, block_of, s)
+    fp = _Fingerprints(layers, block_of, s, resolved, f"{ids_digest(calibration)}:{s.mode}")
+    if out is None or not s.resume or not _has_results(out):
+        return _Plan(layers, block_of, fp, set(), set(), lazy=True)
+    # Earlier results to judge: every tensor a layer's result depends on (its weight, and the chain over the
+    # model's other tensors up to its block) is digested now, one part of the model in memory at a time.
+    fp.adopt(source.digests())
 
-    def on_disk(name: str, fp: str) -> bool:
-        return out is not None and s.resume and peek_layer_file(layer_file(out, name), name, fp)
+    def on_disk(name: str, fingerprint: str) -> bool:  # the tensors too: a file whose content changed is redone
+        return peek_layer_file(layer_file(out, name), name, fingerprint, verify=True)
 
-    done = {name for name in layers if on_disk(name, final[name])}
-    pruned = {name for name in layers if s.reconstruct is not None and name not in done and on_disk(name, fps[name])}
-    run_fp = run_fingerprint(final, s.include, s.exclude)
-    return _Plan(layers, block_of, fps, final, run_fp, done, pruned)
+    done = {name for name in layers if on_disk(name, fp.final[name])}
+    pruned = {name for name in layers if s.reconstruct is not None and name not in done and on_disk(name, fp.fps[name])}
+    return _Plan(layers, block_of, fp, done, pruned)
 
 
 class _Stream:
@@ -369,6 +428,8 @@ class _Run:
     def capture(self, streams: _Streams, calibration: Tensor) -> None:
         """The first block's inputs and every block's call arguments, from the embeddings."""
         self.source.load_embeddings()
+        if self.plan.lazy:
+            self.plan.fp.add_outer(self.source.outer_tensors())
         self.calls = capture_block_inputs(
             self.source.model, self.source.blocks, self.plan.last, calibration, self.s.batch_size, streams.first,
             self.source.device, self.s.progress,
@@ -443,6 +504,8 @@ class _Run:
         """Calibrate, prune, reconstruct and advance one block that has work left."""
         names = self.plan.block_names(i)
         block = self.source.load_block(i)
+        if self.plan.lazy:  # the dense block as loaded: its fingerprints, before any layer is submitted
+            self.plan.fp.add_block(self.source.block_tensors(i))
         todo = [name for name in names if name not in self.plan.done and name not in self.plan.pruned]
         recon = self.s.reconstruct is not None and any(name not in self.plan.done for name in names)
         # Restored layers go in place only after the dense passes: a block is calibrated dense.
@@ -481,6 +544,8 @@ class _Run:
             else:
                 self.process_block(i, streams)
         self.collect(0)
+        while self.plan.lazy and self.plan.fp.blocks < len(self.source.blocks):  # blocks without selected layers
+            self.plan.fp.add_block(self.source.read_block_tensors(self.plan.fp.blocks))
         return self.tracker.finish()
 
 
@@ -549,11 +614,15 @@ def _activation_folder(s: PruneSettings, out: Path | None) -> tuple[Path, Path |
 def _already_done(source: ModelSource, s: PruneSettings, resolved: dict[str, Any], plan: _Plan,
                   out: Path | None) -> PruneRun | None:
     """The finished run in ``out`` when it was made with exactly these settings."""
-    section = _finished_section(out, plan.run_fp) if out is not None and s.resume else None
+    section = _finished_section(out, plan.run_fp) if out is not None and s.resume and not plan.lazy else None
     if section is None:
         return None
     records = [LayerRecord.from_json({**r, "resumed": True}) for r in section.get("records", [])]
-    model = None if source.streamed else load_pruned(out)
+    if not source.streamed:  # pruned in place, as promised: the saved layers go into the caller's model
+        saved = load_pruned(out)
+        for name in plan.layers:
+            source.place(name, get_module(saved, name))
+    model = None if source.streamed else source.model
     return PruneRun(s.method, resolved, records, 0.0, s.mode, len(records), out, model, section, already_done=True)
 
 
@@ -593,8 +662,16 @@ def prune(
     source = _open_source(model, s, output)
     if s.reconstruct is not None:  # "auto" settled for this device before it is fingerprinted and recorded
         s = dataclasses.replace(s, reconstruct=s.reconstruct.for_device(source.device))
-    start = time.perf_counter()
     out = Path(output) if output is not None else None
+    # one writer per output folder: a second run into it fails at once (the lock dies with its process)
+    with FolderLock(out) if out is not None else nullcontext():
+        return _plan_run_save(source, s, resolved, calibration, executor or LocalExecutor(), out, tokenizer)
+
+
+def _plan_run_save(source: ModelSource, s: PruneSettings, resolved: dict[str, Any], calibration: Tensor,
+                   executor: Executor, out: Path | None, tokenizer: Any) -> PruneRun:
+    """Plan the run, walk the blocks, record the provenance and save the model (``out`` is locked)."""
+    start = time.perf_counter()
     plan = _plan(source, calibration, s, resolved, out)
     finished = _already_done(source, s, resolved, plan, out)
     if finished is not None:
@@ -603,7 +680,7 @@ def prune(
         _prepare_output(out, s.resume)
     act_dir, act_root = _activation_folder(s, out)
     streams = _Streams(s, act_dir)
-    run = _Run(source, s, resolved, plan, executor or LocalExecutor(), out)
+    run = _Run(source, s, resolved, plan, executor, out)
     try:
         records = run.walk(calibration, streams)
     finally:

@@ -9,6 +9,8 @@ it will be stored in, and written atomically.  In-process and Ray executors both
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +20,11 @@ from torch import Tensor, nn
 from ..runtime import empty_module_from_spec, module_from_result
 from ..solvers import get_method, layer_proxy_loss, prune_layer
 from ..stats import LayerStats
-from ..storage.resume import LayerRecord, layer_file, load_layer_file, save_layer_file
+from ..storage.resume import LayerRecord, layer_file, load_layer_file, peek_layer_file, save_layer_file
 
-__all__ = ["LayerJob", "LayerOutcome", "run_layer_job", "outcome_from_module"]
+__all__ = ["LayerJob", "LayerOutcome", "run_layer_job", "outcome_from_module", "keep_on_driver"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,6 +118,48 @@ def _stored_check(job: LayerJob, module: nn.Module, rec: LayerRecord) -> nn.Modu
     return nowag_module
 
 
+#: Hessian-diagonal entries a layer may have repaired (non-finite or non-positive) before it is a warning: a few
+#: are dead input features; more say the layer's inputs overflowed or never reached it.
+REPAIR_WARN_MIN = 4
+
+
+def _warn_repaired(name: str, repaired: int, in_features: int) -> None:
+    if repaired > max(REPAIR_WARN_MIN, in_features // 100):
+        log.warning(
+            "layer %s: %d of %d Hessian-diagonal entries were not finite or not positive and were replaced by the "
+            "mean of the others; its calibration inputs overflowed or never reached it (check the model's weights)",
+            name, repaired, in_features,
+        )
+
+
+def _non_finite(module: nn.Module) -> list[str]:
+    return [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _finite_check(job: LayerJob, module: nn.Module, rec: LayerRecord) -> nn.Module:
+    """Nothing non-finite is ever stored as a result: a solver output with a NaN/inf tensor or loss falls back to
+    NoWag-P (no wrappers; the record says so under ``non_finite_fallback``) when that is finite, and is a
+    ValueError naming the layer otherwise."""
+    bad = _non_finite(module)
+    if not bad and math.isfinite(rec.loss):
+        return module
+    what = ", ".join(bad) if bad else f"loss {rec.loss}"
+    assert job.weight is not None
+    if job.method != "nowag" and job.stats is not None:
+        nowag = prune_layer(job.weight, job.stats, "nowag", n=job.n, m=job.m)
+        fallback = module_from_result(nowag, module.bias, module.dtype, device=module.device)
+        if not _non_finite(fallback) and math.isfinite(nowag.loss):
+            log.warning("layer %s: %s produced non-finite %s; stored NoWag-P instead", job.name, job.method, what)
+            kept = LayerRecord.from_result(job.name, nowag)  # no wrappers: its block sizes and params
+            rec.extra = {**kept.extra, "non_finite_fallback": {"method": job.method, "tensors": bad, "kept": "nowag"}}
+            rec.loss = float(nowag.loss)
+            return fallback
+    raise ValueError(
+        f"layer {job.name}: {job.method} produced non-finite {what} (and no finite fallback); the layer's weight "
+        "or calibration inputs hold values too large for float32"
+    )
+
+
 def run_layer_job(job: LayerJob) -> LayerOutcome:
     """Prune one layer (or restore it from a valid layer file); write the file atomically into ``out_dir``.
 
@@ -130,13 +176,33 @@ def run_layer_job(job: LayerJob) -> LayerOutcome:
             return outcome_from_module(job.name, got[0], got[1], reused=True, written=False)
     if job.stats is None and get_method(job.method).needs != "none":
         raise ValueError(f"no calibration statistics for layer {job.name}")
-    result = prune_layer(job.weight, job.stats, job.method, n=job.n, m=job.m, **job.options)
+    try:
+        result = prune_layer(job.weight, job.stats, job.method, n=job.n, m=job.m, **job.options)
+    except (ValueError, RuntimeError) as exc:  # a solver's message does not know which layer it is about
+        kind = ValueError if isinstance(exc, ValueError) else RuntimeError
+        raise kind(f"layer {job.name} ({job.method}): {exc}") from exc
+    _warn_repaired(job.name, result.repaired_stats, job.weight.shape[1])
     bias = None if job.bias is None else job.bias.detach()
     module = module_from_result(result, bias, job.weight.dtype, device=job.weight.device)
     rec = LayerRecord.from_result(job.name, result)
     del result
     if job.stats is not None:
         module = _stored_check(job, module, rec)
+    module = _finite_check(job, module, rec)
     if path is not None:
         save_layer_file(path, module, job.name, job.fingerprint, rec)
     return outcome_from_module(job.name, module, rec, reused=False, written=path is not None)
+
+
+def keep_on_driver(outcome: LayerOutcome, job: LayerJob) -> LayerOutcome:
+    """Make sure the layer file of ``outcome`` is in ``job.out_dir`` as the driver sees it, writing it from the
+    received state when it is not (a worker whose disk is not the driver's).  Returns the outcome marked
+    ``written``.  Without an ``out_dir`` (no resume files) the outcome is returned as is."""
+    if not job.out_dir:
+        return outcome
+    path = layer_file(job.out_dir, job.name)
+    if not peek_layer_file(path, job.name, job.fingerprint):
+        rec = LayerRecord.from_json(outcome.record)
+        rec.resumed = False
+        save_layer_file(path, outcome.module(), job.name, job.fingerprint, rec)
+    return dataclasses.replace(outcome, written=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .jobs import LayerJob, LayerOutcome, run_layer_job
+from .jobs import LayerJob, LayerOutcome, keep_on_driver, run_layer_job
 
 __all__ = ["RayExecutor", "import_ray", "init_ray"]
 
@@ -141,7 +141,7 @@ class RayExecutor:
             slots = res.get("GPU", 0) / num_gpus if num_gpus else res.get("CPU", 1) / max(num_cpus, 1e-9)
             window = max(2, int(2 * slots))
         self.window = window
-        self._refs: dict[Any, str] = {}  # in-flight task -> layer name
+        self._refs: dict[Any, LayerJob] = {}  # in-flight task -> its job (no tensors)
         self._stats_refs: dict[int, tuple[Any, Any]] = {}  # id(stats) -> (stats, its object ref)
 
     def _put_stats(self, stats: Any) -> Any:
@@ -162,11 +162,13 @@ class RayExecutor:
         stats = job.stats
         if stats is not None and stats.hessian_diag.device.type != "cpu":
             stats = stats.to("cpu")
+        # Workers never write layer files: their disk need not be the driver's.  The driver writes each file it
+        # receives (keep_on_driver), so resume and the streamed save find them wherever the workers ran.
         ref = self._task.remote(
-            job.meta(), ray.put(job.weight.detach().cpu()), bias_ref, self._put_stats(stats),
-            self._threads, self.num_gpus > 0, self.hook,
+            dataclasses.replace(job.meta(), out_dir=None), ray.put(job.weight.detach().cpu()), bias_ref,
+            self._put_stats(stats), self._threads, self.num_gpus > 0, self.hook,
         )
-        self._refs[ref] = job.name
+        self._refs[ref] = job.meta()
 
     @property
     def pending(self) -> int:
@@ -181,11 +183,12 @@ class RayExecutor:
             else:
                 ready, _ = self.ray.wait(list(self._refs), num_returns=need)
             for ref in ready:
-                name = self._refs.pop(ref)
+                job = self._refs.pop(ref)
                 try:
-                    out.append(self.ray.get(ref))
+                    outcome = self.ray.get(ref)
                 except self.ray.exceptions.RayError as exc:  # the job failed for good (retries used up)
-                    raise RuntimeError(f"pruning layer {name} failed on Ray: {exc}") from exc
+                    raise RuntimeError(f"pruning layer {job.name} failed on Ray: {exc}") from exc
+                out.append(keep_on_driver(outcome, job))
             if need <= 0 or len(self._refs) <= until_pending:
                 break
         return out

@@ -19,10 +19,31 @@ from torch import Tensor, nn
 
 from ..models import find_decoder_layers, get_module, model_device, set_module, stacked_experts, unfuse_experts
 from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
-from ..storage.checkpoint import materialise, release
+from ..storage.checkpoint import check_shapes, materialise, release
 from ..storage.hf_quantizer import install_packed_modules
+from ..storage.resume import ModelDigests
 
-__all__ = ["InMemorySource", "CheckpointSource", "ModelSource"]
+__all__ = ["InMemorySource", "CheckpointSource", "ModelSource", "outer_keys"]
+
+
+def outer_keys(model: nn.Module, prefix: str, with_head: bool = True) -> list[str]:
+    """State-dict keys outside the decoder blocks; a tied head (the embedding matrix itself) never, an untied one
+    only ``with_head``."""
+    keys = [k for k in model.state_dict(keep_vars=True) if not k.startswith(prefix + ".")]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    if with_head and not tied:
+        return keys
+    heads = [f"{mn}." for mn, mod in model.named_modules() if head is not None and mod is head and mn]
+    return [k for k in keys if not any(k.startswith(h) for h in heads)]
+
+
+def block_keys(model: nn.Module, prefix: str, index: int) -> list[str]:
+    return [k for k in model.state_dict(keep_vars=True) if k.startswith(f"{prefix}.{index}.")]
+
+
+def _prefixed(block: nn.Module, prefix: str) -> dict[str, Tensor]:
+    return {prefix + k: t.detach() for k, t in block.state_dict(keep_vars=True).items()}
 
 
 class InMemorySource:
@@ -43,6 +64,25 @@ class InMemorySource:
     def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
         lin = get_module(self.model, name)
         return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+
+    def outer_tensors(self) -> dict[str, Tensor]:
+        """The tensors outside the decoder blocks (what :class:`~armor.storage.resume.ModelDigests` digests)."""
+        state = self.model.state_dict(keep_vars=True)
+        return {k: state[k].detach() for k in outer_keys(self.model, self.prefix)}
+
+    def block_tensors(self, index: int) -> dict[str, Tensor]:
+        """The tensors of one (loaded, still dense) decoder block under their model names."""
+        return _prefixed(self.blocks[index], f"{self.prefix}.{index}.")
+
+    read_block_tensors = block_tensors
+
+    def digests(self) -> ModelDigests:
+        """Digests of every tensor and the chain over the blocks (:class:`~armor.storage.resume.ModelDigests`)."""
+        out = ModelDigests()
+        out.add_outer(self.outer_tensors())
+        for i in range(len(self.blocks)):
+            out.add_block(self.block_tensors(i))
+        return out
 
     def load_embeddings(self) -> None:
         pass
@@ -100,6 +140,7 @@ class CheckpointSource:
                 "supported yet; prune it in memory (without --streaming), which prunes every expert's matrices"
             )
         self.reader = ShardReader(self.path)
+        check_shapes(self.model, self.reader)  # a config that does not belong to these weights fails now
         self.dtype = dtype if dtype is not None or self.pruned else torch.float32
         self.device = torch.device(device)
         head = self.model.get_output_embeddings()
@@ -113,6 +154,41 @@ class CheckpointSource:
             return keys
         # a tied head is the embedding matrix itself: re-tied after loading, never read twice
         return [k for k in keys if not any(k.startswith(h) for h in self._head)]
+
+    def _read(self, keys: list[str]) -> dict[str, Tensor]:
+        """``keys`` in the run's dtype: from the checkpoint, or the skeleton's computed buffers."""
+        state = self.model.state_dict(keep_vars=True)
+        out = self.reader.load([k for k in keys if k in self.reader], self.dtype)
+        for k in keys:
+            if k not in out:
+                if state[k].is_meta:
+                    raise KeyError(f"the checkpoint in {self.path} has no tensor {k!r}")
+                out[k] = state[k].detach()
+        return out
+
+    def digests(self) -> ModelDigests:
+        """As :meth:`InMemorySource.digests` gives for this model loaded whole, one part in memory at a time."""
+        out = ModelDigests()
+        out.add_outer(self._read(outer_keys(self.model, self.prefix)))
+        for i in range(len(self.blocks)):
+            out.add_block(self.read_block_tensors(i))
+        return out
+
+    def outer_tensors(self) -> dict[str, Tensor]:
+        """The tensors outside the blocks while the embeddings are loaded: those in memory, and an untied head
+        (which calibration does not load) read now."""
+        state = self.model.state_dict(keep_vars=True)
+        keys = outer_keys(self.model, self.prefix)
+        held = {k: state[k].detach() for k in keys if not state[k].is_meta}
+        return {**held, **self._read([k for k in keys if k not in held])}
+
+    def block_tensors(self, index: int) -> dict[str, Tensor]:
+        """The tensors of one loaded (still dense) decoder block under their model names."""
+        return _prefixed(self.blocks[index], f"{self.prefix}.{index}.")
+
+    def read_block_tensors(self, index: int) -> dict[str, Tensor]:
+        """The tensors of one block read from the checkpoint (the block itself stays unloaded)."""
+        return self._read(block_keys(self.model, self.prefix, index))
 
     def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
         """The dense weight (and bias) of one layer, read from the checkpoint in the run's dtype."""
@@ -153,7 +229,7 @@ class CheckpointSource:
     ) -> Path:
         return save_pruned_streamed(
             # the layer files are in out_dir/layers/, where the driver's jobs wrote them
-            self.path, out_dir, specs, dtypes, out_dir, run_info=run_info, tokenizer=tokenizer, dtype=self.dtype,
+            self.path, out_dir, specs, dtypes, run_info=run_info, tokenizer=tokenizer, dtype=self.dtype,
             reader=self.reader,
         )
 

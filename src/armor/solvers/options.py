@@ -26,6 +26,33 @@ class Option:
     default: Any
     help: str
     optional: bool = False  # ``None`` is an accepted value (e.g. "no time cap")
+    #: accepted range (JSON-schema style): ``minimum``/``maximum`` inclusive unless ``exclusive_*`` says so
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+
+    def check(self, value: Any) -> Any:
+        """``value`` when it is finite and in range; a ValueError naming the option and the range otherwise."""
+        if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+            return value
+        low_bad = self.minimum is not None and (
+            value <= self.minimum if self.exclusive_minimum else value < self.minimum
+        )
+        high_bad = self.maximum is not None and (
+            value >= self.maximum if self.exclusive_maximum else value > self.maximum
+        )
+        if value != value or value in (float("inf"), float("-inf")) or low_bad or high_bad:
+            raise ValueError(f"option {self.name!r} must be {self.range_text()}, got {value!r}")
+        return value
+
+    def range_text(self) -> str:
+        parts = []
+        if self.minimum is not None:
+            parts.append(f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}")
+        if self.maximum is not None:
+            parts.append(f"{'<' if self.exclusive_maximum else '<='} {self.maximum:g}")
+        return " and ".join(parts) or "a finite number"
 
     def convert(self, value: Any) -> Any:
         """``value`` (e.g. a command-line string) as this option's type; a ValueError naming the option."""
@@ -50,27 +77,31 @@ class Option:
             raise ValueError(f"option {self.name!r} must be {kind}, got {value!r}") from None
         if self.type is int and isinstance(value, float) and value != converted:
             raise ValueError(f"option {self.name!r} must be an integer, got {value!r}")
-        return converted
+        return self.check(converted)
 
 
 ARMOR_COMMON = (
-    Option("block_size", int, None, "wrapper block size; default: chosen per layer from wrapper_budget", True),
+    Option(
+        "block_size", int, None, "wrapper block size; default: chosen per layer from wrapper_budget", True, minimum=1
+    ),
     Option(
         "wrapper_budget", float, DEFAULT_WRAPPER_BUDGET,
         "largest share of the layer's dense parameter count the two wrappers may add (0.0625 = the paper's "
-        "128 blocks on a 4096x4096 layer); ignored when block_size is given",
+        "128 blocks on a 4096x4096 layer; below 0.5, else a 2:4 layer stores as many values as a dense one); "
+        "ignored when block_size is given",
+        minimum=0, exclusive_minimum=True, maximum=0.5, exclusive_maximum=True,
     ),
 )
 
 #: armor-fast's sweeps, shared by every solver built on them (armor-bh runs the same sweeps on another loss).
 SWEEP_OPTIONS = (
     *ARMOR_COMMON,
-    Option("sweeps", int, 20, "sweeps (A, B, core values, mask) at most"),
-    Option("cg_steps", int, 2, "conjugate-gradient steps on the core values per sweep"),
-    Option("mask_steps", int, 1, "mask steps per sweep"),
-    Option("groups_per_tile", int, 64, "groups re-solved together per tile in a mask step"),
-    Option("damping", float, 1e-6, "ridge of the A/B normal equations, relative to their mean diagonal"),
-    Option("patience", int, 3, "stop after this many sweeps without a relative gain of rtol"),
-    Option("rtol", float, 1e-4, "relative gain per sweep that counts as progress"),
-    Option("max_seconds", float, None, "time cap per layer in seconds", True),
+    Option("sweeps", int, 20, "sweeps (A, B, core values, mask) at most", minimum=1),
+    Option("cg_steps", int, 2, "conjugate-gradient steps on the core values per sweep", minimum=0),
+    Option("mask_steps", int, 1, "mask steps per sweep", minimum=0),
+    Option("groups_per_tile", int, 64, "groups re-solved together per tile in a mask step", minimum=1),
+    Option("damping", float, 1e-6, "ridge of the A/B normal equations, relative to their mean diagonal", minimum=0),
+    Option("patience", int, 3, "stop after this many sweeps without a relative gain of rtol (0: never)", minimum=0),
+    Option("rtol", float, 1e-4, "relative gain per sweep that counts as progress", minimum=0),
+    Option("max_seconds", float, None, "time cap per layer in seconds", True, minimum=0, exclusive_minimum=True),
 )

@@ -81,8 +81,8 @@ METHODS: dict[str, Method] = {
             "OBS mask choice and weight update with the full X^T X (Frantar & Alistarh 2023)",
             baselines.sparsegpt,
             (
-                Option("column_batch", int, 128, "columns updated together before the lazy batch update"),
-                Option("damp", float, 0.01, "fraction of the mean Hessian diagonal added to the diagonal"),
+                Option("column_batch", int, 128, "columns updated together before the lazy batch update", minimum=1),
+                Option("damp", float, 0.01, "fraction of the mean Hessian diagonal added to the diagonal", minimum=0),
             ),
         ),
         Method(
@@ -92,10 +92,13 @@ METHODS: dict[str, Method] = {
             armor_faithful,
             (
                 *ARMOR_COMMON,
-                Option("iterations", int, 20_000, "iterations (one Adam step + one sparse-core step each)"),
-                Option("lr", float, 1e-4, "Adam learning rate"),
-                Option("patience", int, 100, "stop after this many iterations without a relative gain of rtol"),
-                Option("rtol", float, 1e-6, "relative gain that counts as progress"),
+                Option("iterations", int, 20_000, "iterations (one Adam step + one sparse-core step each)", minimum=1),
+                Option("lr", float, 1e-4, "Adam learning rate", minimum=0, exclusive_minimum=True),
+                Option(
+                    "patience", int, 100, "stop after this many iterations without a relative gain of rtol (0: never)",
+                    minimum=0,
+                ),
+                Option("rtol", float, 1e-6, "relative gain that counts as progress", minimum=0),
                 Option("seed", int, 0, "seed of the group sampling"),
             ),
             wrappers=True,

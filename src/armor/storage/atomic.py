@@ -6,15 +6,18 @@ here, so a run killed at any instant leaves either the old file or the new one, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -41,6 +44,23 @@ def _temp_sibling(path: Path) -> str:
     return tmp
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[str]:
+    """A temporary sibling of ``path`` to write, removed unless published; a failed write (a full disk, a
+    read-only folder) is an ``OSError`` that names ``path``, whichever library raised it."""
+    tmp = _temp_sibling(path)
+    try:
+        yield tmp
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror or exc} while writing {path}", str(path)) from None
+    except SafetensorError as exc:  # safetensors reports I/O errors as its own type
+        err = errno.ENOSPC if "space" in str(exc).lower() else errno.EIO
+        raise OSError(err, f"{exc} while writing {path}", str(path)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _publish(tmp: str, path: Path) -> None:
     """fsync ``tmp``, give it ordinary permissions (mkstemp makes it private) and rename it to ``path``."""
     with open(tmp, "rb+") as f:
@@ -55,25 +75,17 @@ def _publish(tmp: str, path: Path) -> None:
 def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str]) -> None:
     """``safetensors`` save of ``tensors`` (moved to CPU, made contiguous) that is never seen half-written."""
     path = Path(path)
-    tmp = _temp_sibling(path)
-    try:
+    with _writing(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
         _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:
     path = Path(path)
-    tmp = _temp_sibling(path)
-    try:
+    with _writing(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
         _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
@@ -112,8 +124,7 @@ def write_safetensors_streamed(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    tmp = _temp_sibling(path)
-    try:
+    with _writing(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
@@ -129,6 +140,3 @@ def write_safetensors_streamed(
                 if after_each is not None:
                     after_each(nbytes)
         _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

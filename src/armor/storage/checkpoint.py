@@ -21,7 +21,9 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-__all__ = ["ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory"]
+__all__ = [
+    "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
+]
 
 
 class CheckpointError(ValueError):
@@ -56,6 +58,15 @@ class ShardReader:
                 f"no safetensors weights in {self.folder} (re-save the model with "
                 "save_pretrained(..., safe_serialization=True))"
             )
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no tensor data is read)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for path in dict.fromkeys(self.files.values()):
+            with open_safetensors(path) as f:
+                for k in f.keys():  # noqa: SIM118 - safe_open has no iteration
+                    out[k] = tuple(f.get_slice(k).get_shape())
+        return out
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -124,6 +135,23 @@ def meta_skeleton(model_path: str | Path, config: Any = None, strip_quantization
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()  # on meta, from_config leaves tied parameters as separate placeholders
     return model.eval()
+
+
+def check_shapes(model: nn.Module, reader: ShardReader) -> None:
+    """A CheckpointError listing every tensor whose shape in the checkpoint differs from the model's (a config
+    that does not belong to these weights), before anything is loaded."""
+    stored = reader.shapes()
+    bad = [
+        f"{k}: {tuple(t.shape)} in the model, {stored[k]} in the checkpoint"
+        for k, t in model.state_dict(keep_vars=True).items()
+        if k in stored and tuple(t.shape) != stored[k]
+    ]
+    if bad:
+        more = f"\n(and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"config.json of {reader.folder} does not match its weights ({len(bad)} tensors differ in shape):\n"
+            + "\n".join(bad[:5]) + more
+        )
 
 
 def _set_tensor(root: nn.Module, name: str, value: Tensor) -> None:

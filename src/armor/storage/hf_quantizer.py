@@ -15,6 +15,15 @@ registers both under ``quant_method = "armor"`` when ``armor`` (or ``armor.stora
 
 The same replacement (:func:`install_packed_modules`) serves :func:`armor.storage.load_pruned`, so both doors
 build the same model.
+
+A pruned folder must never load as garbage in a process that did not import ``armor``: transformers skips a
+``quant_method`` it does not know with a warning and would fill every pruned layer with random weights.  So the
+folder's ``config.json`` says ``"model_type": "armor"`` (the architecture's own type is kept as
+``quantization_config.base_model_type``).  Without ``armor`` imported, ``AutoConfig`` / ``AutoModelForCausalLM``
+refuse the folder ("model type `armor` ... does not recognize this architecture"); with it imported,
+:class:`ArmorModelConfig` (registered under that type) hands back the base architecture's config with the
+quantisation section, and loading proceeds as above.  A model loaded either way keeps writing ``"armor"`` when it is
+saved again (:func:`mark_armored`), so a re-saved folder is refused the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -41,12 +52,15 @@ from .checkpoint import open_safetensors
 
 __all__ = [
     "QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules", "check_weight_files",
+    "check_packed_tensors", "MODEL_TYPE", "ArmorModelConfig", "mark_armored",
 ]
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "armor"
 MODEL_FORMAT = "armor-model-v2"
+#: ``config.json``'s ``model_type`` of a pruned folder: unknown to transformers unless armor is imported.
+MODEL_TYPE = "armor"
 
 _SPEC_KINDS = ("armor", "sparse")
 
@@ -70,6 +84,7 @@ class ArmorConfig(QuantizationConfigMixin):
         run: provenance of the pruning run (method, options, pattern, calibration, records, ...).
         unfused_experts: mixture-of-experts modules stored as one layer per expert matrix
             (:class:`armor.models.LinearExperts`), rebuilt that way before the weights load.
+        base_model_type: the architecture's own ``model_type`` (``config.json`` says ``"armor"``).
     """
 
     def __init__(
@@ -80,9 +95,11 @@ class ArmorConfig(QuantizationConfigMixin):
         versions: Mapping[str, str] | None = None,
         run: Mapping[str, Any] | None = None,
         unfused_experts: Iterable[str] | None = None,
+        base_model_type: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
+        self.base_model_type = base_model_type
         self.format = format
         self.layers = {str(k): dict(v) for k, v in (layers or {}).items()}
         self.layer_dtypes = {str(k): str(v) for k, v in (layer_dtypes or {}).items()}
@@ -145,12 +162,35 @@ def install_packed_modules(
         set_module(model, name, empty_module_from_spec(dict(spec), dtype=layer_dtype, device=device))
 
 
-def check_weight_files(files: Iterable[str | Path]) -> None:
-    """Open every safetensors file once: a truncated or corrupt one raises CheckpointError naming it."""
+def check_weight_files(files: Iterable[str | Path]) -> dict[str, tuple[int, ...]]:
+    """Open every safetensors file once (a truncated or corrupt one raises CheckpointError naming it); returns
+    every stored tensor's shape, from the headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         if str(f).endswith(".safetensors"):
-            with open_safetensors(f):
-                pass
+            with open_safetensors(f) as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no iteration
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def check_packed_tensors(model: nn.Module, layers: Iterable[str], stored: Mapping[str, tuple[int, ...]]) -> None:
+    """Every tensor of every packed layer is stored with the shape its spec gives; else a ValueError naming them.
+
+    ``from_pretrained`` would otherwise leave a missing tensor as uninitialised memory (NaN logits) with a
+    warning only.
+    """
+    problems = []
+    for name in layers:
+        for key, t in get_module(model, name).state_dict(keep_vars=True).items():
+            full = f"{name}.{key}"
+            if full not in stored:
+                problems.append(f"{full} is missing")
+            elif tuple(stored[full]) != tuple(t.shape):
+                problems.append(f"{full} is {tuple(stored[full])} in the weights, {tuple(t.shape)} in its spec")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"the pruned folder's weights do not match its layers: {'; '.join(problems[:5])}{more}")
 
 
 class ArmorHfQuantizer(HfQuantizer):
@@ -167,7 +207,8 @@ class ArmorHfQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        check_weight_files(kwargs.get("checkpoint_files") or [])
+        files = kwargs.get("checkpoint_files") or []
+        stored = check_weight_files(files)
         # The packed layers follow the dtype the model is loaded in, like every other floating-point tensor
         # (from_pretrained(dtype=...) casts all of them); the saved dtypes are the fallback for a caller that
         # never resolved one.
@@ -175,6 +216,8 @@ class ArmorHfQuantizer(HfQuantizer):
         layer_dtypes = dtype if isinstance(dtype, torch.dtype) else self.quantization_config.layer_dtypes
         quant = self.quantization_config
         install_packed_modules(model, quant.layers, layer_dtypes, "meta", quant.unfused_experts)
+        if any(str(f).endswith(".safetensors") for f in files):
+            check_packed_tensors(model, quant.layers, stored)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -182,6 +225,7 @@ class ArmorHfQuantizer(HfQuantizer):
         # False), and a frozen module may cache its unpacked form between forwards.
         for name in self.quantization_config.layers:
             get_module(model, name).requires_grad_(False)
+        mark_armored(model.config)
         return model
 
     def is_serializable(self) -> bool:
@@ -192,8 +236,55 @@ class ArmorHfQuantizer(HfQuantizer):
         return False
 
 
+class ArmorModelConfig(PretrainedConfig):
+    """``AutoConfig``'s entry for ``model_type = "armor"``: reading such a config gives the base architecture's
+    config (``quantization_config.base_model_type``), quantisation section included."""
+
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        quant = config_dict.get("quantization_config")
+        base = quant.get("base_model_type") if isinstance(quant, Mapping) else None
+        if base not in CONFIG_MAPPING or base == MODEL_TYPE:
+            raise ValueError(
+                f"an armor-pruned config must name its architecture in quantization_config.base_model_type; "
+                f"got {base!r}"
+            )
+        # not marked yet (mark_armored): AutoModel looks the class up in its mapping before the model is built
+        return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base}, **kwargs)
+
+
+def _armored_to_dict(self: Any) -> dict[str, Any]:
+    out = super(type(self), self).to_dict()
+    quant = out.get("quantization_config")
+    if isinstance(quant, Mapping) and quant.get("quant_method") == QUANT_METHOD:
+        out["quantization_config"] = {**quant, "base_model_type": out.get("model_type")}
+        out["model_type"] = MODEL_TYPE
+    return out
+
+
+_ARMORED: dict[type, type] = {}
+
+
+def mark_armored(config: Any) -> None:
+    """Make ``config`` serialise with ``model_type = "armor"`` while it holds an armor quantisation section (its
+    class becomes a subclass of its own whose ``to_dict`` says so), so ``save_pretrained`` of a loaded pruned model
+    writes a folder that transformers without armor refuses instead of loading with random layers."""
+    base = type(config)
+    if getattr(base, "_armor_marked", False):
+        return
+    if base not in _ARMORED:
+        _ARMORED[base] = type(base.__name__, (base,), {
+            "to_dict": _armored_to_dict, "_armor_marked": True, "__module__": base.__module__,
+        })
+    config.__class__ = _ARMORED[base]
+
+
 def _register() -> None:
     # Guarded: a second import (importlib.reload, two armor copies) must not fail on "already registered".
+    if MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(MODEL_TYPE, ArmorModelConfig)
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(ArmorConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

@@ -2,9 +2,14 @@
 
 Each finished layer is written to ``<out>/layers/<name>.safetensors`` (the packed inference module's state plus
 JSON metadata) atomically, so a killed run restarts from its finished layers.  A layer file is reused only when its
-metadata carries the same fingerprint (method, options, pattern, calibration data and mode, the dense weight
-itself) and its tensors load into the module its spec describes; anything else is redone.  This module is the one
-place where fingerprints are computed.
+metadata carries the same fingerprint and its tensors are the ones it was written with (a digest of them is in its
+metadata) and load into the module its spec describes; anything else is redone.
+
+A layer's fingerprint covers everything its result depends on: method, options, pattern, calibration data and
+mode, the dense weight itself, and its *context* (:class:`ModelDigests`): a chain of digests of the model's
+tensors outside the decoder blocks (embeddings, norms, head) and of every block up to and including the layer's.
+In one-pass mode that is what the layer's statistics are computed from; in sequential mode the earlier pruned
+blocks follow from the same chain and settings.  This module is the one place where fingerprints are computed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ __all__ = [
     "ids_digest",
     "fingerprint",
     "layer_fingerprint",
+    "ModelDigests",
+    "tensors_digest",
+    "state_digest",
     "layer_file",
     "save_layer_file",
     "load_layer_file",
@@ -41,16 +49,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Version 2: records carry the block sizes actually used; statistics rules per method are fixed by the registry.
-LAYER_FORMAT = "armor-layer-v2"
-_OLD_LAYER_FORMATS = ("armor-layer-v1",)
+#: Version 3: a digest of the file's tensors in its metadata, checked before reuse (v2: records carry the block
+#: sizes actually used; statistics rules per method are fixed by the registry).
+LAYER_FORMAT = "armor-layer-v3"
+_OLD_LAYER_FORMATS = ("armor-layer-v1", "armor-layer-v2")
 
 
 def weight_digest(weight: Tensor) -> str:
     """SHA-256 of a tensor's bytes (any dtype), so a layer file is never reused for a different weight."""
     t = weight.detach().contiguous().cpu()
     h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():  # through the buffer protocol: no copy of a large tensor
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -67,13 +77,60 @@ def fingerprint(**parts: Any) -> str:
 
 
 def layer_fingerprint(
-    weight: Tensor, method: str, options: Mapping[str, Any], n: int, m: int, calibration: str
+    weight: Tensor | str, method: str, options: Mapping[str, Any], n: int, m: int, calibration: str,
+    context: str | None = None,
 ) -> str:
-    """The resume fingerprint of one layer: method, options, pattern, calibration (data digest and mode) and the
-    dense weight."""
-    return fingerprint(
-        method=method, options=dict(options), n=n, m=m, calibration=calibration, weight=weight_digest(weight)
-    )
+    """The resume fingerprint of one layer: method, options, pattern, calibration (data digest and mode), the
+    dense weight (a tensor, or its :func:`weight_digest`) and the layer's context (``ModelDigests.chain`` of its
+    block: every tensor its inputs depend on)."""
+    digest = weight if isinstance(weight, str) else weight_digest(weight)
+    parts: dict[str, Any] = dict(method=method, options=dict(options), n=n, m=m, calibration=calibration, weight=digest)
+    if context is not None:
+        parts["context"] = context
+    return fingerprint(**parts)
+
+
+def tensors_digest(tensors: Mapping[str, Tensor]) -> dict[str, str]:
+    """:func:`weight_digest` of each tensor, by name."""
+    return {key: weight_digest(t) for key, t in tensors.items()}
+
+
+@dataclass
+class ModelDigests:
+    """Digests of a model's tensors, gathered one part at a time (the parts a source reads anyway).
+
+    ``tensors`` maps each state-dict key to its :func:`weight_digest`; ``chain[i]`` digests the tensors outside
+    the decoder blocks and those of blocks ``0..i`` (each link covers the previous one), so ``chain[-1]`` covers
+    the whole model.  Tensors are digested in the run's dtype, so a model in memory and its checkpoint read
+    block by block give the same digests.
+    """
+
+    tensors: dict[str, str] = field(default_factory=dict)
+    chain: list[str] = field(default_factory=list)
+    outer: str = ""
+
+    def add_outer(self, tensors: Mapping[str, Tensor]) -> None:
+        """The tensors outside the decoder blocks (embeddings, final norm, an untied head)."""
+        digests = tensors_digest(tensors)
+        self.tensors.update(digests)
+        self.outer = fingerprint(outer=sorted(digests.items()))
+
+    def add_block(self, tensors: Mapping[str, Tensor]) -> None:
+        """The next decoder block's tensors (blocks in order, after :meth:`add_outer`)."""
+        digests = tensors_digest(tensors)
+        self.tensors.update(digests)
+        previous = self.chain[-1] if self.chain else self.outer
+        self.chain.append(fingerprint(previous=previous, block=sorted(digests.items())))
+
+    @property
+    def model(self) -> str:
+        """The whole model's digest."""
+        return self.chain[-1] if self.chain else self.outer
+
+
+def state_digest(state: Mapping[str, Tensor]) -> str:
+    """One digest of a module's state (a layer file's tensors), written into its metadata and checked on reuse."""
+    return fingerprint(tensors=sorted(tensors_digest(state).items()))
 
 
 @dataclass
@@ -133,6 +190,7 @@ def layer_file(out_dir: str | Path, name: str) -> Path:
 
 def save_layer_file(path: Path, module: nn.Module, name: str, fp: str, record: LayerRecord) -> None:
     """Write one pruned layer's packed module state and metadata atomically."""
+    state = module.state_dict()
     meta = {
         "format": LAYER_FORMAT,
         "name": name,
@@ -140,8 +198,9 @@ def save_layer_file(path: Path, module: nn.Module, name: str, fp: str, record: L
         "spec": json.dumps(module.spec()),
         "dtype": str(module.dtype).removeprefix("torch."),
         "record": json.dumps(record.to_json()),
+        "content": state_digest(state),
     }
-    atomic_save_safetensors(module.state_dict(), path, meta)
+    atomic_save_safetensors(state, path, meta)
 
 
 def load_layer_file(
@@ -166,6 +225,10 @@ def load_layer_file(
                 log.info("layer %s: saved with other settings; pruning it again", name)
                 return None
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+        if meta.get("content") != state_digest(state):
+            log.warning("layer %s: the tensors in %s are not the ones it was written with; pruning it again",
+                        name, path)
+            return None
         module = empty_module_from_spec(json.loads(meta["spec"]), dtype=getattr(torch, meta["dtype"]), device=device)
         module.load_state_dict(state, strict=True)
         record = LayerRecord.from_json(json.loads(meta["record"]))
@@ -176,13 +239,22 @@ def load_layer_file(
     return module, record
 
 
-def peek_layer_file(path: Path, name: str, fp: str) -> bool:
-    """Whether ``path`` is a layer file of ``name`` with fingerprint ``fp`` (reads only its header)."""
+def peek_layer_file(path: Path, name: str, fp: str, verify: bool = False) -> bool:
+    """Whether ``path`` is a layer file of ``name`` with fingerprint ``fp`` (reads only its header; with
+    ``verify`` also its tensors, checked against the digest written with them)."""
     if not path.is_file():
         return False
     try:
         with open_safetensors(path) as f:
             meta = f.metadata() or {}
+            if meta.get("format") != LAYER_FORMAT or meta.get("name") != name or meta.get("fingerprint") != fp:
+                return False
+            if not verify:
+                return True
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
     except Exception:  # damaged: not reusable
         return False
-    return meta.get("format") == LAYER_FORMAT and meta.get("name") == name and meta.get("fingerprint") == fp
+    if meta.get("content") != state_digest(state):
+        log.warning("layer %s: the tensors in %s are not the ones it was written with; pruning it again", name, path)
+        return False
+    return True

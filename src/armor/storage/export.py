@@ -1,0 +1,64 @@
+"""``export_dense``: a pruned model as a plain Hugging Face folder (pruned layers multiplied out to ``nn.Linear``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import LinearExperts, restack_experts, set_module
+from .plain import load_tokenizer
+from .reader import load_pruned
+from .writer import pruned_modules
+
+__all__ = ["export_dense"]
+
+
+@torch.no_grad()
+def export_dense(path_or_model: str | Path | nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Write a plain Hugging Face folder (pruned layers as dense ``nn.Linear``) that ``from_pretrained`` loads.
+
+    The pruned zeros and the folded ARMOR wrappers are multiplied out, so any HF tool can run the result; the
+    sparsity speed-up and compression are lost.  A model passed in is restored before returning.
+    """
+    if isinstance(path_or_model, (str, Path)):
+        model = load_pruned(path_or_model)
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(path_or_model)
+            except Exception:  # a folder without tokenizer files still exports
+                tokenizer = None
+    else:
+        model = path_or_model
+    swapped = pruned_modules(model)
+    if not swapped:
+        raise ValueError("the model has no pruned (armor) layers to export")
+    config = model.config
+    saved_attrs = {k: config.__dict__.pop(k) for k in ("armor", "quantization_config") if k in config.__dict__}
+    saved_quantizer = model.__dict__.pop("hf_quantizer", None)  # else save_pretrained writes a quantized config
+    unfused: dict[str, LinearExperts] = {}
+    try:
+        for name, mod in swapped.items():
+            w = mod.dense_weight()
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+            lin.weight.copy_(w)
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+            set_module(model, name, lin)
+        unfused = restack_experts(model)  # per-expert layers back into the stacked parameters transformers loads
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    finally:
+        for name, mod in unfused.items():
+            set_module(model, name, mod)
+        for name, mod in swapped.items():
+            set_module(model, name, mod)
+        config.__dict__.update(saved_attrs)
+        if saved_quantizer is not None:
+            model.hf_quantizer = saved_quantizer
+    return out

@@ -1,0 +1,55 @@
+"""Loading a model folder whichever kind it is (a pruned folder, or a plain Hugging Face one), and its tokenizer,
+with errors that name the folder instead of transformers' tracebacks."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..dtypes import resolve_dtype
+from .checkpoint import CheckpointError, ShardReader, check_shapes, meta_skeleton
+from .reader import armor_quant_section, is_pruned_folder, load_pruned, read_config_json
+
+__all__ = ["load_model", "load_tokenizer"]
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """A pruned folder via :func:`load_pruned`, or a plain HF causal-LM folder via ``from_pretrained``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder not found (no config.json): {path}")
+    if is_pruned_folder(path):
+        return load_pruned(path, dtype=dtype, device=device)
+    if list(path.glob("*.safetensors")):
+        # a clear error for a truncated file, or a config that does not match the weights, before transformers
+        check_shapes(meta_skeleton(path), ShardReader(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype) or torch.float32, local_files_only=True
+        )
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused it: nothing in the file ran
+        raise CheckpointError(
+            f"{path}: its pickled weights hold objects other than tensors, which armor refuses to unpickle "
+            f"(nothing in the file was run); convert it to safetensors from a source you trust ({exc})"
+        ) from None
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a model folder; an error naming the folder when it has none that loads."""
+    cfg = read_config_json(Path(path))
+    if cfg is not None:
+        armor_quant_section(cfg, Path(path))  # a damaged quantization_config: said here, not deep inside transformers
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from None

@@ -1,0 +1,62 @@
+"""Checking a pruned folder against what it says, from the file headers alone (no tensor data is read).
+
+:func:`verify_pruned_folder` is what ``armor inspect`` runs before it describes a folder: a folder whose config
+lost its layer list, whose weights lack a tensor or store one in another shape, or whose records name layers it
+does not have is an error naming the problem, never a summary of something that would not load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, meta_skeleton, open_safetensors
+from .hf_quantizer import MODEL_FORMAT, ArmorConfig, check_packed_tensors, install_packed_modules
+from .legacy import LEGACY_MODEL_FORMAT
+from .reader import read_armor_config
+from .writer import WEIGHTS_NAME
+
+__all__ = ["verify_pruned_folder"]
+
+
+def _stored(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes of the tensors in ``weights`` and its ``{alias: kept key}`` map, from the header."""
+    with open_safetensors(weights) as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        meta = f.metadata() or {}
+    try:
+        aliases = json.loads(meta.get("armor_aliases", meta.get("aliases", "{}")))
+    except ValueError:
+        raise CheckpointError(f"{weights} has a corrupt metadata header") from None
+    return shapes, aliases
+
+
+def verify_pruned_folder(path: str | Path) -> dict[str, Any]:
+    """The folder's flat armor section (:func:`armor.storage.read_armor_config`) once its config, weights and
+    records agree; a ValueError (CheckpointError for the weights) naming what does not."""
+    path = Path(path)
+    section = read_armor_config(path)
+    if section is None:
+        raise ValueError(f"{path} is not an armor-pruned model (config.json has no armor quantization_config)")
+    layers = section.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path / 'config.json'}: quantization_config lists no pruned layers ('layers' is "
+                         "missing or empty); the config is damaged")
+    if section.get("format") not in (MODEL_FORMAT, LEGACY_MODEL_FORMAT) and section.get("weights") == WEIGHTS_NAME:
+        raise ValueError(f"{path} is armor format {section.get('format')!r}; upgrade armor to read it")
+    ArmorConfig(layers=layers, layer_dtypes=section.get("layer_dtypes"))  # every spec and dtype is valid
+    model = meta_skeleton(path, strip_quantization=True)
+    install_packed_modules(model, layers, section.get("layer_dtypes", {}), "meta", section.get("unfused_experts", ()))
+    weights = path / section.get("weights", WEIGHTS_NAME)
+    shapes, aliases = _stored(weights)
+    check_packed_tensors(model, layers, shapes)
+    state = model.state_dict(keep_vars=True)
+    missing = [k for k, t in state.items() if t.is_meta and k not in shapes and aliases.get(k) not in shapes]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{weights} does not provide: {', '.join(missing[:5])}{more}")
+    stray = [r.get("name") for r in section.get("records", []) if r.get("name") not in layers]
+    if stray:
+        raise ValueError(f"{path}: records name layers the folder does not have: {', '.join(map(str, stray[:5]))}")
+    return section
