@@ -56,14 +56,16 @@ def test_train_view_reproduces_the_module_exactly():
     assert {n for n, p in view.named_parameters() if p.grad is not None} == {"values", "a_blocks", "b_blocks"}
 
 
-@pytest.mark.parametrize(("method", "loss", "dtype"), [("armor-fast", "mse", "float32"), ("wanda", "token", "float32"),
-                                                       ("armor-fast", "token", "bfloat16")])
-def test_held_out_error_falls_and_format_is_unchanged(method, loss, dtype, char_tokenizer, tmp_path):
+@pytest.mark.parametrize(("method", "loss", "dtype", "schedule"), [
+    ("armor-fast", "mse", "float32", "constant"), ("wanda", "token", "float32", "cosine"),
+    ("armor-fast", "token", "bfloat16", "cosine"),
+])
+def test_held_out_error_falls_and_format_is_unchanged(method, loss, dtype, schedule, char_tokenizer, tmp_path):
     ids = _ids(char_tokenizer)
     opts = ARMOR if method == "armor-fast" else None
     prune(make_tiny_model(len(char_tokenizer)), ids, method, options=opts, output=tmp_path / "plain",
           batch_size=4)
-    recon = dataclasses.replace(RECON, loss=loss, compute_dtype=dtype)
+    recon = dataclasses.replace(RECON, loss=loss, compute_dtype=dtype, schedule=schedule)
     tuned = prune(make_tiny_model(len(char_tokenizer)), ids, method, options=opts, output=tmp_path / "tuned",
                   batch_size=4, reconstruct=recon)
     blocks = tuned.run_info["reconstruction"]["blocks"]
@@ -187,6 +189,7 @@ def test_settings_change_the_fingerprint(char_tokenizer, tmp_path):
     assert auto.run_info["reconstruction"]["compute_dtype"] in ("float32", "bfloat16")
     for other in (dataclasses.replace(RECON, steps=13), dataclasses.replace(RECON, lr=2e-3),
                   dataclasses.replace(RECON, holdout=8), dataclasses.replace(RECON, loss="token"),
+                  dataclasses.replace(RECON, schedule="cosine"),
                   dataclasses.replace(RECON, compute_dtype="bfloat16")):
         run = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", output=out, reconstruct=other, **kw)
         assert not run.already_done and run.run_info["fingerprint"] != on.run_info["fingerprint"]
@@ -197,7 +200,8 @@ def test_bad_settings_are_refused(char_tokenizer):
     model = make_tiny_model(len(char_tokenizer))
     for bad, word in ((ReconstructSettings(steps=0), "steps"), (ReconstructSettings(lr=-1.0), "learning rate"),
                       (ReconstructSettings(holdout=-2), "holdout"), (ReconstructSettings(loss="l1"), "loss"),
-                      (ReconstructSettings(compute_dtype="int8"), "compute dtype")):
+                      (ReconstructSettings(compute_dtype="int8"), "compute dtype"),
+                      (ReconstructSettings(schedule="linear"), "schedule")):
         with pytest.raises(ValueError, match=word):
             prune(model, ids, "nowag", reconstruct=bad)
     with pytest.raises(ValueError, match="leaves no calibration batch"):

@@ -21,7 +21,7 @@ from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overh
 from ..models import find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
-from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, ReconstructSettings
+from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, SCHEDULES, ReconstructSettings
 from ..report import (
     DENSE_FOOTPRINT,
     folder_footprint,
@@ -156,6 +156,8 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--reconstruct-steps", type=int, default=None,
                    help=f"Adam steps per block, one batch each (default {d.steps}; the demo {DEMO_RECONSTRUCT_STEPS})")
     r.add_argument("--reconstruct-lr", type=float, default=d.lr, help="Adam learning rate")
+    r.add_argument("--reconstruct-schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning rate over a block's steps: constant, or cosine decay to zero")
     r.add_argument("--reconstruct-loss", choices=LOSSES, default=d.loss,
                    help="mse: squared error of the whole block output relative to its norm; token: each token's "
                    "error relative to its own norm, averaged")
@@ -175,8 +177,9 @@ def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None
         if args.model is None:
             print(f"demo budget: {steps} reconstruction steps per block (--reconstruct-steps N for more, "
                   "--no-reconstruct for none)")
-    s = ReconstructSettings(steps, args.reconstruct_lr, args.reconstruct_holdout, args.reconstruct_loss,
-                            args.reconstruct_dtype)
+    s = ReconstructSettings(steps=steps, lr=args.reconstruct_lr, schedule=args.reconstruct_schedule,
+                            holdout=args.reconstruct_holdout, loss=args.reconstruct_loss,
+                            compute_dtype=args.reconstruct_dtype)
     try:
         s.check()
     except ValueError as exc:

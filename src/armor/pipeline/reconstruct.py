@@ -29,7 +29,7 @@ from ..factors import block_product
 from ..models import get_module, set_module
 from ..runtime.packing import unpack_indices
 
-__all__ = ["COMPUTE_DTYPES", "ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
+__all__ = ["COMPUTE_DTYPES", "LOSSES", "SCHEDULES", "ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
 
 #: Training matmul dtypes: float32, or a 16-bit type under autocast; ``auto``: bfloat16 where the device has fast
 #: bfloat16 matmuls (CUDA, or a CPU oneDNN runs natively in bfloat16), else float32.
@@ -38,6 +38,8 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: ``sum |y - t|^2 / sum |t|^2``; ``token``, each token's squared error relative to its own norm, averaged over
 #: tokens (the scale the next RMSNorm/LayerNorm sees; massive-activation tokens no longer dominate).
 LOSSES = ("mse", "token")
+#: Learning-rate schedules over a block's steps: ``constant``, or ``cosine`` decay from ``lr`` to zero.
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class ReconstructSettings:
     Attributes:
         steps: Adam steps per block, each on one calibration batch (the driver's ``batch_size`` sequences),
             cycling over the training batches.
-        lr: Adam's learning rate.
+        lr: Adam's learning rate (its peak, under a schedule).
+        schedule: how the learning rate moves over a block's steps (:data:`SCHEDULES`).
         holdout: calibration sequences held out of training to judge the result, taken as whole batches from the
             end of the calibration set (0: judged on the training batches).
         loss: the output error trained on and judged by (:data:`LOSSES`).
@@ -58,6 +61,7 @@ class ReconstructSettings:
 
     steps: int = 32
     lr: float = 1e-4
+    schedule: str = "constant"
     holdout: int = 8
     loss: str = "mse"
     compute_dtype: str = "auto"
@@ -70,6 +74,8 @@ class ReconstructSettings:
             raise ValueError(f"reconstruction learning rate must be in (0, 1), got {self.lr!r}")
         if not isinstance(self.holdout, int) or self.holdout < 0:
             raise ValueError(f"reconstruction holdout must be an integer >= 0, got {self.holdout!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"reconstruction schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"reconstruction loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -232,6 +238,7 @@ def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs:
     """Adam on the views' parameters; returns the first and last step's loss (NaN: training diverged)."""
     params = [p for v in views for p in v.parameters()]
     opt = torch.optim.Adam(params, lr=s.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps) if s.schedule == "cosine" else None
     first = last = float("nan")
     s = s.for_device(device)
     low = s.compute_dtype != "float32"
@@ -251,6 +258,8 @@ def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
     return first, last
 
 
