@@ -60,7 +60,7 @@ class ReconstructSettings:
     """
 
     steps: int = 32
-    lr: float = 1e-4
+    lr: float = 3e-4
     schedule: str = "constant"
     holdout: int = 8
     loss: str = "mse"
