@@ -15,6 +15,15 @@ table loads.  Rows are split over numba's threads.  Values are read in their sto
 or float16) and converted in registers; products are summed in float32.
 
 Other n:m patterns (4:8, 1:4, ...) use a plain scalar loop over the same packed data (correct, not tuned).
+
+Threads: each driver is compiled twice from one definition (:func:`_twins`): with ``parallel=True`` its
+``prange`` splits the rows over numba's threads, with ``parallel=False`` numba runs the same ``prange`` as a
+plain loop, which never touches the thread pool (on a busy machine each fork/join of the pool waits for a time
+slice); one torch thread takes the serial twin.  At the first launch, unless the user set
+``NUMBA_THREADING_LAYER`` or numba's pool already runs, :func:`_launch` picks numba's ``workqueue`` threading
+layer: the OpenMP layer starts a second libgomp pool next to torch's and made decoding on small machines many
+times slower.  The choice is process-wide (numba starts one pool), which is why it waits for the first launch
+of these kernels instead of happening at import.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import types as pytypes
 
 import numpy as np
 import torch
@@ -36,19 +46,17 @@ try:  # optional dependency: without numba the modules run their pure-PyTorch pa
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
-if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's OpenMP layer runs its own libgomp pool next to torch's; on this project's 2-core machine a
-    # SmolLM2 decode step took 1.9-5 s with it against 0.056 s with the workqueue layer (same model, one torch
-    # thread).  The workqueue layer cannot take two launches at once: _LAUNCH_LOCK serialises ours.  A user's
-    # own NUMBA_THREADING_LAYER wins.
-    numba.config.THREADING_LAYER = "workqueue"
+from .packing import index_bits
 
-__all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "block_diag_matmul", "unpack_dense"]
+__all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "unpack_dense"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # numba's workqueue threading layer aborts the process on concurrent launches from two Python threads; one
 # launch at a time costs nothing here (a layer's forward is one launch).
 _LAUNCH_LOCK = threading.Lock()
+_launched = False
+#: bytes of the 2:4 kernel's selection table read per chunk (see :func:`_chunk_words`)
+_TABLE_CHUNK_BYTES = 16 << 10
 
 
 def numba_available() -> bool:
@@ -75,6 +83,8 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
 
 if numba is not None:
     _VEC = 16  # lanes of the vector loop: 16 kept values = 32 bits of positions = one uint32 per row
+    _QUADS = 16  # groups of 4 rows per unit of work of the 2:4 kernel
+    _PREFETCH = int(os.environ.get("ARMOR_PF", "0"))
 
     def _value_kind(ty) -> str:
         """How the raw value bits are read: float32 as is, uint16 = bfloat16 bits, int16 = float16 bits."""
@@ -116,19 +126,20 @@ if numba is not None:
         return builder.gep(builder.bitcast(base, ir.IntType(8).as_pointer()), [offset])
 
     @intrinsic(prefer_literal=True)
-    def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok):
-        """``out[tok0 + t, row0 + r] = sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
-        first ``16 * nwords`` kept entries, for ``r < n_rows`` and ``t < n_tok`` (both compile-time
-        constants), from the position words in ``idx`` and the selection table ``xs`` ``(T, 4, K16)``."""
+    def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok):
+        """``out[tok0 + t, row0 + r] += sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
+        kept entries ``16 word0 .. 16 (word0 + nwords) - 1``, for ``r < n_rows`` and ``t < n_tok`` (both
+        compile-time constants), from the position words in ``idx`` and the selection table ``xs``
+        ``(T, 4, K16)``."""
         if not isinstance(n_rows, types.IntegerLiteral) or not isinstance(n_tok, types.IntegerLiteral):
             return None
         rows, toks = n_rows.literal_value, n_tok.literal_value
         kind = _value_kind(values)
         elem_bytes = 4 if kind == "f32" else 2
-        sig = types.void(values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok)
+        sig = types.void(values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok)
 
         def codegen(context, builder, signature, args):
-            v_ary, i_ary, x_ary, o_ary, row0_v, tok0_v, nwords_v = args[:7]
+            v_ary, i_ary, x_ary, o_ary, row0_v, tok0_v, word0_v, nwords_v = args[:8]
             v_ty, i_ty, x_ty, o_ty = signature.args[:4]
             va = context.make_array(v_ty)(context, builder, v_ary)
             ia = context.make_array(i_ty)(context, builder, i_ary)
@@ -147,6 +158,7 @@ if numba is not None:
             vraw = ir.VectorType(raw_elem, _VEC)
             row0_v = builder.sext(row0_v, i64) if row0_v.type.width < 64 else row0_v
             tok0_v = builder.sext(tok0_v, i64) if tok0_v.type.width < 64 else tok0_v
+            word0_v = builder.sext(word0_v, i64) if word0_v.type.width < 64 else word0_v
 
             def c64(v):
                 return ir.Constant(i64, v)
@@ -178,9 +190,14 @@ if numba is not None:
             zero = ir.Constant(vi, [0] * _VEC)
             undef_i = ir.Constant(vi, ir.Undefined)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
+            i8p = ir.IntType(8).as_pointer()
+            prefetch = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+            )
             splat_mask = ir.Constant(vi, [0] * _VEC)
             with cgutils.for_range(builder, nwords_v) as loop:
                 w = builder.sext(loop.index, i64) if loop.index.type.width < 64 else loop.index
+                w = builder.add(w, word0_v)
                 val_off = builder.mul(w, c64(_VEC * elem_bytes))
                 x_off = builder.mul(w, c64(_VEC * 4))
                 idx_off = builder.mul(w, c64(4))
@@ -193,6 +210,9 @@ if numba is not None:
                     pos = builder.lshr(spl, shifts)
                     odd = builder.icmp_unsigned("!=", builder.and_(pos, one), zero)
                     high = builder.icmp_unsigned("!=", builder.and_(pos, two), zero)
+                    if _PREFETCH:
+                        ahead = builder.gep(v_rows[r], [builder.add(val_off, c64(_PREFETCH))])
+                        builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
                     vptr = builder.bitcast(builder.gep(v_rows[r], [val_off]), vraw.as_pointer())
                     vals = _to_f32(builder, builder.load(vptr, align=elem_bytes), kind, _VEC)
                     decoded.append((odd, high, vals))
@@ -223,7 +243,8 @@ if numba is not None:
                         builder.mul(builder.add(tok0_v, c64(t)), o_s[0]),
                         builder.mul(builder.add(row0_v, c64(r)), o_s[1]),
                     )
-                    builder.store(total, builder.bitcast(_byte_ptr(builder, oa.data, off), f32.as_pointer()))
+                    dst = builder.bitcast(_byte_ptr(builder, oa.data, off), f32.as_pointer())
+                    builder.store(builder.fadd(builder.load(dst), total), dst)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -237,9 +258,20 @@ if numba is not None:
             acc += _as_f32(values[o, k]) * x[t, 4 * (k >> 1) + pos]
         out[t, o] += acc
 
-    # Each kernel is a body over one unit of work (a group of 4 output rows, one row, one output feature of a
-    # block) and two drivers: a ``prange`` one for several threads and a plain loop for one thread, which never
-    # touches numba's thread pool (on a busy machine each fork/join of the pool waits for a time slice).
+    def _twins(driver):
+        """``(serial, parallel)`` dispatchers of one driver: numba runs ``prange`` as ``range`` when not parallel.
+        Each twin is a copy of the function under its own name, so that numba's on-disk cache (keyed by the
+        qualified name) keeps the two compilations apart."""
+
+        def copy(suffix: str):
+            f = pytypes.FunctionType(
+                driver.__code__, driver.__globals__, driver.__name__ + suffix, driver.__defaults__, driver.__closure__
+            )
+            f.__qualname__ = driver.__qualname__ + suffix
+            return f
+
+        return njit(cache=True)(copy("_ser")), njit(parallel=True, cache=True)(copy("_par"))
+
     @njit(cache=True)
     def _selection_table(x, kept):
         """``xs[t, j, k] = x[t, 4 (k // 2) + j]`` for ``k < 16 floor(kept / 16)``: each 2:4 group's 4 inputs,
@@ -254,153 +286,116 @@ if numba is not None:
         return xs
 
     @njit(cache=True, inline="always")
-    def _nm24_unit(values, idx, x, xs, out, q, n_quads):
-        """Rows ``4q .. 4q+3`` (or the single row ``4 n_quads + q - n_quads`` past the last full group)."""
-        n_tok = x.shape[0]
-        kept = values.shape[1]
+    def _nm24_quad(values, idx, xs, out, row, word0, nwords):
+        """Rows ``row .. row+3``, every token, kept words ``word0 .. word0+nwords-1`` added to ``out``."""
+        n_tok = out.shape[0]
+        t = 0
+        while t < n_tok:
+            left = n_tok - t
+            if left >= 4:
+                _dot24_rows(values, idx, xs, out, row, t, word0, nwords, 4, 4)
+                t += 4
+            elif left >= 2:
+                _dot24_rows(values, idx, xs, out, row, t, word0, nwords, 4, 2)
+                t += 2
+            else:
+                _dot24_rows(values, idx, xs, out, row, t, word0, nwords, 4, 1)
+                t += 1
+
+    def _nm24_driver(values, idx, x, out, chunk):
+        """2:4 core: units of ``_QUADS`` groups of 4 rows (plus one unit for the rows past the last full
+        group); inside a unit, the kept entries in chunks of ``chunk`` words so that the chunk's slice of the
+        selection table stays in L1 while every row of the unit reads it."""
+        xs = _selection_table(x, values.shape[1])
+        n_rows, kept = values.shape
         nwords = kept // _VEC
-        k16 = nwords * _VEC
-        if q < n_quads:
-            row = 4 * q
-            t = 0
-            while t < n_tok:
-                left = n_tok - t
-                if left >= 4:
-                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 4)
-                    t += 4
-                elif left >= 2:
-                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 2)
-                    t += 2
-                else:
-                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 1)
-                    t += 1
-            last = row + 4
-        else:
-            row = 4 * n_quads + (q - n_quads)
-            for t in range(n_tok):
-                _dot24_rows(values, idx, xs, out, row, t, nwords, 1, 1)
-            last = row + 1
-        if k16 < kept:
-            for o in range(row, last):
-                for t in range(n_tok):
-                    _dot24_tail(values, idx, x, out, o, t, k16)
+        n_quads = n_rows // 4
+        n_units = (n_quads + _QUADS - 1) // _QUADS
+        for unit in prange(n_units + 1):
+            if unit < n_units:
+                lo = unit * _QUADS * 4
+                hi = min(lo + _QUADS * 4, n_quads * 4)
+                for w0 in range(0, nwords, chunk):
+                    for row in range(lo, hi, 4):
+                        _nm24_quad(values, idx, xs, out, row, w0, min(chunk, nwords - w0))
+            else:
+                lo = n_quads * 4
+                hi = n_rows
+                for row in range(lo, hi):
+                    for t in range(x.shape[0]):
+                        _dot24_rows(values, idx, xs, out, row, t, 0, nwords, 1, 1)
+            if nwords * _VEC < kept:
+                for o in range(lo, hi):
+                    for t in range(x.shape[0]):
+                        _dot24_tail(values, idx, x, out, o, t, nwords * _VEC)
 
-    @njit(parallel=True, cache=True)
-    def _nm24_par(values, idx, x, out):
-        xs = _selection_table(x, values.shape[1])
-        n_quads = values.shape[0] // 4
-        for q in prange(n_quads + values.shape[0] - 4 * n_quads):
-            _nm24_unit(values, idx, x, xs, out, q, n_quads)
-
-    @njit(cache=True)
-    def _nm24_ser(values, idx, x, out):
-        xs = _selection_table(x, values.shape[1])
-        n_quads = values.shape[0] // 4
-        for q in range(n_quads + values.shape[0] - 4 * n_quads):
-            _nm24_unit(values, idx, x, xs, out, q, n_quads)
-
-    @njit(fastmath=True, cache=True, inline="always")
-    def _nm_generic_unit(values, idx, x, out, n, m, o):
-        """Any n:m pattern, row ``o``: ``out[t, o] = sum_k values[o, k] x[t, m (k // n) + pos(o, k)]`` (scalar)."""
+    def _nm_generic_driver(values, idx, x, out, n, m, bits):
+        """Any n:m pattern, one row per step: ``out[t, o] = sum_k values[o, k] x[t, m (k // n) + pos(o, k)]``."""
         kept = values.shape[1]
-        bits = 1 if m == 2 else (2 if m <= 4 else 4)
         per_byte = 8 // bits
         field = (1 << bits) - 1
-        for t in range(x.shape[0]):
-            acc = numba.float32(0.0)
-            for k in range(kept):
-                pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
-                acc += _as_f32(values[o, k]) * x[t, m * (k // n) + pos]
-            out[t, o] = acc
-
-    @njit(parallel=True, cache=True)
-    def _nm_generic_par(values, idx, x, out, n, m):
         for o in prange(values.shape[0]):
-            _nm_generic_unit(values, idx, x, out, n, m, o)
+            for t in range(x.shape[0]):
+                acc = numba.float32(0.0)
+                for k in range(kept):
+                    pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
+                    acc += _as_f32(values[o, k]) * x[t, m * (k // n) + pos]
+                out[t, o] = acc
 
-    @njit(cache=True)
-    def _nm_generic_ser(values, idx, x, out, n, m):
-        for o in range(values.shape[0]):
-            _nm_generic_unit(values, idx, x, out, n, m, o)
-
-    @njit(fastmath=True, cache=True, inline="always")
-    def _block_diag_unit(blocks, x, out, r):
+    def _block_diag_driver(blocks, x, out):
         """Output feature ``r = q b + i``: ``out[t, r] = sum_j blocks[q, i, j] x[t, q b + j]``."""
         size = blocks.shape[1]
-        q = r // size
-        i = r - q * size
-        base = q * size
-        for t in range(x.shape[0]):
-            acc = numba.float32(0.0)
-            for j in range(size):
-                acc += _as_f32(blocks[q, i, j]) * x[t, base + j]
-            out[t, r] = acc
+        for r in prange(blocks.shape[0] * size):
+            q = r // size
+            i = r - q * size
+            base = q * size
+            for t in range(x.shape[0]):
+                acc = numba.float32(0.0)
+                for j in range(size):
+                    acc += _as_f32(blocks[q, i, j]) * x[t, base + j]
+                out[t, r] = acc
 
-    @njit(parallel=True, cache=True)
-    def _block_diag_par(blocks, x, out):
-        for r in prange(blocks.shape[0] * blocks.shape[1]):
-            _block_diag_unit(blocks, x, out, r)
-
-    @njit(cache=True)
-    def _block_diag_ser(blocks, x, out):
-        for r in range(blocks.shape[0] * blocks.shape[1]):
-            _block_diag_unit(blocks, x, out, r)
-
-    @njit(cache=True, inline="always")
-    def _unpack_unit(values, idx, out, n, m, o):
-        """Row ``o`` of the dense core: zeros, then each kept value at its position (raw bits copied as is)."""
+    def _unpack_driver(values, idx, out, n, m, bits):
+        """The dense core: zeros, then each kept value at its position (raw bits copied as is)."""
         kept = values.shape[1]
-        if n == 2 and m == 4 and kept % 4 == 0:
-            # one byte of positions = two groups = 8 dense columns, written in one go
-            for c in range(kept // 4):
-                b = idx[o, c]
-                base = 8 * c
-                for j in range(8):
-                    out[o, base + j] = 0
-                out[o, base + (b & 3)] = values[o, 4 * c]
-                out[o, base + ((b >> 2) & 3)] = values[o, 4 * c + 1]
-                out[o, base + 4 + ((b >> 4) & 3)] = values[o, 4 * c + 2]
-                out[o, base + 4 + (b >> 6)] = values[o, 4 * c + 3]
-            return
-        bits = 1 if m == 2 else (2 if m <= 4 else 4)
         per_byte = 8 // bits
         field = (1 << bits) - 1
-        for c in range(out.shape[1]):
-            out[o, c] = 0
-        for k in range(kept):
-            pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
-            out[o, m * (k // n) + pos] = values[o, k]
-
-    @njit(parallel=True, cache=True)
-    def _unpack_par(values, idx, out, n, m):
         for o in prange(values.shape[0]):
-            _unpack_unit(values, idx, out, n, m, o)
-
-    @njit(cache=True)
-    def _unpack_ser(values, idx, out, n, m):
-        for o in range(values.shape[0]):
-            _unpack_unit(values, idx, out, n, m, o)
-
-    @njit(cache=True)
-    def _unpack_forward(values, idx, n, m, parallel):
-        out = np.empty((values.shape[0], values.shape[1] // n * m), dtype=values.dtype)
-        if parallel:
-            _unpack_par(values, idx, out, n, m)
-        else:
-            _unpack_ser(values, idx, out, n, m)
-        return out
-
-    @njit(cache=True)
-    def _core_into(values, idx, x, out, n, m, parallel):
-        if n == 2 and m == 4:
-            if parallel:
-                _nm24_par(values, idx, x, out)
+            if n == 2 and m == 4 and kept % 4 == 0:
+                # one byte of positions = two groups = 8 dense columns, written in one go
+                for c in range(kept // 4):
+                    b = idx[o, c]
+                    base = 8 * c
+                    for j in range(8):
+                        out[o, base + j] = 0
+                    out[o, base + (b & 3)] = values[o, 4 * c]
+                    out[o, base + ((b >> 2) & 3)] = values[o, 4 * c + 1]
+                    out[o, base + 4 + ((b >> 4) & 3)] = values[o, 4 * c + 2]
+                    out[o, base + 4 + (b >> 6)] = values[o, 4 * c + 3]
             else:
-                _nm24_ser(values, idx, x, out)
+                for c in range(out.shape[1]):
+                    out[o, c] = 0
+                for k in range(kept):
+                    pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
+                    out[o, m * (k // n) + pos] = values[o, k]
+
+    _nm24_ser, _nm24_par = _twins(_nm24_driver)
+    _nm_generic_ser, _nm_generic_par = _twins(_nm_generic_driver)
+    _block_diag_ser, _block_diag_par = _twins(_block_diag_driver)
+    _unpack_ser, _unpack_par = _twins(_unpack_driver)
+
+    @njit(cache=True)
+    def _core_into(values, idx, x, out, n, m, bits, chunk, parallel):
+        if n == 2 and m == 4:
+            out[:] = 0
+            if parallel:
+                _nm24_par(values, idx, x, out, chunk)
+            else:
+                _nm24_ser(values, idx, x, out, chunk)
         elif parallel:
-            _nm_generic_par(values, idx, x, out, n, m)
+            _nm_generic_par(values, idx, x, out, n, m, bits)
         else:
-            _nm_generic_ser(values, idx, x, out, n, m)
+            _nm_generic_ser(values, idx, x, out, n, m, bits)
 
     @njit(cache=True)
     def _block_diag_into(blocks, x, out, parallel):
@@ -410,24 +405,27 @@ if numba is not None:
             _block_diag_ser(blocks, x, out)
 
     @njit(cache=True)
-    def _sparse_forward(values, idx, x, n, m, parallel):
+    def _unpack_forward(values, idx, n, m, bits, parallel):
+        out = np.empty((values.shape[0], values.shape[1] // n * m), dtype=values.dtype)
+        if parallel:
+            _unpack_par(values, idx, out, n, m, bits)
+        else:
+            _unpack_ser(values, idx, out, n, m, bits)
+        return out
+
+    @njit(cache=True)
+    def _sparse_forward(values, idx, x, n, m, bits, chunk, parallel):
         out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, x, out, n, m, parallel)
+        _core_into(values, idx, x, out, n, m, bits, chunk, parallel)
         return out
 
     @njit(cache=True)
-    def _block_diag_forward(blocks, x, parallel):
-        out = np.empty_like(x)
-        _block_diag_into(blocks, x, out, parallel)
-        return out
-
-    @njit(cache=True)
-    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, parallel):
+    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, bits, chunk, parallel):
         n_tok = x.shape[0]
         h = np.empty((n_tok, x.shape[1]), dtype=np.float32)
         _block_diag_into(b_blocks, x, h, parallel)
         z = np.empty((n_tok, values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, h, z, n, m, parallel)
+        _core_into(values, idx, h, z, n, m, bits, chunk, parallel)
         out = np.empty_like(z)
         _block_diag_into(a_blocks, z, out, parallel)
         return out
@@ -462,10 +460,30 @@ def _float32_rows(x: Tensor, width: int) -> Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
 
 
+def _chunk_words(n_tok: int) -> int:
+    """Kept words (16 entries) per chunk of the 2:4 kernel: the chunk's selection-table slice, ``n_tok x 4 x 16
+    x chunk`` float32, about 16 KiB, a third of a 48 KiB L1 next to the streamed values."""
+    return max(4, _TABLE_CHUNK_BYTES // (256 * max(n_tok, 1)))
+
+
+def _first_launch() -> None:
+    """Pick numba's threading layer before its pool starts (see the module docstring); once per process."""
+    global _launched
+    _launched = True
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    try:
+        numba.threading_layer()  # raises while no pool runs yet
+    except ValueError:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
 def _launch(kernel, *args):
     """Run ``kernel(*args, parallel)`` on torch's thread count (one thread: no thread pool at all)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _LAUNCH_LOCK:
+        if not _launched:
+            _first_launch()
         if threads > 1:
             numba.set_num_threads(threads)
         return torch.from_numpy(kernel(*args, threads > 1))
@@ -476,7 +494,16 @@ def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Ten
     ``(T, in)`` (any float dtype, any strides): a new float32 ``(T, out)`` tensor.  No dense core is formed."""
     _check_ready(values, indices, x)
     x32 = _float32_rows(x, values.shape[1] // n * m)
-    return _launch(_sparse_forward, _raw_numpy(values), indices.detach().numpy(), x32.numpy(), n, m)
+    return _launch(
+        _sparse_forward,
+        _raw_numpy(values),
+        indices.detach().numpy(),
+        x32.numpy(),
+        n,
+        m,
+        index_bits(m),
+        _chunk_words(x32.shape[0]),
+    )
 
 
 def armor_matmul(
@@ -497,6 +524,8 @@ def armor_matmul(
         x32.numpy(),
         n,
         m,
+        index_bits(m),
+        _chunk_words(x32.shape[0]),
     )
 
 
@@ -504,13 +533,6 @@ def unpack_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
     """The dense ``(out, in)`` core in ``values``' dtype, written in one pass over the packed state (what
     :func:`armor.runtime.packing.unpack_nm` returns, without its int64 index tensors: ~50x faster on CPU)."""
     _check_ready(values, indices)
-    dense = _launch(_unpack_forward, _raw_numpy(values), indices.detach().numpy(), n, m)
+    dense = _launch(_unpack_forward, _raw_numpy(values), indices.detach().numpy(), n, m, index_bits(m))
     return dense.view(values.dtype) if values.dtype != torch.float32 else dense
 
-
-def block_diag_matmul(blocks: Tensor, x: Tensor) -> Tensor:
-    """``x`` ``(T, k*b)`` times the transposed block diagonal of ``blocks`` ``(k, b, b)``: block ``q`` of a row
-    becomes ``x_q B_q^T``.  Float32 ``(T, k*b)`` result, sums in float32, blocks read in their stored dtype."""
-    _check_ready(blocks, x)
-    x32 = _float32_rows(x, blocks.shape[0] * blocks.shape[1])
-    return _launch(_block_diag_forward, _raw_numpy(blocks), x32.numpy())
