@@ -727,3 +727,23 @@ def test_greedy_decode_with_a_static_cache_equals_generate():
     assert out.shape == (3, 11) and torch.equal(out, ref)
     with pytest.raises(ValueError, match="CUDA"):
         greedy_decode(model, ids, 3, capture=True)
+
+
+def test_gpu_benchmark_script_model_part_runs_on_a_tiny_llama():
+    """benchmarks/gpu_runtime.py (the GPU table's command): its model part on a tiny random Llama, eager on
+    CPU, so that the script a GPU session runs is known to work end to end."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_runtime.py"
+    spec = importlib.util.spec_from_file_location("gpu_runtime", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.model_rows("tiny", torch.float32, (1, 2), steps=2, repeats=1)
+    assert [(r["kind"], r["batch"]) for r in rows] == [(k, b) for k in ("dense", "2:4", "armor") for b in (1, 2)]
+    assert all(r["decode_tokens_per_s"] > 0 and r["captured"] is False for r in rows)
+    weights = {r["kind"]: r["weights_bytes"] for r in rows}
+    assert weights["2:4"] < weights["armor"] < weights["dense"]
+    table = script.format_model_rows(rows)
+    assert len(table.splitlines()) == 2 + len(rows) and "| tiny | armor | float32 | 2 | False |" in table
