@@ -84,7 +84,7 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
 if numba is not None:
     _VEC = 16  # lanes of the vector loop: 16 kept values = 32 bits of positions = one uint32 per row
     _QUADS = 16  # groups of 4 rows per unit of work of the 2:4 kernel
-    _PREFETCH = int(os.environ.get("ARMOR_PF", "0"))
+    _PREFETCH_BYTES = int(os.environ.get("ARMOR_PF", "0"))
 
     def _value_kind(ty) -> str:
         """How the raw value bits are read: float32 as is, uint16 = bfloat16 bits, int16 = float16 bits."""
@@ -125,6 +125,101 @@ if numba is not None:
     def _byte_ptr(builder, base, offset):
         return builder.gep(builder.bitcast(base, ir.IntType(8).as_pointer()), [offset])
 
+    class _Dot24IR:
+        """The LLVM IR of :func:`_dot24_rows`, in three steps: pointers (hoisted out of the loop), one word of 16
+        kept entries per loop step, and the horizontal sums added to ``out``."""
+
+        def __init__(self, context, builder, signature, args, kind: str, rows: int, toks: int) -> None:
+            self.b, self.kind, self.rows, self.toks = builder, kind, rows, toks
+            pairs = zip(signature.args[:4], args[:4], strict=True)
+            arrays = [context.make_array(ty)(context, builder, a) for ty, a in pairs]
+            self.va, self.ia, self.xa, self.oa = arrays
+            self.strides = [cgutils.unpack_tuple(builder, a.strides, a.strides.type.count) for a in arrays]
+            self.row0, self.tok0, self.word0 = (self._i64(v) for v in args[4:7])
+            self.i32, self.f32 = ir.IntType(32), ir.FloatType()
+            self.vf, self.vi = ir.VectorType(self.f32, _VEC), ir.VectorType(self.i32, _VEC)
+            self.elem_bytes = 4 if kind == "f32" else 2
+            self.vraw = ir.VectorType(self.f32 if kind == "f32" else ir.IntType(16), _VEC)
+            v_s, i_s, x_s, _ = self.strides
+            self.v_rows = [self._at(self.va.data, self._mul(self._add(self.row0, r), v_s[0])) for r in range(rows)]
+            self.i_rows = [self._at(self.ia.data, self._mul(self._add(self.row0, r), i_s[0])) for r in range(rows)]
+            tok_offsets = [self._mul(self._add(self.tok0, t), x_s[0]) for t in range(toks)]
+            self.x_toks = [
+                [self._at(self.xa.data, builder.add(o, self._mul(j, x_s[1]))) for j in range(4)] for o in tok_offsets
+            ]
+            zero = ir.Constant(self.vf, None)
+            self.accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(toks)] for _ in range(rows)]
+            self.fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(self.vf, [self.vf] * 3), "llvm.fma.v16f32"
+            )
+            prefetch_ty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), self.i32, self.i32, self.i32])
+            self.prefetch = cgutils.get_or_insert_function(builder.module, prefetch_ty, "llvm.prefetch.p0i8")
+
+        def _i64(self, v):
+            return self.b.sext(v, ir.IntType(64)) if v.type.width < 64 else v
+
+        def _add(self, v, c: int):
+            return self.b.add(v, ir.Constant(ir.IntType(64), c))
+
+        def _mul(self, v, c):
+            return self.b.mul(v if not isinstance(v, int) else ir.Constant(ir.IntType(64), v), c)
+
+        def _at(self, base, offset):
+            return _byte_ptr(self.b, base, offset)
+
+        def _vec(self, values: list[int]):
+            return ir.Constant(self.vi, values)
+
+        def _decode(self, r: int, w):
+            """Row ``r``'s word ``w``: the two position bits of each of the 16 lanes and the 16 values (float32)."""
+            b = self.b
+            word = b.load(b.bitcast(b.gep(self.i_rows[r], [b.mul(w, ir.Constant(w.type, 4))]), self.i32.as_pointer()))
+            first = b.insert_element(ir.Constant(self.vi, ir.Undefined), word, ir.Constant(self.i32, 0))
+            pos = b.lshr(b.shuffle_vector(first, first, self._vec([0] * _VEC)), self._vec(list(range(0, 2 * _VEC, 2))))
+            zero = self._vec([0] * _VEC)
+            odd = b.icmp_unsigned("!=", b.and_(pos, self._vec([1] * _VEC)), zero)
+            high = b.icmp_unsigned("!=", b.and_(pos, self._vec([2] * _VEC)), zero)
+            val_off = b.mul(w, ir.Constant(w.type, _VEC * self.elem_bytes))
+            if _PREFETCH_BYTES:  # the row's values a few cache lines ahead: 4 rows stream at once
+                ahead = b.gep(self.v_rows[r], [b.add(val_off, ir.Constant(w.type, _PREFETCH_BYTES))])
+                b.call(self.prefetch, [ahead] + [ir.Constant(self.i32, v) for v in (0, 3, 1)])
+            raw = b.load(b.bitcast(b.gep(self.v_rows[r], [val_off]), self.vraw.as_pointer()), align=self.elem_bytes)
+            return odd, high, _to_f32(b, raw, self.kind, _VEC)
+
+        def step(self, w) -> None:
+            """One word (16 kept entries) of every row, for every token: select each entry's input, multiply-add."""
+            b = self.b
+            decoded = [self._decode(r, w) for r in range(self.rows)]
+            x_off = b.mul(w, ir.Constant(w.type, _VEC * 4))
+            for t in range(self.toks):
+                cand = [
+                    b.load(b.bitcast(b.gep(self.x_toks[t][j], [x_off]), self.vf.as_pointer()), align=4)
+                    for j in range(4)
+                ]
+                for r, (odd, high, vals) in enumerate(decoded):
+                    picked = b.select(high, b.select(odd, cand[3], cand[2]), b.select(odd, cand[1], cand[0]))
+                    acc = b.load(self.accs[r][t])
+                    b.store(b.call(self.fma, [vals, picked, acc]), self.accs[r][t])
+
+        def finish(self) -> None:
+            """Add each accumulator's 16 lanes (a pairwise tree) to its ``out`` entry."""
+            b = self.b
+            o_s = self.strides[3]
+            for r in range(self.rows):
+                for t in range(self.toks):
+                    acc = b.load(self.accs[r][t])
+                    width = _VEC
+                    while width > 1:
+                        width //= 2
+                        half = ir.VectorType(self.i32, width)
+                        lo = b.shuffle_vector(acc, acc, ir.Constant(half, list(range(width))))
+                        hi = b.shuffle_vector(acc, acc, ir.Constant(half, list(range(width, 2 * width))))
+                        acc = b.fadd(lo, hi)
+                    total = b.extract_element(acc, ir.Constant(self.i32, 0))
+                    off = b.add(self._mul(self._add(self.tok0, t), o_s[0]), self._mul(self._add(self.row0, r), o_s[1]))
+                    dst = b.bitcast(self._at(self.oa.data, off), self.f32.as_pointer())
+                    b.store(b.fadd(b.load(dst), total), dst)
+
     @intrinsic(prefer_literal=True)
     def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok):
         """``out[tok0 + t, row0 + r] += sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
@@ -135,116 +230,13 @@ if numba is not None:
             return None
         rows, toks = n_rows.literal_value, n_tok.literal_value
         kind = _value_kind(values)
-        elem_bytes = 4 if kind == "f32" else 2
         sig = types.void(values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok)
 
         def codegen(context, builder, signature, args):
-            v_ary, i_ary, x_ary, o_ary, row0_v, tok0_v, word0_v, nwords_v = args[:8]
-            v_ty, i_ty, x_ty, o_ty = signature.args[:4]
-            va = context.make_array(v_ty)(context, builder, v_ary)
-            ia = context.make_array(i_ty)(context, builder, i_ary)
-            xa = context.make_array(x_ty)(context, builder, x_ary)
-            oa = context.make_array(o_ty)(context, builder, o_ary)
-            v_s = cgutils.unpack_tuple(builder, va.strides, 2)
-            i_s = cgutils.unpack_tuple(builder, ia.strides, 2)
-            x_s = cgutils.unpack_tuple(builder, xa.strides, 3)
-            o_s = cgutils.unpack_tuple(builder, oa.strides, 2)
-            i64 = ir.IntType(64)
-            i32 = ir.IntType(32)
-            f32 = ir.FloatType()
-            vf = ir.VectorType(f32, _VEC)
-            vi = ir.VectorType(i32, _VEC)
-            raw_elem = f32 if kind == "f32" else ir.IntType(16)
-            vraw = ir.VectorType(raw_elem, _VEC)
-            row0_v = builder.sext(row0_v, i64) if row0_v.type.width < 64 else row0_v
-            tok0_v = builder.sext(tok0_v, i64) if tok0_v.type.width < 64 else tok0_v
-            word0_v = builder.sext(word0_v, i64) if word0_v.type.width < 64 else word0_v
-
-            def c64(v):
-                return ir.Constant(i64, v)
-
-            # Base byte pointers of each row / token, hoisted out of the loop.
-            v_rows = [
-                _byte_ptr(builder, va.data, builder.mul(builder.add(row0_v, c64(r)), v_s[0])) for r in range(rows)
-            ]
-            i_rows = [
-                _byte_ptr(builder, ia.data, builder.mul(builder.add(row0_v, c64(r)), i_s[0])) for r in range(rows)
-            ]
-            x_toks = [
-                [
-                    _byte_ptr(
-                        builder,
-                        xa.data,
-                        builder.add(builder.mul(builder.add(tok0_v, c64(t)), x_s[0]), builder.mul(c64(j), x_s[1])),
-                    )
-                    for j in range(4)
-                ]
-                for t in range(toks)
-            ]
-            accs = [
-                [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(toks)] for _ in range(rows)
-            ]
-            shifts = ir.Constant(vi, [2 * i for i in range(_VEC)])
-            one = ir.Constant(vi, [1] * _VEC)
-            two = ir.Constant(vi, [2] * _VEC)
-            zero = ir.Constant(vi, [0] * _VEC)
-            undef_i = ir.Constant(vi, ir.Undefined)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
-            i8p = ir.IntType(8).as_pointer()
-            prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
-            )
-            splat_mask = ir.Constant(vi, [0] * _VEC)
-            with cgutils.for_range(builder, nwords_v) as loop:
-                w = builder.sext(loop.index, i64) if loop.index.type.width < 64 else loop.index
-                w = builder.add(w, word0_v)
-                val_off = builder.mul(w, c64(_VEC * elem_bytes))
-                x_off = builder.mul(w, c64(_VEC * 4))
-                idx_off = builder.mul(w, c64(4))
-                decoded = []
-                for r in range(rows):
-                    word_ptr = builder.bitcast(builder.gep(i_rows[r], [idx_off]), i32.as_pointer())
-                    word = builder.load(word_ptr, align=1)
-                    first = builder.insert_element(undef_i, word, ir.Constant(i32, 0))
-                    spl = builder.shuffle_vector(first, undef_i, splat_mask)
-                    pos = builder.lshr(spl, shifts)
-                    odd = builder.icmp_unsigned("!=", builder.and_(pos, one), zero)
-                    high = builder.icmp_unsigned("!=", builder.and_(pos, two), zero)
-                    if _PREFETCH:
-                        ahead = builder.gep(v_rows[r], [builder.add(val_off, c64(_PREFETCH))])
-                        builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-                    vptr = builder.bitcast(builder.gep(v_rows[r], [val_off]), vraw.as_pointer())
-                    vals = _to_f32(builder, builder.load(vptr, align=elem_bytes), kind, _VEC)
-                    decoded.append((odd, high, vals))
-                for t in range(toks):
-                    cand = [
-                        builder.load(builder.bitcast(builder.gep(x_toks[t][j], [x_off]), vf.as_pointer()), align=4)
-                        for j in range(4)
-                    ]
-                    for r, (odd, high, vals) in enumerate(decoded):
-                        low_pair = builder.select(odd, cand[1], cand[0])
-                        high_pair = builder.select(odd, cand[3], cand[2])
-                        picked = builder.select(high, high_pair, low_pair)
-                        acc = builder.load(accs[r][t])
-                        builder.store(builder.call(fma, [vals, picked, acc]), accs[r][t])
-            for r in range(rows):
-                for t in range(toks):
-                    acc = builder.load(accs[r][t])
-                    # pairwise tree reduction of the 16 lanes
-                    width = _VEC
-                    while width > 1:
-                        width //= 2
-                        half = ir.VectorType(i32, width)
-                        lo = builder.shuffle_vector(acc, acc, ir.Constant(half, list(range(width))))
-                        hi = builder.shuffle_vector(acc, acc, ir.Constant(half, list(range(width, 2 * width))))
-                        acc = builder.fadd(lo, hi)
-                    total = builder.extract_element(acc, ir.Constant(i32, 0))
-                    off = builder.add(
-                        builder.mul(builder.add(tok0_v, c64(t)), o_s[0]),
-                        builder.mul(builder.add(row0_v, c64(r)), o_s[1]),
-                    )
-                    dst = builder.bitcast(_byte_ptr(builder, oa.data, off), f32.as_pointer())
-                    builder.store(builder.fadd(builder.load(dst), total), dst)
+            gen = _Dot24IR(context, builder, signature, args, kind, rows, toks)
+            with cgutils.for_range(builder, args[7]) as loop:
+                gen.step(builder.add(gen._i64(loop.index), gen.word0))
+            gen.finish()
             return context.get_dummy_value()
 
         return sig, codegen
