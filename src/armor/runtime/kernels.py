@@ -220,22 +220,71 @@ if numba is not None:
                     dst = b.bitcast(self._at(self.oa.data, off), self.f32.as_pointer())
                     b.store(b.fadd(b.load(dst), total), dst)
 
+    class _Dot24BF16IR(_Dot24IR):
+        """The same product from a bfloat16 table and bfloat16 values with the CPU's bf16 dot-product instruction
+        (AVX512-BF16 ``vdpbf16ps``: 32 products per instruction, exact, summed in float32): each loop step takes
+        two words (32 kept entries)."""
+
+        def _decode(self, r: int, w):
+            b = self.b
+            lanes = []
+            for half in range(2):
+                word_ptr = b.gep(self.i_rows[r], [b.mul(b.add(w, ir.Constant(w.type, half)), ir.Constant(w.type, 4))])
+                word = b.load(b.bitcast(word_ptr, self.i32.as_pointer()))
+                first = b.insert_element(ir.Constant(self.vi, ir.Undefined), word, ir.Constant(self.i32, 0))
+                splat = b.shuffle_vector(first, first, self._vec([0] * _VEC))
+                lanes.append(b.lshr(splat, self._vec(list(range(0, 2 * _VEC, 2)))))
+            zero = self._vec([0] * _VEC)
+            both = ir.Constant(ir.VectorType(self.i32, 2 * _VEC), list(range(2 * _VEC)))
+            masks = []
+            for bit in (1, 2):
+                m_lo, m_hi = (b.icmp_unsigned("!=", b.and_(p, self._vec([bit] * _VEC)), zero) for p in lanes)
+                masks.append(b.shuffle_vector(m_lo, m_hi, both))
+            v32 = ir.VectorType(ir.IntType(16), 2 * _VEC)
+            val_ptr = b.gep(self.v_rows[r], [b.mul(w, ir.Constant(w.type, _VEC * 2))])
+            return masks[0], masks[1], b.load(b.bitcast(val_ptr, v32.as_pointer()), align=2)
+
+        def step(self, w) -> None:
+            b = self.b
+            v32 = ir.VectorType(ir.IntType(16), 2 * _VEC)
+            dot = cgutils.get_or_insert_function(
+                b.module, ir.FunctionType(self.vf, [self.vf, self.vi, self.vi]), "llvm.x86.avx512bf16.dpbf16ps.512"
+            )
+            decoded = [self._decode(r, w) for r in range(self.rows)]
+            x_off = b.mul(w, ir.Constant(w.type, _VEC * 2))
+            for t in range(self.toks):
+                ptrs = [b.bitcast(b.gep(self.x_toks[t][j], [x_off]), v32.as_pointer()) for j in range(4)]
+                cand = [b.load(ptr, align=2) for ptr in ptrs]
+                for r, (odd, high, vals) in enumerate(decoded):
+                    picked = b.select(high, b.select(odd, cand[3], cand[2]), b.select(odd, cand[1], cand[0]))
+                    acc = b.load(self.accs[r][t])
+                    pair = [b.bitcast(vals, self.vi), b.bitcast(picked, self.vi)]
+                    b.store(b.call(dot, [acc, *pair]), self.accs[r][t])
+
     @intrinsic(prefer_literal=True)
     def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok):
         """``out[tok0 + t, row0 + r] += sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
         kept entries ``16 word0 .. 16 (word0 + nwords) - 1``, for ``r < n_rows`` and ``t < n_tok`` (both
         compile-time constants), from the position words in ``idx`` and the selection table ``xs``
-        ``(T, 4, K16)``."""
+        ``(T, 4, K16)``.  A bfloat16 table (raw bits, uint16) with bfloat16 values takes the CPU's bf16 dot
+        product (:class:`_Dot24BF16IR`; ``word0`` and ``nwords`` even)."""
         if not isinstance(n_rows, types.IntegerLiteral) or not isinstance(n_tok, types.IntegerLiteral):
             return None
         rows, toks = n_rows.literal_value, n_tok.literal_value
         kind = _value_kind(values)
         sig = types.void(values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok)
 
+        bf16_dot = xs.dtype == types.uint16
+        if bf16_dot and kind != "bf16":
+            raise TypeError("a bfloat16 selection table needs bfloat16 values")
+
         def codegen(context, builder, signature, args):
-            gen = _Dot24IR(context, builder, signature, args, kind, rows, toks)
-            with cgutils.for_range(builder, args[7]) as loop:
-                gen.step(builder.add(gen._i64(loop.index), gen.word0))
+            gen = (_Dot24BF16IR if bf16_dot else _Dot24IR)(context, builder, signature, args, kind, rows, toks)
+            per_step = 2 if bf16_dot else 1
+            steps = builder.udiv(args[7], ir.Constant(args[7].type, per_step))
+            with cgutils.for_range(builder, steps) as loop:
+                w = builder.mul(gen._i64(loop.index), ir.Constant(ir.IntType(64), per_step))
+                gen.step(builder.add(w, gen.word0))
             gen.finish()
             return context.get_dummy_value()
 
@@ -247,7 +296,7 @@ if numba is not None:
         acc = numba.float32(0.0)
         for k in range(k_start, values.shape[1]):
             pos = (idx[o, k >> 2] >> ((k & 3) * 2)) & 3
-            acc += _as_f32(values[o, k]) * x[t, 4 * (k >> 1) + pos]
+            acc += _as_f32(values[o, k]) * _as_f32(x[t, 4 * (k >> 1) + pos])
         out[t, o] += acc
 
     def _twins(driver):
@@ -294,13 +343,13 @@ if numba is not None:
                 _dot24_rows(values, idx, xs, out, row, t, word0, nwords, 4, 1)
                 t += 1
 
-    def _nm24_driver(values, idx, x, out, chunk):
+    def _nm24_driver(values, idx, x, xs, out, chunk):
         """2:4 core: units of ``_QUADS`` groups of 4 rows (plus one unit for the rows past the last full
         group); inside a unit, the kept entries in chunks of ``chunk`` words so that the chunk's slice of the
-        selection table stays in L1 while every row of the unit reads it."""
-        xs = _selection_table(x, values.shape[1])
+        selection table stays in L1 while every row of the unit reads it.  The table ``xs`` covers the first
+        ``xs.shape[2]`` kept entries (a multiple of 16; of 32 for a bfloat16 table); scalar code does the rest."""
         n_rows, kept = values.shape
-        nwords = kept // _VEC
+        nwords = xs.shape[2] // _VEC
         n_quads = n_rows // 4
         n_units = (n_quads + _QUADS - 1) // _QUADS
         for unit in prange(n_units + 1):
@@ -380,10 +429,11 @@ if numba is not None:
     def _core_into(values, idx, x, out, n, m, bits, chunk, parallel):
         if n == 2 and m == 4:
             out[:] = 0
+            xs = _selection_table(x, values.shape[1])
             if parallel:
-                _nm24_par(values, idx, x, out, chunk)
+                _nm24_par(values, idx, x, xs, out, chunk)
             else:
-                _nm24_ser(values, idx, x, out, chunk)
+                _nm24_ser(values, idx, x, xs, out, chunk)
         elif parallel:
             _nm_generic_par(values, idx, x, out, n, m, bits)
         else:
@@ -409,6 +459,15 @@ if numba is not None:
     def _sparse_forward(values, idx, x, n, m, bits, chunk, parallel):
         out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
         _core_into(values, idx, x, out, n, m, bits, chunk, parallel)
+        return out
+
+    @njit(cache=True)
+    def _sparse_forward_bf16(values, idx, x, xs, chunk, parallel):
+        out = np.zeros((x.shape[0], values.shape[0]), dtype=np.float32)
+        if parallel:
+            _nm24_par(values, idx, x, xs, out, chunk)
+        else:
+            _nm24_ser(values, idx, x, xs, out, chunk)
         return out
 
     @njit(cache=True)
@@ -453,9 +512,26 @@ def _float32_rows(x: Tensor, width: int) -> Tensor:
 
 
 def _chunk_words(n_tok: int) -> int:
-    """Kept words (16 entries) per chunk of the 2:4 kernel: the chunk's selection-table slice, ``n_tok x 4 x 16
-    x chunk`` float32, about 16 KiB, a third of a 48 KiB L1 next to the streamed values."""
-    return max(4, _TABLE_CHUNK_BYTES // (256 * max(n_tok, 1)))
+    """Kept words (16 entries, an even number) per chunk of the 2:4 kernel: the chunk's selection-table slice,
+    ``n_tok x 4 x 16 x chunk`` floats, is about ``_TABLE_CHUNK_BYTES``."""
+    return max(4, _TABLE_CHUNK_BYTES // (256 * max(n_tok, 1)) // 2 * 2)
+
+
+@functools.cache
+def _host_has_bf16_dot() -> bool:
+    """Whether this CPU has the AVX512-BF16 dot-product instruction (``vdpbf16ps``)."""
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512bf16", False))
+
+
+def _bf16_table(x: Tensor) -> Tensor:
+    """The selection table of :func:`_selection_table` in bfloat16 for the first ``32 floor(kept / 32)`` kept
+    entries of a bfloat16 ``x`` ``(T, in)`` (exact: the same bits, twice each)."""
+    n_tok, width = x.shape
+    k32 = width // 2 // 32 * 32
+    groups = x[:, : 2 * k32].reshape(n_tok, k32 // 2, 4).transpose(1, 2)  # (T, 4, groups)
+    return groups.repeat_interleave(2, dim=2).contiguous()
 
 
 def _first_launch() -> None:
@@ -485,6 +561,13 @@ def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Ten
     """``x @ S^T`` for the packed n:m core ``S`` (``values`` ``(out, kept)``, ``indices`` uint8) and ``x``
     ``(T, in)`` (any float dtype, any strides): a new float32 ``(T, out)`` tensor.  No dense core is formed."""
     _check_ready(values, indices, x)
+    if (n, m) == (2, 4) and values.dtype == x.dtype == torch.bfloat16 and _host_has_bf16_dot():
+        if x.dim() != 2 or x.shape[1] != values.shape[1] * 2:
+            raise ValueError(f"x must be (tokens, {values.shape[1] * 2}), got {tuple(x.shape)}")
+        x = x.detach().contiguous()
+        xs = _raw_numpy(_bf16_table(x))
+        return _launch(_sparse_forward_bf16, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs,
+                       _chunk_words(x.shape[0]))  # fmt: skip
     x32 = _float32_rows(x, values.shape[1] // n * m)
     return _launch(
         _sparse_forward,
