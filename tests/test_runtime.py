@@ -747,3 +747,27 @@ def test_gpu_benchmark_script_model_part_runs_on_a_tiny_llama():
     assert weights["2:4"] < weights["armor"] < weights["dense"]
     table = script.format_model_rows(rows)
     assert len(table.splitlines()) == 2 + len(rows) and "| tiny | armor | float32 | 2 | False |" in table
+
+
+@needs_numba
+@pytest.mark.parametrize("in_f", [40, 288, 2800])  # kept 20 / 144 / 1400: no, some and a 24-entry tail of 32s
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+def test_packed_bf16_dot_product_path_equals_reference(in_f, tokens, monkeypatch):
+    """bfloat16 values and inputs take the CPU's bf16 dot-product kernel (AVX512-BF16) where the CPU has it:
+    exact products summed in float32, so it agrees with the float64 product to float32 summation order."""
+    import armor.runtime.kernels as kernels
+
+    if not kernels._host_has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    calls = []
+    real = kernels._sparse_forward_bf16
+    monkeypatch.setattr(kernels, "_sparse_forward_bf16", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(in_f + tokens)
+    w = torch.randn(71, in_f, generator=gen)
+    mask = nm_mask_from_scores(w.abs(), 2, 4)
+    values, idx = pack_nm((w * mask).to(torch.bfloat16), mask)
+    x = torch.randn(tokens, in_f, generator=gen).to(torch.bfloat16)
+    y = kernels.nm_matmul(values, idx, x, 2, 4)
+    ref = x.double() @ unpack_nm(values, idx, in_f).double().T
+    assert calls == [1] and y.dtype == torch.float32
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -7,7 +7,7 @@ and the file is about 0.56x (2:4) / 0.61x (ARMOR, 128 blocks, 7B shapes) of the 
 
 Resident memory is the packed state: no dense copy of the core (or of ``W_hat``) is ever kept.  The one cache
 is the semi-structured CUDA form of the core (itself compressed, about the packed size), built at the first
-forward on a capable GPU, kept outside ``state_dict()``, rebuilt when the state changes (``load_state_dict``,
+forward of the ``semi_structured`` backend, kept outside ``state_dict()``, rebuilt when the state changes (``load_state_dict``,
 ``.to()``) and freed by :meth:`drop_cache`.  :meth:`resident_nbytes` counts state plus cache.
 
 Backends: the table :data:`BACKENDS` (name, availability probe, matmul) is the one place a compute path is
@@ -15,7 +15,9 @@ described; ``module.backend`` is the request (``"auto"`` or a table name), ``mod
 path ran last (or would run for one token before any forward) and :meth:`backend_for` answers for a given token
 count.  ``"auto"`` takes, in table order, the first backend whose probe passes and whose ``auto_max_tokens``
 covers the batch (on CUDA the Triton kernels for decoding-sized batches, on CPU the numba kernels), else the
-transient-dense path.  Gradients always take the dense path (the only differentiable one).
+transient-dense path.  Gradients always take the dense path (the only differentiable one).  A new backend is
+one :class:`Backend` entry (probe, the two matmuls, the ``auto`` rule) plus its tests; the module's
+``backend`` choices and ``armor bench --backends`` follow from the table.
 """
 
 from __future__ import annotations
