@@ -60,7 +60,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LAUNCH_LOCK = threading.Lock()
 _launched = False
 #: bytes of the 2:4 kernel's selection table read per chunk (see :func:`_chunk_words`)
-_TABLE_CHUNK_BYTES = 16 << 10
+_TABLE_CHUNK_BYTES = 32 << 10
 
 
 def numba_available() -> bool:
@@ -88,7 +88,8 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
 if numba is not None:
     _VEC = 16  # lanes of the vector loop: 16 kept values = 32 bits of positions = one uint32 per row
     _QUADS = 16  # groups of 4 rows per unit of work of the 2:4 kernel
-    _PREFETCH_BYTES = int(os.environ.get("ARMOR_PF", "2048"))
+    # how far ahead each row's values are prefetched; 2048 measured best of 512-4096 (benchmarks/RESULTS_runtime.md)
+    _PREFETCH_BYTES = 2048
 
     def _value_kind(ty) -> str:
         """How the raw value bits are read: float32 as is, uint16 = bfloat16 bits, int16 = float16 bits."""
