@@ -7,8 +7,8 @@ and the file is about 0.56x (2:4) / 0.61x (ARMOR, 128 blocks, 7B shapes) of the 
 
 Resident memory is the packed state: no dense copy of the core (or of ``W_hat``) is ever kept.  The one cache
 is the semi-structured CUDA form of the core (itself compressed, about the packed size), built at the first
-forward of the ``semi_structured`` backend, kept outside ``state_dict()``, rebuilt when the state changes (``load_state_dict``,
-``.to()``) and freed by :meth:`drop_cache`.  :meth:`resident_nbytes` counts state plus cache.
+forward of the ``semi_structured`` backend, kept outside ``state_dict()``, rebuilt when the state changes
+(``load_state_dict``, ``.to()``) and freed by :meth:`drop_cache`.  :meth:`resident_nbytes` counts state plus cache.
 
 Backends: the table :data:`BACKENDS` (name, availability probe, matmul) is the one place a compute path is
 described; ``module.backend`` is the request (``"auto"`` or a table name), ``module.active_backend`` says which
