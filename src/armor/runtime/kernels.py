@@ -13,7 +13,7 @@ built: for a token batch ``x`` ``(T, in)`` the kernel forms, per call, the small
 with three vector selects on its position bits instead of a gather; each group of 4 output rows shares the
 table loads; each row's values are software-prefetched a few cache lines ahead (four rows stream at once, more
 than the hardware prefetcher keeps in flight).  Rows are split over numba's threads in units of 16 groups of
-4 rows, which walk the kept entries in chunks so that the chunk's slice of the table is reused from cache.
+4 rows.
 Values are read in their stored dtype (float32, bfloat16 or float16) and converted in registers; products are
 summed in float32.  A bfloat16 layer fed bfloat16 inputs on a CPU with AVX512-BF16 builds the table in
 bfloat16 and multiplies with ``vdpbf16ps`` (32 exact products per instruction, float32 sums).
@@ -59,8 +59,6 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # launch at a time costs nothing here (a layer's forward is one launch).
 _LAUNCH_LOCK = threading.Lock()
 _launched = False
-#: bytes of the 2:4 kernel's selection table read per chunk (see :func:`_chunk_words`)
-_TABLE_CHUNK_BYTES = 32 << 10
 
 
 def numba_available() -> bool:
@@ -140,7 +138,7 @@ if numba is not None:
             arrays = [context.make_array(ty)(context, builder, a) for ty, a in pairs]
             self.va, self.ia, self.xa, self.oa = arrays
             self.strides = [cgutils.unpack_tuple(builder, a.strides, a.strides.type.count) for a in arrays]
-            self.row0, self.tok0, self.word0 = (self._i64(v) for v in args[4:7])
+            self.row0, self.tok0 = (self._i64(v) for v in args[4:6])
             self.i32, self.f32 = ir.IntType(32), ir.FloatType()
             self.vf, self.vi = ir.VectorType(self.f32, _VEC), ir.VectorType(self.i32, _VEC)
             self.elem_bytes = 4 if kind == "f32" else 2
@@ -274,17 +272,17 @@ if numba is not None:
                     b.store(b.call(dot, [acc, *pair]), self.accs[r][t])
 
     @intrinsic(prefer_literal=True)
-    def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok):
+    def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok):
         """``out[tok0 + t, row0 + r] += sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
-        kept entries ``16 word0 .. 16 (word0 + nwords) - 1``, for ``r < n_rows`` and ``t < n_tok`` (both
+        first ``16 nwords`` kept entries, for ``r < n_rows`` and ``t < n_tok`` (both
         compile-time constants), from the position words in ``idx`` and the selection table ``xs``
         ``(T, 4, K16)``.  A bfloat16 table (raw bits, uint16) with bfloat16 values takes the CPU's bf16 dot
-        product (:class:`_Dot24BF16IR`; ``word0`` and ``nwords`` even)."""
+        product (:class:`_Dot24BF16IR`; ``nwords`` even)."""
         if not isinstance(n_rows, types.IntegerLiteral) or not isinstance(n_tok, types.IntegerLiteral):
             return None
         rows, toks = n_rows.literal_value, n_tok.literal_value
         kind = _value_kind(values)
-        sig = types.void(values, idx, xs, out, row0, tok0, word0, nwords, n_rows, n_tok)
+        sig = types.void(values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok)
 
         bf16_dot = xs.dtype == types.uint16
         if bf16_dot and kind != "bf16":
@@ -293,10 +291,9 @@ if numba is not None:
         def codegen(context, builder, signature, args):
             gen = (_Dot24BF16IR if bf16_dot else _Dot24IR)(context, builder, signature, args, kind, rows, toks)
             per_step = 2 if bf16_dot else 1
-            steps = builder.udiv(args[7], ir.Constant(args[7].type, per_step))
+            steps = builder.udiv(args[6], ir.Constant(args[6].type, per_step))
             with cgutils.for_range(builder, steps) as loop:
-                w = builder.mul(gen._i64(loop.index), ir.Constant(ir.IntType(64), per_step))
-                gen.step(builder.add(w, gen.word0))
+                gen.step(builder.mul(gen._i64(loop.index), ir.Constant(ir.IntType(64), per_step)))
             gen.finish()
             return context.get_dummy_value()
 
@@ -339,26 +336,26 @@ if numba is not None:
         return xs
 
     @njit(cache=True, inline="always")
-    def _nm24_quad(values, idx, xs, out, row, word0, nwords):
-        """Rows ``row .. row+3``, every token, kept words ``word0 .. word0+nwords-1`` added to ``out``."""
+    def _nm24_quad(values, idx, xs, out, row, nwords):
+        """Rows ``row .. row+3``, every token, kept words ``0 .. nwords-1`` added to ``out``."""
         n_tok = out.shape[0]
         t = 0
         while t < n_tok:
             left = n_tok - t
             if left >= 4:
-                _dot24_rows(values, idx, xs, out, row, t, word0, nwords, 4, 4)
+                _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 4)
                 t += 4
             elif left >= 2:
-                _dot24_rows(values, idx, xs, out, row, t, word0, nwords, 4, 2)
+                _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 2)
                 t += 2
             else:
-                _dot24_rows(values, idx, xs, out, row, t, word0, nwords, 4, 1)
+                _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 1)
                 t += 1
 
-    def _nm24_driver(values, idx, x, xs, out, chunk):
+    def _nm24_driver(values, idx, x, xs, out):
         """2:4 core: units of ``_QUADS`` groups of 4 rows (plus one unit for the rows past the last full
-        group); inside a unit, the kept entries in chunks of ``chunk`` words so that the chunk's slice of the
-        selection table stays in L1 while every row of the unit reads it.  The table ``xs`` covers the first
+        group), each row streamed once from start to end (a stream split in chunks loses its prefetched lines
+        at every chunk edge: measured slower).  The table ``xs`` covers the first
         ``xs.shape[2]`` kept entries (a multiple of 16; of 32 for a bfloat16 table); scalar code does the rest."""
         n_rows, kept = values.shape
         nwords = xs.shape[2] // _VEC
@@ -368,15 +365,14 @@ if numba is not None:
             if unit < n_units:
                 lo = unit * _QUADS * 4
                 hi = min(lo + _QUADS * 4, n_quads * 4)
-                for w0 in range(0, nwords, chunk):
-                    for row in range(lo, hi, 4):
-                        _nm24_quad(values, idx, xs, out, row, w0, min(chunk, nwords - w0))
+                for row in range(lo, hi, 4):
+                    _nm24_quad(values, idx, xs, out, row, nwords)
             else:
                 lo = n_quads * 4
                 hi = n_rows
                 for row in range(lo, hi):
                     for t in range(x.shape[0]):
-                        _dot24_rows(values, idx, xs, out, row, t, 0, nwords, 1, 1)
+                        _dot24_rows(values, idx, xs, out, row, t, nwords, 1, 1)
             if nwords * _VEC < kept:
                 for o in range(lo, hi):
                     for t in range(x.shape[0]):
@@ -438,14 +434,14 @@ if numba is not None:
     _unpack_ser, _unpack_par = _twins(_unpack_driver)
 
     @njit(cache=True)
-    def _core_into(values, idx, x, out, n, m, bits, chunk, parallel):
+    def _core_into(values, idx, x, out, n, m, bits, parallel):
         if n == 2 and m == 4:
             out[:] = 0
             xs = _selection_table(x, values.shape[1])
             if parallel:
-                _nm24_par(values, idx, x, xs, out, chunk)
+                _nm24_par(values, idx, x, xs, out)
             else:
-                _nm24_ser(values, idx, x, xs, out, chunk)
+                _nm24_ser(values, idx, x, xs, out)
         elif parallel:
             _nm_generic_par(values, idx, x, out, n, m, bits)
         else:
@@ -468,27 +464,27 @@ if numba is not None:
         return out
 
     @njit(cache=True)
-    def _sparse_forward(values, idx, x, n, m, bits, chunk, parallel):
+    def _sparse_forward(values, idx, x, n, m, bits, parallel):
         out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, x, out, n, m, bits, chunk, parallel)
+        _core_into(values, idx, x, out, n, m, bits, parallel)
         return out
 
     @njit(cache=True)
-    def _sparse_forward_bf16(values, idx, x, xs, chunk, parallel):
+    def _sparse_forward_bf16(values, idx, x, xs, parallel):
         out = np.zeros((x.shape[0], values.shape[0]), dtype=np.float32)
         if parallel:
-            _nm24_par(values, idx, x, xs, out, chunk)
+            _nm24_par(values, idx, x, xs, out)
         else:
-            _nm24_ser(values, idx, x, xs, out, chunk)
+            _nm24_ser(values, idx, x, xs, out)
         return out
 
     @njit(cache=True)
-    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, bits, chunk, parallel):
+    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, bits, parallel):
         n_tok = x.shape[0]
         h = np.empty((n_tok, x.shape[1]), dtype=np.float32)
         _block_diag_into(b_blocks, x, h, parallel)
         z = np.empty((n_tok, values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, h, z, n, m, bits, chunk, parallel)
+        _core_into(values, idx, h, z, n, m, bits, parallel)
         out = np.empty_like(z)
         _block_diag_into(a_blocks, z, out, parallel)
         return out
@@ -521,12 +517,6 @@ def _float32_rows(x: Tensor, width: int) -> Tensor:
         raise ValueError(f"x must be (tokens, {width}), got {tuple(x.shape)}")
     x = x.detach()
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-
-
-def _chunk_words(n_tok: int) -> int:
-    """Kept words (16 entries, an even number) per chunk of the 2:4 kernel: the chunk's selection-table slice,
-    ``n_tok x 4 x 16 x chunk`` floats, is about ``_TABLE_CHUNK_BYTES``."""
-    return max(4, _TABLE_CHUNK_BYTES // (256 * max(n_tok, 1)) // 2 * 2)
 
 
 @functools.cache
@@ -578,8 +568,7 @@ def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Ten
             raise ValueError(f"x must be (tokens, {values.shape[1] * 2}), got {tuple(x.shape)}")
         x = x.detach().contiguous()
         xs = _raw_numpy(_bf16_table(x))
-        return _launch(_sparse_forward_bf16, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs,
-                       _chunk_words(x.shape[0]))  # fmt: skip
+        return _launch(_sparse_forward_bf16, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs)
     x32 = _float32_rows(x, values.shape[1] // n * m)
     return _launch(
         _sparse_forward,
@@ -589,7 +578,6 @@ def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Ten
         n,
         m,
         index_bits(m),
-        _chunk_words(x32.shape[0]),
     )
 
 
@@ -612,7 +600,6 @@ def armor_matmul(
         n,
         m,
         index_bits(m),
-        _chunk_words(x32.shape[0]),
     )
 
 
