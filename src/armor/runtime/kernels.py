@@ -308,7 +308,7 @@ if numba is not None:
             acc += _as_f32(values[o, k]) * _as_f32(x[t, 4 * (k >> 1) + pos])
         out[t, o] += acc
 
-    def _twins(driver):
+    def _twins(driver, fastmath: bool = False):
         """``(serial, parallel)`` dispatchers of one driver: numba runs ``prange`` as ``range`` when not parallel.
         Each twin is a copy of the function under its own name, so that numba's on-disk cache (keyed by the
         qualified name) keeps the two compilations apart."""
@@ -320,7 +320,10 @@ if numba is not None:
             f.__qualname__ = driver.__qualname__ + suffix
             return f
 
-        return njit(cache=True)(copy("_ser")), njit(parallel=True, cache=True)(copy("_par"))
+        return (
+            njit(cache=True, fastmath=fastmath)(copy("_ser")),
+            njit(parallel=True, cache=True, fastmath=fastmath)(copy("_par")),
+        )
 
     @njit(cache=True)
     def _selection_table(x, kept):
@@ -429,8 +432,9 @@ if numba is not None:
                     out[o, m * (k // n) + pos] = values[o, k]
 
     _nm24_ser, _nm24_par = _twins(_nm24_driver)
-    _nm_generic_ser, _nm_generic_par = _twins(_nm_generic_driver)
-    _block_diag_ser, _block_diag_par = _twins(_block_diag_driver)
+    # fastmath: the scalar float32 sums may be reassociated, so that LLVM vectorises them
+    _nm_generic_ser, _nm_generic_par = _twins(_nm_generic_driver, fastmath=True)
+    _block_diag_ser, _block_diag_par = _twins(_block_diag_driver, fastmath=True)
     _unpack_ser, _unpack_par = _twins(_unpack_driver)
 
     @njit(cache=True)
