@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a CUDA device the Triton kernels run only under Triton's interpreter, which is chosen when a kernel is
+# defined (at the import of armor.runtime.gpu_kernels): set it before any test module imports armor.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A bushfire near the town forced residents to leave. "

@@ -14,13 +14,9 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES = 80
 
-#: Functions being split elsewhere (the runtime's kernels and benchmark harness), with their length today: none of
-#: them may grow, and an entry goes once its function fits.
-ALLOWED = {
-    "armor/runtime/bench.py::run_layer_bench": 102,
-    "armor/runtime/kernels.py::_dot24_rows": 112,
-    "armor/runtime/kernels.py::_dot24_rows.codegen": 98,
-}
+#: Functions allowed over the limit, with their length today: none of them may grow, and an entry goes once its
+#: function fits.  Empty: every function fits.
+ALLOWED: dict[str, int] = {}
 
 
 def function_lengths(root: Path = SRC) -> dict[str, int]:
@@ -63,7 +59,7 @@ def test_the_length_check_sees_functions_and_methods(tmp_path):
 
 
 #: Third-party modules imported without their own requirement, and the declared one that installs them.
-PROVIDED_BY = {"llvmlite": "numba", "triton": "torch"}
+PROVIDED_BY = {"llvmlite": "numba"}
 
 
 def _requirement_name(req: str) -> str:

@@ -16,7 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import armor.runtime.modules as runtime_modules
 from armor import PruneResult
+from armor.bench.layers import crossover, random_nm_result, run_layer_bench, storage_report
+from armor.bench.models import model_resident_bytes
 from armor.cli import build_parser
+from armor.cli.bench_tables import format_crossover_table, format_layer_table
 from armor.factors import block_product
 from armor.runtime import (
     CPU_PACKED_MAX_TOKENS,
@@ -29,15 +32,6 @@ from armor.runtime import (
     state_nbytes,
     unpack_mask,
     unpack_nm,
-)
-from armor.runtime.bench import (
-    crossover,
-    format_crossover_table,
-    format_layer_table,
-    model_resident_bytes,
-    random_nm_result,
-    run_layer_bench,
-    storage_report,
 )
 from armor.runtime.packing import packed_index_shape
 from armor.sparsity import is_nm_mask, nm_mask_from_scores
@@ -184,14 +178,57 @@ def test_4_8_pattern_modules():
     assert sp.spec()["n"] == 4 and sp.spec()["m"] == 8
 
 
-def test_weight_property_and_no_dense_parameter():
+def test_no_weight_attribute_and_no_dense_parameter():
     mod = module_from_result(_armor_result(), torch.randn(96), torch.float16)
     names = dict(mod.named_parameters()) | dict(mod.named_buffers())
     assert "weight" not in names
     assert set(mod.state_dict()) == {"values", "indices", "a_blocks", "b_blocks", "bias"}
-    w = mod.weight
+    assert getattr(mod, "weight", None) is None  # nothing dense is built behind a getattr
+    w = mod.dense_weight()  # built only on purpose
     assert w.shape == (96, 128) and w.dtype == torch.float16 and w.device.type == "cpu"
     assert mod.in_features == 128 and mod.out_features == 96
+
+
+@needs_numba
+def test_transformers_generate_and_save_never_build_a_dense_matrix(tmp_path, monkeypatch):
+    """A Llama whose every decoder linear is packed (ARMOR and plain 2:4) generates and saves through
+    transformers with every way of building a dense core or W_hat made to fail."""
+    transformers = pytest.importorskip("transformers")
+    import armor.runtime.modules as modules
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.")]
+    for i, name in enumerate(names):
+        lin = model.get_submodule(name)
+        out_f, in_f = lin.weight.shape
+        res = random_nm_result(out_f, in_f, 16 if i % 2 else None, seed=i)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, module_from_result(res, None, backend="packed"))
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dense matrix was built")
+
+    for target, attr in [
+        (modules._PackedNMLinear, "_dense_core"), (modules.SparseLinear, "dense_weight"),
+        (modules.ArmorLinear, "dense_weight"), (modules.ArmorLinear, "_reconstruct"), (modules, "unpack_nm"),
+        (modules, "unpack_dense"),
+    ]:  # fmt: skip
+        monkeypatch.setattr(target, attr, forbidden)
+    with pytest.raises(AssertionError, match="dense matrix"):  # the trap is live
+        model.get_submodule(names[0]).dense_weight()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, expected)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert any(tmp_path.glob("*.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,9 +559,10 @@ def test_run_layer_bench_small():
     assert len(table.splitlines()) == 2 + len(recs)
 
 
-def test_kernel_timing_needs_cuda():
-    with pytest.raises(ValueError, match="kernel timing needs a CUDA device"):
-        run_layer_bench([(8, 16)], [1], torch.float32, "cpu", repeats=1, warmup=1, block_size=4, kernel_time=True)
+@pytest.mark.parametrize("timing", ["kernels", "graph"])
+def test_kernel_and_graph_timing_need_cuda(timing):
+    with pytest.raises(ValueError, match=f"{timing} timing needs a CUDA device"):
+        run_layer_bench([(8, 16)], [1], torch.float32, "cpu", repeats=1, warmup=1, block_size=4, timing=timing)
 
 
 def _fake_record(method, backend, batch, speedup):
@@ -616,7 +654,7 @@ def test_armor_bench_cli_rejects_bad_options(argv, message, capsys):
 
 def test_model_timing_helpers():
     transformers = pytest.importorskip("transformers")
-    from armor.runtime.bench import time_generation, time_prefill
+    from armor.bench.models import time_generation, time_prefill
 
     cfg = transformers.LlamaConfig(
         vocab_size=64,
@@ -665,3 +703,71 @@ def test_load_state_dict_assign_keeps_frozen_parameters(kind):
     assert mod.indices.dtype == torch.uint8
     assert torch.equal(mod(x), src(x))
     assert sum(p.numel() for p in mod.parameters()) == sum(p.numel() for p in src.parameters())
+
+
+def test_greedy_decode_with_a_static_cache_equals_generate():
+    """The decode loop that CUDA graphs capture (armor.runtime.graphs), run eagerly on CPU through packed
+    layers: the same tokens as ``model.generate``; capture is refused off CUDA."""
+    transformers = pytest.importorskip("transformers")
+    from armor.runtime.graphs import greedy_decode
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # generate must not stop early
+    model.model.layers[0].mlp.up_proj = module_from_result(random_nm_result(64, 32, 16, seed=1), None)
+    model.model.layers[1].self_attn.o_proj = module_from_result(random_nm_result(32, 32, None, seed=2), None)
+    ids = torch.randint(0, 64, (3, 5))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = greedy_decode(model, ids, 6)
+    assert out.shape == (3, 11) and torch.equal(out, ref)
+    with pytest.raises(ValueError, match="CUDA"):
+        greedy_decode(model, ids, 3, capture=True)
+
+
+def test_gpu_benchmark_script_model_part_runs_on_a_tiny_llama():
+    """benchmarks/gpu_runtime.py (the GPU table's command): its model part on a tiny random Llama, eager on
+    CPU, so that the script a GPU session runs is known to work end to end."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_runtime.py"
+    spec = importlib.util.spec_from_file_location("gpu_runtime", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.model_rows("tiny", torch.float32, (1, 2), steps=2, repeats=1)
+    assert [(r["kind"], r["batch"]) for r in rows] == [(k, b) for k in ("dense", "2:4", "armor") for b in (1, 2)]
+    assert all(r["decode_tokens_per_s"] > 0 and r["captured"] is False for r in rows)
+    weights = {r["kind"]: r["weights_bytes"] for r in rows}
+    assert weights["2:4"] < weights["armor"] < weights["dense"]
+    table = script.format_model_rows(rows)
+    assert len(table.splitlines()) == 2 + len(rows) and "| tiny | armor | float32 | 2 | False |" in table
+
+
+@needs_numba
+@pytest.mark.parametrize("in_f", [40, 288, 2800])  # kept 20 / 144 / 1400: no, some and a 24-entry tail of 32s
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+def test_packed_bf16_dot_product_path_equals_reference(in_f, tokens, monkeypatch):
+    """bfloat16 values and inputs take the CPU's bf16 dot-product kernel (AVX512-BF16) where the CPU has it:
+    exact products summed in float32, so it agrees with the float64 product to float32 summation order."""
+    import armor.runtime.kernels as kernels
+
+    if not kernels._host_has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    calls = []
+    real = kernels._sparse_forward_bf16
+    monkeypatch.setattr(kernels, "_sparse_forward_bf16", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(in_f + tokens)
+    w = torch.randn(71, in_f, generator=gen)
+    mask = nm_mask_from_scores(w.abs(), 2, 4)
+    values, idx = pack_nm((w * mask).to(torch.bfloat16), mask)
+    x = torch.randn(tokens, in_f, generator=gen).to(torch.bfloat16)
+    y = kernels.nm_matmul(values, idx, x, 2, 4)
+    ref = x.double() @ unpack_nm(values, idx, in_f).double().T
+    assert calls == [1] and y.dtype == torch.float32
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -1,8 +1,11 @@
-"""GPU checks of the runtime: the ``semi_structured`` backend (2:4 sparse tensor cores) against the dense
-reconstruction, for plain 2:4 and ARMOR layers at the Llama-2-7B shapes in float16 / bfloat16.
+"""GPU checks of the runtime: the ``semi_structured`` and ``triton`` backends against the dense reconstruction,
+for plain 2:4 and ARMOR layers at the Llama-2-7B shapes in float16 / bfloat16, and a pruned model's decode step
+captured in a CUDA graph replaying to the same logits as eager.  tests/test_triton_kernels.py runs its kernel
+checks (2:4 and 4:8, ragged and budgeted blocks, three dtypes, odd token counts, strided inputs) on the GPU too
+when one is present.
 
 Skipped without a CUDA device of compute capability >= 8.0.  The GPU timing table comes from
-``python benchmarks/bench_runtime.py --device cuda ...`` (the command is in benchmarks/RESULTS_runtime.md).
+``python benchmarks/gpu_runtime.py`` (see benchmarks/RESULTS_runtime.md).
 """
 
 from __future__ import annotations
@@ -11,11 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from armor.runtime import module_from_result, semi_structured_status
-from armor.runtime.bench import random_nm_result
-from armor.runtime.gpu_kernels import triton_available, unpack_dense_cuda
-from armor.runtime.packing import pack_nm, unpack_nm
-from armor.sparsity import nm_mask_from_scores
+from armor.bench.layers import random_nm_result
+from armor.runtime import TRITON_MAX_TOKENS, module_from_result, semi_structured_status
+from armor.runtime.gpu_kernels import triton_available
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or semi_structured_status("cuda", torch.float16) is not None,
@@ -53,13 +54,68 @@ def test_semi_structured_equals_dense_reconstruction(out_f, in_f, dtype, kind, t
         assert _max_rel_error(y, ref) <= 3 * TOL[dtype]
     else:
         assert _max_rel_error(y, ref) <= TOL[dtype]
-    # auto takes the transient-dense path on CUDA (faster in eager mode, see armor.runtime.modules), which
-    # computes the same function within the same rounding
+    # auto takes the Triton kernels up to TRITON_MAX_TOKENS tokens (transient dense above, or without triton),
+    # which compute the same function within the same rounding
     mod.backend = "auto"
     with torch.inference_mode():
         y_auto = mod(x)
-    assert mod.active_backend == "dense" and mod.cache_nbytes() == 0
+    expected = "triton" if triton_available() and tokens <= TRITON_MAX_TOKENS else "dense"
+    assert mod.active_backend == expected and mod.cache_nbytes() == 0
     assert _max_rel_error(y_auto, ref) <= (3 if kind == "armor" else 1) * TOL[dtype]
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("out_f,in_f", LLAMA7B_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["sparse", "armor"])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64])
+def test_triton_backend_equals_dense_reconstruction_7b(out_f, in_f, dtype, kind, tokens):
+    res = random_nm_result(out_f, in_f, 128 if kind == "armor" else None, seed=tokens)
+    mod = module_from_result(res, torch.randn(out_f), dtype, device="cuda", backend="triton")
+    x = torch.randn(tokens, 2 * in_f, device="cuda").to(dtype)[:, ::2]  # strided, as a slice of a wider tensor
+    with torch.inference_mode():
+        y = mod(x)
+    torch.cuda.synchronize()
+    assert mod.active_backend == "triton" and y.shape == (tokens, out_f) and y.dtype == dtype
+    ref = F.linear(x.double(), mod.dense_weight().double(), mod.bias.double())
+    assert _max_rel_error(y, ref) <= (3 if kind == "armor" else 1) * TOL[dtype]
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_captured_decode_step_replays_to_eager_logits(dtype):
+    """A Llama whose decoder linears are packed (ARMOR and plain 2:4, auto backend = Triton for one token):
+    the decode step captured in a CUDA graph gives the eager step's logits, and greedy decoding with the graph
+    gives the eager run's tokens (tests/test_runtime.py checks the eager run against ``model.generate``)."""
+    transformers = pytest.importorskip("transformers")
+    from armor.runtime.graphs import greedy_decode, start_decoding
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.")]
+    for i, name in enumerate(names):
+        out_f, in_f = model.get_submodule(name).weight.shape
+        parent, _, leaf = name.rpartition(".")
+        res = random_nm_result(out_f, in_f, 64 if i % 2 else None, seed=i)
+        setattr(model.get_submodule(parent), leaf, module_from_result(res, None))
+    model = model.to(device="cuda", dtype=dtype)
+    ids = torch.randint(0, 256, (2, 7), device="cuda")
+    with torch.inference_mode():
+        step, token, _ = start_decoding(model, ids, 4, capture=False)
+        eager = step().clone()
+        step_g, token_g, _ = start_decoding(model, ids, 4, capture=True)
+        replayed = step_g().clone()
+        torch.cuda.synchronize()
+    assert torch.equal(token, token_g)  # the same prompt's next token
+    assert {m.active_backend for m in model.modules() if hasattr(m, "active_backend")} == {"triton"}
+    assert torch.equal(replayed, eager)
+    # whole greedy runs: replayed steps give the eager steps' tokens
+    assert torch.equal(greedy_decode(model, ids, 6, capture=True), greedy_decode(model, ids, 6, capture=False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -94,17 +150,3 @@ def test_dense_backend_on_cuda_keeps_no_cache(dtype):
     assert mod.active_backend == "dense" and mod.cache_nbytes() == 0
     ref = F.linear(x.double(), mod.dense_weight().double())
     assert _max_rel_error(y, ref) <= 3 * TOL[dtype]
-
-
-@pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (2, 3)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_triton_unpack_equals_the_pytorch_unpack(n, m, dtype):
-    """Bit-exact against ``unpack_nm`` on fresh random cores, a partial last tile included (300 groups)."""
-    gen = torch.Generator().manual_seed(n * 10 + m)
-    w = torch.randn(37, m * 300, generator=gen)
-    mask = nm_mask_from_scores(w.abs(), n, m)
-    values, idx = pack_nm((w * mask).to(dtype), mask, n, m)
-    values, idx = values.cuda(), idx.cuda()
-    out = unpack_dense_cuda(values, idx, w.shape[1], n, m)
-    assert torch.equal(out, unpack_nm(values, idx, w.shape[1], n, m))

@@ -1,7 +1,7 @@
 """``armor bench``: runtime benchmarks of pruned layers (dense vs plain 2:4 vs ARMOR on each backend) and of
 whole models (greedy decode tokens/s and peak memory of pruned folders vs the dense original).
 
-The measuring is :mod:`armor.runtime.bench`; this module parses options, loads models and prints Markdown.
+The measuring is :mod:`armor.bench`; this module parses options, loads models and prints Markdown.
 """
 
 from __future__ import annotations
@@ -16,36 +16,22 @@ from typing import Any
 
 import torch
 
+from ..bench.layers import DEFAULT_BATCHES, SHAPE_SETS, crossover, default_backends, run_layer_bench, storage_report
+from ..bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..bench.models import model_resident_bytes, time_generation, time_prefill
 from ..runtime import numba_available
-from ..runtime.bench import (
-    DEFAULT_BATCHES,
-    SHAPE_SETS,
-    crossover,
-    default_backends,
-    format_crossover_table,
-    format_layer_table,
-    format_model_table,
-    format_storage_table,
-    model_resident_bytes,
-    peak_rss_bytes,
-    reset_peak_rss,
-    rss_bytes,
-    run_layer_bench,
-    storage_report,
-    time_generation,
-    time_prefill,
-)
+from ..runtime.modules import BACKEND_CHOICES
 from ..storage import is_pruned_folder, load_model
+from .bench_tables import format_crossover_table, format_layer_table, format_model_table, format_storage_table
 from .common import CliError, HelpFormatter, check_device, command_line
 
 __all__ = ["register", "run", "parse_shapes", "parse_ints"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_BACKENDS = ("auto", "packed", "semi_structured", "dense")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """A preset name of :data:`armor.runtime.bench.SHAPE_SETS` or a comma list of ``OUTxIN``."""
+    """A preset name of :data:`armor.bench.layers.SHAPE_SETS` or a comma list of ``OUTxIN``."""
     if text in SHAPE_SETS:
         return list(SHAPE_SETS[text])
     shapes = []
@@ -81,9 +67,9 @@ def _parse_dtypes(text: str) -> list[str]:
 
 def _parse_backends(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in _BACKENDS]
+    bad = [n for n in names if n not in BACKEND_CHOICES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown backend {bad or text!r}; choose from {', '.join(_BACKENDS)}")
+        raise argparse.ArgumentTypeError(f"unknown backend {bad or text!r}; choose from {', '.join(BACKEND_CHOICES)}")
     return names
 
 
@@ -114,8 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--backends",
         type=_parse_backends,
         default=None,
-        help=f"pruned-layer backends to time, comma list of {', '.join(_BACKENDS)} "
-        "(default: packed,dense on CPU; semi_structured,dense on CUDA)",
+        help=f"pruned-layer backends to time, comma list of {', '.join(BACKEND_CHOICES)} "
+        "(default: the backends auto may take on the device, then dense: packed,dense on CPU; triton,dense on CUDA)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per point (default 20 CUDA, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3 CUDA, 2 CPU)")
@@ -125,6 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="CUDA: report each layer call's GPU kernel time (profiler) instead of its wall time, i.e. without "
         "the per-call host work, as a CUDA-graph serving engine would run it",
+    )
+    p.add_argument(
+        "--graph-time",
+        action="store_true",
+        help="CUDA: report the time of one replay of each layer call captured in a CUDA graph",
     )
     p.add_argument(
         "--quick", action="store_true", help="small CPU-friendly run: shapes 'quick', batches 1,16,128, 3 repeats"
@@ -258,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
                     warmup,
                     args.block_size,
                     backends=backends,
-                    kernel_time=args.kernel_time,
+                    timing="kernels" if args.kernel_time else "graph" if args.graph_time else "wall",
                 )
             print(format_layer_table(records))
             print(

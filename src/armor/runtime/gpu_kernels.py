@@ -1,11 +1,26 @@
-"""Triton kernels for the packed n:m format on CUDA (optional: used when ``triton`` imports and the tensors are
-on a CUDA device; everything has a pure-PyTorch fallback in :mod:`armor.runtime.packing`).
+"""Triton kernels that compute straight from the packed n:m format (optional: used when ``triton`` imports).
 
-:func:`unpack_dense_cuda` writes the dense ``(out, in)`` core from ``values`` / ``indices`` in one pass: each
-program builds a tile of whole groups in registers (every kept value placed by comparing its 2-bit position
-with the group's columns) and stores it once, coalesced.  The PyTorch fallback (``unpack_nm``) widens the
-positions to int64 and scatters, several passes over tensors larger than the result; on an H100 it took
-0.13 ms of kernels for a 4096x4096 fp16 core (benchmarks/RESULTS_runtime.md), the cost this kernel removes.
+Three kernels, each one launch with no host synchronisation, so a forward made of them can be captured in a CUDA
+graph (the outputs are fresh ``torch.empty`` tensors, which a captured graph takes from its private pool):
+
+* :func:`nm_matmul_triton` -- ``y = x S^T (+ bias)`` for the packed core ``S``.  Each program owns a tile of
+  output rows and walks the input in tiles of whole groups: it reads the tile's kept values and 2-bit (4-bit for
+  m > 4) positions, places every kept value in a register tile by comparing its position with the group's
+  columns, and multiplies that tile with the matching activations (``tl.dot``, float32 accumulation).  The dense
+  core is never written to memory: the bytes read are the packed state plus the activations.
+* :func:`block_diag_matmul_triton` -- ``y = x D^T (+ bias)`` for a block-diagonal ``D`` stored as ``(k, b, b)``
+  blocks of any size ``b`` (ARMOR's ragged / budgeted blocks): a batched small matmul over the blocks.
+* :func:`armor_matmul_triton` -- ARMOR's ``A' (S (B' x))``: the three kernels above back to back on the device;
+  the intermediates are ``(T, features)`` activations, never a weight-sized matrix, and no copy or transpose
+  runs between them (every kernel takes its operands' strides).
+
+Dot products: two operands of the same 16-bit dtype go to the tensor cores as they are; anything else (float32
+modules, float32 intermediates) is multiplied in float32 (``input_precision="ieee"``: no TF32 rounding).
+
+:func:`unpack_dense_cuda` (the transient-dense path for large batches) writes the dense core in one pass.
+
+Every kernel also runs under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported) on CPU
+tensors, which is how the test-suite checks them on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -18,22 +33,110 @@ from .packing import index_bits
 try:
     import triton
     import triton.language as tl
-except ImportError:  # optional: the PyTorch unpack runs instead
+except ImportError:  # optional: the PyTorch paths run instead
     triton = tl = None
 
-__all__ = ["triton_available", "unpack_dense_cuda"]
+__all__ = [
+    "triton_available",
+    "nm_matmul_triton",
+    "block_diag_matmul_triton",
+    "armor_matmul_triton",
+    "unpack_dense_cuda",
+    "TRITON_DTYPES",
+]
 
-#: groups of m columns per program
+#: groups of m columns per program of the unpack kernel
 _BLOCK_GROUPS = 256
+#: module dtypes the matmul kernels take
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_available() -> bool:
     """Whether triton is installed (the kernels then run on CUDA tensors).  Cheap: called on every forward of
-    the CUDA transient-dense path, whose tensors are already on a CUDA device."""
+    the CUDA paths, whose tensors are already on a CUDA device."""
     return triton is not None
 
 
 if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, NATIVE: tl.constexpr):
+        """``a @ b`` summed in float32: on the tensor cores for two 16-bit operands, else exactly in float32."""
+        if NATIVE:
+            return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def _nm_matmul_kernel(
+        x_ptr, values_ptr, idx_ptr, bias_ptr, out_ptr,
+        n_tok, out_features, n_groups,
+        sxt, sxk, svo, svk, sio, sik, sot, soo,
+        N: tl.constexpr, M: tl.constexpr, M_POW2: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        NATIVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < out_features
+        tok_ok = toks < n_tok
+        cols = tl.arange(0, M_POW2)
+        per_byte: tl.constexpr = 8 // BITS
+        rows64 = rows.to(tl.int64)
+        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+        for g0 in range(0, n_groups, BLOCK_G):
+            groups = g0 + tl.arange(0, BLOCK_G)
+            grp_ok = groups < n_groups
+            ok = row_ok[:, None] & grp_ok[None, :]
+            # the weight tile (rows, groups, columns of a group), built in registers from the packed state
+            w = tl.zeros((BLOCK_O, BLOCK_G, M_POW2), dtype=tl.float32)
+            for j in tl.static_range(N):
+                k = groups * N + j  # the j-th kept entry of each group
+                v = tl.load(values_ptr + rows64[:, None] * svo + k[None, :] * svk, mask=ok, other=0.0)
+                byte = tl.load(idx_ptr + rows64[:, None] * sio + (k // per_byte)[None, :] * sik, mask=ok, other=0)
+                pos = (byte.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
+                w += tl.where(pos[:, :, None] == cols[None, None, :], v.to(tl.float32)[:, :, None], 0.0)
+            xcol = groups[:, None] * M + cols[None, :]
+            x_ok = tok_ok[:, None, None] & (grp_ok[:, None] & (cols[None, :] < M))[None, :, :]
+            xt = tl.load(x_ptr + toks[:, None, None].to(tl.int64) * sxt + xcol[None, :, :] * sxk, mask=x_ok, other=0.0)
+            w2 = tl.reshape(w.to(values_ptr.dtype.element_ty), (BLOCK_O, BLOCK_G * M_POW2))
+            acc += _dot(tl.reshape(xt, (BLOCK_T, BLOCK_G * M_POW2)), tl.trans(w2), NATIVE)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        dst = out_ptr + toks[:, None].to(tl.int64) * sot + rows64[None, :] * soo
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
+
+    @triton.jit
+    def _block_diag_kernel(
+        x_ptr, blocks_ptr, bias_ptr, out_ptr,
+        n_tok, size,
+        sxt, sxk, sbq, sbi, sbj, sot, soo,
+        HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):  # fmt: skip
+        q = tl.program_id(0)
+        ii = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        toks = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+        i_ok = ii < size
+        tok_ok = toks < n_tok
+        base = q.to(tl.int64) * size
+        acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+        for j0 in range(0, size, BLOCK_J):
+            jj = j0 + tl.arange(0, BLOCK_J)
+            j_ok = jj < size
+            xt = tl.load(
+                x_ptr + toks[:, None].to(tl.int64) * sxt + (base + jj)[None, :] * sxk,
+                mask=tok_ok[:, None] & j_ok[None, :],
+                other=0.0,
+            )
+            bt = tl.load(  # (j, i): the block transposed by its strides, no copy
+                blocks_ptr + q.to(tl.int64) * sbq + ii[None, :] * sbi + jj[:, None] * sbj,
+                mask=i_ok[None, :] & j_ok[:, None],
+                other=0.0,
+            )
+            acc += _dot(xt, bt, NATIVE)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + base + ii, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+        dst = out_ptr + toks[:, None].to(tl.int64) * sot + (base + ii)[None, :] * soo
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & i_ok[None, :])
 
     @triton.jit
     def _unpack_kernel(
@@ -67,13 +170,107 @@ if triton is not None:
         tl.store(out_ptr + offsets, tile.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
-def unpack_dense_cuda(values: Tensor, packed_idx: Tensor, in_features: int, n: int = 2, m: int = 4) -> Tensor:
-    """The dense ``(out, in_features)`` core in ``values``' dtype, on ``values``' CUDA device; the same result as
-    :func:`armor.runtime.packing.unpack_nm` (which checks the shapes; call it for anything unusual)."""
+def _need_triton() -> None:
     if triton is None:
-        raise RuntimeError("unpack_dense_cuda needs triton (pip install triton)")
-    if values.device.type != "cuda" or packed_idx.device != values.device:
-        raise ValueError(f"unpack_dense_cuda needs CUDA tensors on one device, got {values.device}/{packed_idx.device}")
+        raise RuntimeError("the Triton kernels need triton (pip install triton, or armor-prune[gpu])")
+
+
+def _interpreting() -> bool:
+    return bool(getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.runtime.interpret)
+
+
+def _native_dot(a: torch.dtype, b: torch.dtype) -> bool:
+    """Tensor-core dot for two operands of one 16-bit dtype.  Triton's interpreter multiplies bfloat16 dot
+    operands as raw bits, so under it bfloat16 is multiplied in float32 (the products are exact either way)."""
+    if a != b or a not in (torch.float16, torch.bfloat16):
+        return False
+    return not (a == torch.bfloat16 and _interpreting())
+
+
+def _token_tile(n_tok: int) -> int:
+    """Token rows per program: tl.dot needs at least 16; up to 64 keeps one tile for decoding-sized batches."""
+    return min(64, max(16, triton.next_power_of_2(max(n_tok, 1))))
+
+
+def _check_rows(x: Tensor, width: int, *state: Tensor) -> None:
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"x must be (tokens, {width}), got {tuple(x.shape)}")
+    if any(t.device != x.device for t in state):
+        raise ValueError(f"the packed state and x must be on one device, x is on {x.device}")
+
+
+def nm_matmul_triton(
+    values: Tensor, indices: Tensor, x: Tensor, n: int, m: int, bias: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:  # fmt: skip
+    """``x @ S^T + bias`` for the packed n:m core ``S`` (``values`` ``(out, kept)``, ``indices`` uint8) and ``x``
+    ``(T, in)`` of any strides: a new ``(T, out)`` tensor in ``out_dtype`` (default: ``values``' dtype), summed
+    in float32.  No dense core is formed."""
+    _need_triton()
+    out_features, kept = values.shape
+    n_groups = kept // n
+    _check_rows(x, n_groups * m, values, indices)
+    out = torch.empty(x.shape[0], out_features, dtype=out_dtype or values.dtype, device=x.device)
+    block_t = _token_tile(x.shape[0])
+    block_o = 32 if block_t <= 16 else 64
+    m_pow2 = triton.next_power_of_2(m)
+    block_g = max(1, 128 // m_pow2)  # 128 input columns per step
+    grid = (triton.cdiv(out_features, block_o), triton.cdiv(x.shape[0], block_t))
+    _nm_matmul_kernel[grid](
+        x, values, indices, values if bias is None else bias, out,
+        x.shape[0], out_features, n_groups,
+        x.stride(0), x.stride(1), values.stride(0), values.stride(1), indices.stride(0), indices.stride(1),
+        out.stride(0), out.stride(1),
+        N=n, M=m, M_POW2=m_pow2, BITS=index_bits(m), HAS_BIAS=bias is not None,
+        NATIVE=_native_dot(x.dtype, values.dtype), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_G=block_g,
+    )  # fmt: skip
+    return out
+
+
+def block_diag_matmul_triton(
+    blocks: Tensor, x: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """``x`` ``(T, k*b)`` times the transposed block diagonal of ``blocks`` ``(k, b, b)`` (block ``q`` of a row
+    becomes ``x_q B_q^T``), plus ``bias``: a new ``(T, k*b)`` tensor in ``out_dtype`` (default: ``blocks``'
+    dtype), summed in float32.  Any ``b``; any strides of ``x`` and ``blocks``."""
+    _need_triton()
+    k, size, _ = blocks.shape
+    _check_rows(x, k * size, blocks)
+    out = torch.empty(x.shape[0], k * size, dtype=out_dtype or blocks.dtype, device=x.device)
+    block_t = _token_tile(x.shape[0])
+    tile = min(64, max(16, triton.next_power_of_2(size)))
+    grid = (k, triton.cdiv(size, tile), triton.cdiv(x.shape[0], block_t))
+    _block_diag_kernel[grid](
+        x, blocks, blocks if bias is None else bias, out,
+        x.shape[0], size,
+        x.stride(0), x.stride(1), blocks.stride(0), blocks.stride(1), blocks.stride(2), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, NATIVE=_native_dot(x.dtype, blocks.dtype),
+        BLOCK_T=block_t, BLOCK_I=tile, BLOCK_J=tile,
+    )  # fmt: skip
+    return out
+
+
+def armor_matmul_triton(
+    b_blocks: Tensor, values: Tensor, indices: Tensor, a_blocks: Tensor, x: Tensor, n: int, m: int,
+    bias: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """ARMOR's ``x @ (A' S B')^T + bias`` for ``x`` ``(T, in)``: ``B'``, the packed core, then ``A'`` and the bias,
+    three launches on the device.  ``B' x`` is kept in the module dtype (so a 16-bit core runs on the tensor
+    cores, the rounding the dense path also makes); the core's output stays float32 until ``A'``.  Returns a
+    new ``(T, out)`` tensor in ``values``' dtype."""
+    if a_blocks.shape[0] * a_blocks.shape[1] != values.shape[0]:
+        raise ValueError(f"a_blocks {tuple(a_blocks.shape)} do not tile {values.shape[0]} output features")
+    h = block_diag_matmul_triton(b_blocks, x, out_dtype=values.dtype)
+    z = nm_matmul_triton(values, indices, h, n, m, out_dtype=torch.float32)
+    return block_diag_matmul_triton(a_blocks, z, bias, out_dtype=values.dtype)
+
+
+def unpack_dense_cuda(values: Tensor, packed_idx: Tensor, in_features: int, n: int = 2, m: int = 4) -> Tensor:
+    """The dense ``(out, in_features)`` core in ``values``' dtype, on ``values``' device; the same result as
+    :func:`armor.runtime.packing.unpack_nm` (which checks the shapes; call it for anything unusual)."""
+    _need_triton()
+    if packed_idx.device != values.device:
+        raise ValueError(f"unpack_dense_cuda needs tensors on one device, got {values.device}/{packed_idx.device}")
     out_features, kept = values.shape
     n_groups = in_features // m
     if kept != n_groups * n or packed_idx.dtype != torch.uint8 or packed_idx.shape[0] != out_features:

@@ -11,10 +11,23 @@ Data layout (unchanged from :mod:`armor.runtime.packing`): ``values`` ``(out, ke
 built: for a token batch ``x`` ``(T, in)`` the kernel forms, per call, the small ``(T, 4, kept)`` float32 table
 ``xs[t, j, k] = x[t, 4 * (k // 2) + j]`` (2 x the input size), so that every kept value ``k`` picks its input
 with three vector selects on its position bits instead of a gather; each group of 4 output rows shares the
-table loads.  Rows are split over numba's threads.  Values are read in their stored dtype (float32, bfloat16
-or float16) and converted in registers; products are summed in float32.
+table loads; each row's values are software-prefetched a few cache lines ahead (four rows stream at once, more
+than the hardware prefetcher keeps in flight).  Rows are split over numba's threads in units of 16 groups of
+4 rows.
+Values are read in their stored dtype (float32, bfloat16 or float16) and converted in registers; products are
+summed in float32.  A bfloat16 layer fed bfloat16 inputs on a CPU with AVX512-BF16 builds the table in
+bfloat16 and multiplies with ``vdpbf16ps`` (32 exact products per instruction, float32 sums).
 
 Other n:m patterns (4:8, 1:4, ...) use a plain scalar loop over the same packed data (correct, not tuned).
+
+Threads: each driver is compiled twice from one definition (:func:`_twins`): with ``parallel=True`` its
+``prange`` splits the rows over numba's threads, with ``parallel=False`` numba runs the same ``prange`` as a
+plain loop, which never touches the thread pool (on a busy machine each fork/join of the pool waits for a time
+slice); one torch thread takes the serial twin.  At the first launch, unless the user set
+``NUMBA_THREADING_LAYER`` or numba's pool already runs, :func:`_launch` picks numba's ``workqueue`` threading
+layer: the OpenMP layer starts a second libgomp pool next to torch's and made decoding on small machines many
+times slower.  The choice is process-wide (numba starts one pool), which is why it waits for the first launch
+of these kernels instead of happening at import.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import types as pytypes
 
 import numpy as np
 import torch
@@ -36,19 +50,15 @@ try:  # optional dependency: without numba the modules run their pure-PyTorch pa
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
-if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's OpenMP layer runs its own libgomp pool next to torch's; on this project's 2-core machine a
-    # SmolLM2 decode step took 1.9-5 s with it against 0.056 s with the workqueue layer (same model, one torch
-    # thread).  The workqueue layer cannot take two launches at once: _LAUNCH_LOCK serialises ours.  A user's
-    # own NUMBA_THREADING_LAYER wins.
-    numba.config.THREADING_LAYER = "workqueue"
+from .packing import index_bits
 
-__all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "block_diag_matmul", "unpack_dense"]
+__all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "unpack_dense"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # numba's workqueue threading layer aborts the process on concurrent launches from two Python threads; one
 # launch at a time costs nothing here (a layer's forward is one launch).
 _LAUNCH_LOCK = threading.Lock()
+_launched = False
 
 
 def numba_available() -> bool:
@@ -75,6 +85,9 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
 
 if numba is not None:
     _VEC = 16  # lanes of the vector loop: 16 kept values = 32 bits of positions = one uint32 per row
+    _QUADS = 16  # groups of 4 rows per unit of work of the 2:4 kernel
+    # how far ahead each row's values are prefetched; 2048 measured best of 512-4096 (benchmarks/RESULTS_runtime.md)
+    _PREFETCH_BYTES = 2048
 
     def _value_kind(ty) -> str:
         """How the raw value bits are read: float32 as is, uint16 = bfloat16 bits, int16 = float16 bits."""
@@ -115,115 +128,173 @@ if numba is not None:
     def _byte_ptr(builder, base, offset):
         return builder.gep(builder.bitcast(base, ir.IntType(8).as_pointer()), [offset])
 
+    class _Dot24IR:
+        """The LLVM IR of :func:`_dot24_rows`, in three steps: pointers (hoisted out of the loop), one word of 16
+        kept entries per loop step, and the horizontal sums added to ``out``."""
+
+        def __init__(self, context, builder, signature, args, kind: str, rows: int, toks: int) -> None:
+            self.b, self.kind, self.rows, self.toks = builder, kind, rows, toks
+            pairs = zip(signature.args[:4], args[:4], strict=True)
+            arrays = [context.make_array(ty)(context, builder, a) for ty, a in pairs]
+            self.va, self.ia, self.xa, self.oa = arrays
+            self.strides = [cgutils.unpack_tuple(builder, a.strides, a.strides.type.count) for a in arrays]
+            self.row0, self.tok0 = (self._i64(v) for v in args[4:6])
+            self.i32, self.f32 = ir.IntType(32), ir.FloatType()
+            self.vf, self.vi = ir.VectorType(self.f32, _VEC), ir.VectorType(self.i32, _VEC)
+            self.elem_bytes = 4 if kind == "f32" else 2
+            self.vraw = ir.VectorType(self.f32 if kind == "f32" else ir.IntType(16), _VEC)
+            v_s, i_s, x_s, _ = self.strides
+            self.v_rows = [self._at(self.va.data, self._mul(self._add(self.row0, r), v_s[0])) for r in range(rows)]
+            self.i_rows = [self._at(self.ia.data, self._mul(self._add(self.row0, r), i_s[0])) for r in range(rows)]
+            tok_offsets = [self._mul(self._add(self.tok0, t), x_s[0]) for t in range(toks)]
+            self.x_toks = [
+                [self._at(self.xa.data, builder.add(o, self._mul(j, x_s[1]))) for j in range(4)] for o in tok_offsets
+            ]
+            zero = ir.Constant(self.vf, None)
+            self.accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(toks)] for _ in range(rows)]
+            self.fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(self.vf, [self.vf] * 3), "llvm.fma.v16f32"
+            )
+            prefetch_ty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), self.i32, self.i32, self.i32])
+            self.prefetch = cgutils.get_or_insert_function(builder.module, prefetch_ty, "llvm.prefetch.p0i8")
+
+        def _i64(self, v):
+            return self.b.sext(v, ir.IntType(64)) if v.type.width < 64 else v
+
+        def _add(self, v, c: int):
+            return self.b.add(v, ir.Constant(ir.IntType(64), c))
+
+        def _mul(self, v, c):
+            return self.b.mul(v if not isinstance(v, int) else ir.Constant(ir.IntType(64), v), c)
+
+        def _at(self, base, offset):
+            return _byte_ptr(self.b, base, offset)
+
+        def _vec(self, values: list[int]):
+            return ir.Constant(self.vi, values)
+
+        def _prefetch(self, r: int, val_off) -> None:
+            """Ask for row ``r``'s values ``_PREFETCH_BYTES`` ahead of ``val_off``: the hardware prefetcher alone
+            keeps too few lines in flight for the four rows streamed at once."""
+            if _PREFETCH_BYTES:
+                ahead = self.b.gep(self.v_rows[r], [self.b.add(val_off, ir.Constant(val_off.type, _PREFETCH_BYTES))])
+                self.b.call(self.prefetch, [ahead] + [ir.Constant(self.i32, v) for v in (0, 3, 1)])
+
+        def _decode(self, r: int, w):
+            """Row ``r``'s word ``w``: the two position bits of each of the 16 lanes and the 16 values (float32)."""
+            b = self.b
+            word = b.load(b.bitcast(b.gep(self.i_rows[r], [b.mul(w, ir.Constant(w.type, 4))]), self.i32.as_pointer()))
+            first = b.insert_element(ir.Constant(self.vi, ir.Undefined), word, ir.Constant(self.i32, 0))
+            pos = b.lshr(b.shuffle_vector(first, first, self._vec([0] * _VEC)), self._vec(list(range(0, 2 * _VEC, 2))))
+            zero = self._vec([0] * _VEC)
+            odd = b.icmp_unsigned("!=", b.and_(pos, self._vec([1] * _VEC)), zero)
+            high = b.icmp_unsigned("!=", b.and_(pos, self._vec([2] * _VEC)), zero)
+            val_off = b.mul(w, ir.Constant(w.type, _VEC * self.elem_bytes))
+            self._prefetch(r, val_off)
+            raw = b.load(b.bitcast(b.gep(self.v_rows[r], [val_off]), self.vraw.as_pointer()), align=self.elem_bytes)
+            return odd, high, _to_f32(b, raw, self.kind, _VEC)
+
+        def step(self, w) -> None:
+            """One word (16 kept entries) of every row, for every token: select each entry's input, multiply-add."""
+            b = self.b
+            decoded = [self._decode(r, w) for r in range(self.rows)]
+            x_off = b.mul(w, ir.Constant(w.type, _VEC * 4))
+            for t in range(self.toks):
+                cand = [
+                    b.load(b.bitcast(b.gep(self.x_toks[t][j], [x_off]), self.vf.as_pointer()), align=4)
+                    for j in range(4)
+                ]
+                for r, (odd, high, vals) in enumerate(decoded):
+                    picked = b.select(high, b.select(odd, cand[3], cand[2]), b.select(odd, cand[1], cand[0]))
+                    acc = b.load(self.accs[r][t])
+                    b.store(b.call(self.fma, [vals, picked, acc]), self.accs[r][t])
+
+        def finish(self) -> None:
+            """Add each accumulator's 16 lanes (a pairwise tree) to its ``out`` entry."""
+            b = self.b
+            o_s = self.strides[3]
+            for r in range(self.rows):
+                for t in range(self.toks):
+                    acc = b.load(self.accs[r][t])
+                    width = _VEC
+                    while width > 1:
+                        width //= 2
+                        half = ir.VectorType(self.i32, width)
+                        lo = b.shuffle_vector(acc, acc, ir.Constant(half, list(range(width))))
+                        hi = b.shuffle_vector(acc, acc, ir.Constant(half, list(range(width, 2 * width))))
+                        acc = b.fadd(lo, hi)
+                    total = b.extract_element(acc, ir.Constant(self.i32, 0))
+                    off = b.add(self._mul(self._add(self.tok0, t), o_s[0]), self._mul(self._add(self.row0, r), o_s[1]))
+                    dst = b.bitcast(self._at(self.oa.data, off), self.f32.as_pointer())
+                    b.store(b.fadd(b.load(dst), total), dst)
+
+    class _Dot24BF16IR(_Dot24IR):
+        """The same product from a bfloat16 table and bfloat16 values with the CPU's bf16 dot-product instruction
+        (AVX512-BF16 ``vdpbf16ps``: 32 products per instruction, exact, summed in float32): each loop step takes
+        two words (32 kept entries)."""
+
+        def _decode(self, r: int, w):
+            b = self.b
+            lanes = []
+            for half in range(2):
+                word_ptr = b.gep(self.i_rows[r], [b.mul(b.add(w, ir.Constant(w.type, half)), ir.Constant(w.type, 4))])
+                word = b.load(b.bitcast(word_ptr, self.i32.as_pointer()))
+                first = b.insert_element(ir.Constant(self.vi, ir.Undefined), word, ir.Constant(self.i32, 0))
+                splat = b.shuffle_vector(first, first, self._vec([0] * _VEC))
+                lanes.append(b.lshr(splat, self._vec(list(range(0, 2 * _VEC, 2)))))
+            zero = self._vec([0] * _VEC)
+            both = ir.Constant(ir.VectorType(self.i32, 2 * _VEC), list(range(2 * _VEC)))
+            masks = []
+            for bit in (1, 2):
+                m_lo, m_hi = (b.icmp_unsigned("!=", b.and_(p, self._vec([bit] * _VEC)), zero) for p in lanes)
+                masks.append(b.shuffle_vector(m_lo, m_hi, both))
+            v32 = ir.VectorType(ir.IntType(16), 2 * _VEC)
+            val_off = b.mul(w, ir.Constant(w.type, _VEC * 2))
+            self._prefetch(r, val_off)
+            val_ptr = b.gep(self.v_rows[r], [val_off])
+            return masks[0], masks[1], b.load(b.bitcast(val_ptr, v32.as_pointer()), align=2)
+
+        def step(self, w) -> None:
+            b = self.b
+            v32 = ir.VectorType(ir.IntType(16), 2 * _VEC)
+            dot = cgutils.get_or_insert_function(
+                b.module, ir.FunctionType(self.vf, [self.vf, self.vi, self.vi]), "llvm.x86.avx512bf16.dpbf16ps.512"
+            )
+            decoded = [self._decode(r, w) for r in range(self.rows)]
+            x_off = b.mul(w, ir.Constant(w.type, _VEC * 2))
+            for t in range(self.toks):
+                ptrs = [b.bitcast(b.gep(self.x_toks[t][j], [x_off]), v32.as_pointer()) for j in range(4)]
+                cand = [b.load(ptr, align=2) for ptr in ptrs]
+                for r, (odd, high, vals) in enumerate(decoded):
+                    picked = b.select(high, b.select(odd, cand[3], cand[2]), b.select(odd, cand[1], cand[0]))
+                    acc = b.load(self.accs[r][t])
+                    pair = [b.bitcast(vals, self.vi), b.bitcast(picked, self.vi)]
+                    b.store(b.call(dot, [acc, *pair]), self.accs[r][t])
+
     @intrinsic(prefer_literal=True)
     def _dot24_rows(typingctx, values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok):
-        """``out[tok0 + t, row0 + r] = sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
-        first ``16 * nwords`` kept entries, for ``r < n_rows`` and ``t < n_tok`` (both compile-time
-        constants), from the position words in ``idx`` and the selection table ``xs`` ``(T, 4, K16)``."""
+        """``out[tok0 + t, row0 + r] += sum_k values[row0 + r, k] * x[tok0 + t, 4 (k // 2) + pos]`` over the
+        first ``16 nwords`` kept entries, for ``r < n_rows`` and ``t < n_tok`` (both
+        compile-time constants), from the position words in ``idx`` and the selection table ``xs``
+        ``(T, 4, K16)``.  A bfloat16 table (raw bits, uint16) with bfloat16 values takes the CPU's bf16 dot
+        product (:class:`_Dot24BF16IR`; ``nwords`` even)."""
         if not isinstance(n_rows, types.IntegerLiteral) or not isinstance(n_tok, types.IntegerLiteral):
             return None
         rows, toks = n_rows.literal_value, n_tok.literal_value
         kind = _value_kind(values)
-        elem_bytes = 4 if kind == "f32" else 2
         sig = types.void(values, idx, xs, out, row0, tok0, nwords, n_rows, n_tok)
 
+        bf16_dot = xs.dtype == types.uint16
+        if bf16_dot and kind != "bf16":
+            raise TypeError("a bfloat16 selection table needs bfloat16 values")
+
         def codegen(context, builder, signature, args):
-            v_ary, i_ary, x_ary, o_ary, row0_v, tok0_v, nwords_v = args[:7]
-            v_ty, i_ty, x_ty, o_ty = signature.args[:4]
-            va = context.make_array(v_ty)(context, builder, v_ary)
-            ia = context.make_array(i_ty)(context, builder, i_ary)
-            xa = context.make_array(x_ty)(context, builder, x_ary)
-            oa = context.make_array(o_ty)(context, builder, o_ary)
-            v_s = cgutils.unpack_tuple(builder, va.strides, 2)
-            i_s = cgutils.unpack_tuple(builder, ia.strides, 2)
-            x_s = cgutils.unpack_tuple(builder, xa.strides, 3)
-            o_s = cgutils.unpack_tuple(builder, oa.strides, 2)
-            i64 = ir.IntType(64)
-            i32 = ir.IntType(32)
-            f32 = ir.FloatType()
-            vf = ir.VectorType(f32, _VEC)
-            vi = ir.VectorType(i32, _VEC)
-            raw_elem = f32 if kind == "f32" else ir.IntType(16)
-            vraw = ir.VectorType(raw_elem, _VEC)
-            row0_v = builder.sext(row0_v, i64) if row0_v.type.width < 64 else row0_v
-            tok0_v = builder.sext(tok0_v, i64) if tok0_v.type.width < 64 else tok0_v
-
-            def c64(v):
-                return ir.Constant(i64, v)
-
-            # Base byte pointers of each row / token, hoisted out of the loop.
-            v_rows = [
-                _byte_ptr(builder, va.data, builder.mul(builder.add(row0_v, c64(r)), v_s[0])) for r in range(rows)
-            ]
-            i_rows = [
-                _byte_ptr(builder, ia.data, builder.mul(builder.add(row0_v, c64(r)), i_s[0])) for r in range(rows)
-            ]
-            x_toks = [
-                [
-                    _byte_ptr(
-                        builder,
-                        xa.data,
-                        builder.add(builder.mul(builder.add(tok0_v, c64(t)), x_s[0]), builder.mul(c64(j), x_s[1])),
-                    )
-                    for j in range(4)
-                ]
-                for t in range(toks)
-            ]
-            accs = [
-                [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(toks)] for _ in range(rows)
-            ]
-            shifts = ir.Constant(vi, [2 * i for i in range(_VEC)])
-            one = ir.Constant(vi, [1] * _VEC)
-            two = ir.Constant(vi, [2] * _VEC)
-            zero = ir.Constant(vi, [0] * _VEC)
-            undef_i = ir.Constant(vi, ir.Undefined)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
-            splat_mask = ir.Constant(vi, [0] * _VEC)
-            with cgutils.for_range(builder, nwords_v) as loop:
-                w = builder.sext(loop.index, i64) if loop.index.type.width < 64 else loop.index
-                val_off = builder.mul(w, c64(_VEC * elem_bytes))
-                x_off = builder.mul(w, c64(_VEC * 4))
-                idx_off = builder.mul(w, c64(4))
-                decoded = []
-                for r in range(rows):
-                    word_ptr = builder.bitcast(builder.gep(i_rows[r], [idx_off]), i32.as_pointer())
-                    word = builder.load(word_ptr, align=1)
-                    first = builder.insert_element(undef_i, word, ir.Constant(i32, 0))
-                    spl = builder.shuffle_vector(first, undef_i, splat_mask)
-                    pos = builder.lshr(spl, shifts)
-                    odd = builder.icmp_unsigned("!=", builder.and_(pos, one), zero)
-                    high = builder.icmp_unsigned("!=", builder.and_(pos, two), zero)
-                    vptr = builder.bitcast(builder.gep(v_rows[r], [val_off]), vraw.as_pointer())
-                    vals = _to_f32(builder, builder.load(vptr, align=elem_bytes), kind, _VEC)
-                    decoded.append((odd, high, vals))
-                for t in range(toks):
-                    cand = [
-                        builder.load(builder.bitcast(builder.gep(x_toks[t][j], [x_off]), vf.as_pointer()), align=4)
-                        for j in range(4)
-                    ]
-                    for r, (odd, high, vals) in enumerate(decoded):
-                        low_pair = builder.select(odd, cand[1], cand[0])
-                        high_pair = builder.select(odd, cand[3], cand[2])
-                        picked = builder.select(high, high_pair, low_pair)
-                        acc = builder.load(accs[r][t])
-                        builder.store(builder.call(fma, [vals, picked, acc]), accs[r][t])
-            for r in range(rows):
-                for t in range(toks):
-                    acc = builder.load(accs[r][t])
-                    # pairwise tree reduction of the 16 lanes
-                    width = _VEC
-                    while width > 1:
-                        width //= 2
-                        half = ir.VectorType(i32, width)
-                        lo = builder.shuffle_vector(acc, acc, ir.Constant(half, list(range(width))))
-                        hi = builder.shuffle_vector(acc, acc, ir.Constant(half, list(range(width, 2 * width))))
-                        acc = builder.fadd(lo, hi)
-                    total = builder.extract_element(acc, ir.Constant(i32, 0))
-                    off = builder.add(
-                        builder.mul(builder.add(tok0_v, c64(t)), o_s[0]),
-                        builder.mul(builder.add(row0_v, c64(r)), o_s[1]),
-                    )
-                    builder.store(total, builder.bitcast(_byte_ptr(builder, oa.data, off), f32.as_pointer()))
+            gen = (_Dot24BF16IR if bf16_dot else _Dot24IR)(context, builder, signature, args, kind, rows, toks)
+            per_step = 2 if bf16_dot else 1
+            steps = builder.udiv(args[6], ir.Constant(args[6].type, per_step))
+            with cgutils.for_range(builder, steps) as loop:
+                gen.step(builder.mul(gen._i64(loop.index), ir.Constant(ir.IntType(64), per_step)))
+            gen.finish()
             return context.get_dummy_value()
 
         return sig, codegen
@@ -234,12 +305,26 @@ if numba is not None:
         acc = numba.float32(0.0)
         for k in range(k_start, values.shape[1]):
             pos = (idx[o, k >> 2] >> ((k & 3) * 2)) & 3
-            acc += _as_f32(values[o, k]) * x[t, 4 * (k >> 1) + pos]
+            acc += _as_f32(values[o, k]) * _as_f32(x[t, 4 * (k >> 1) + pos])
         out[t, o] += acc
 
-    # Each kernel is a body over one unit of work (a group of 4 output rows, one row, one output feature of a
-    # block) and two drivers: a ``prange`` one for several threads and a plain loop for one thread, which never
-    # touches numba's thread pool (on a busy machine each fork/join of the pool waits for a time slice).
+    def _twins(driver, fastmath: bool = False):
+        """``(serial, parallel)`` dispatchers of one driver: numba runs ``prange`` as ``range`` when not parallel.
+        Each twin is a copy of the function under its own name, so that numba's on-disk cache (keyed by the
+        qualified name) keeps the two compilations apart."""
+
+        def copy(suffix: str):
+            f = pytypes.FunctionType(
+                driver.__code__, driver.__globals__, driver.__name__ + suffix, driver.__defaults__, driver.__closure__
+            )
+            f.__qualname__ = driver.__qualname__ + suffix
+            return f
+
+        return (
+            njit(cache=True, fastmath=fastmath)(copy("_ser")),
+            njit(parallel=True, cache=True, fastmath=fastmath)(copy("_par")),
+        )
+
     @njit(cache=True)
     def _selection_table(x, kept):
         """``xs[t, j, k] = x[t, 4 (k // 2) + j]`` for ``k < 16 floor(kept / 16)``: each 2:4 group's 4 inputs,
@@ -254,153 +339,117 @@ if numba is not None:
         return xs
 
     @njit(cache=True, inline="always")
-    def _nm24_unit(values, idx, x, xs, out, q, n_quads):
-        """Rows ``4q .. 4q+3`` (or the single row ``4 n_quads + q - n_quads`` past the last full group)."""
-        n_tok = x.shape[0]
+    def _nm24_quad(values, idx, xs, out, row, nwords):
+        """Rows ``row .. row+3``, every token, kept words ``0 .. nwords-1`` added to ``out``."""
+        n_tok = out.shape[0]
+        t = 0
+        while t < n_tok:
+            left = n_tok - t
+            if left >= 4:
+                _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 4)
+                t += 4
+            elif left >= 2:
+                _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 2)
+                t += 2
+            else:
+                _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 1)
+                t += 1
+
+    def _nm24_driver(values, idx, x, xs, out):
+        """2:4 core: units of ``_QUADS`` groups of 4 rows (plus one unit for the rows past the last full
+        group), each row streamed once from start to end (a stream split in chunks loses its prefetched lines
+        at every chunk edge: measured slower).  The table ``xs`` covers the first
+        ``xs.shape[2]`` kept entries (a multiple of 16; of 32 for a bfloat16 table); scalar code does the rest."""
+        n_rows, kept = values.shape
+        nwords = xs.shape[2] // _VEC
+        n_quads = n_rows // 4
+        n_units = (n_quads + _QUADS - 1) // _QUADS
+        for unit in prange(n_units + 1):
+            if unit < n_units:
+                lo = unit * _QUADS * 4
+                hi = min(lo + _QUADS * 4, n_quads * 4)
+                for row in range(lo, hi, 4):
+                    _nm24_quad(values, idx, xs, out, row, nwords)
+            else:
+                lo = n_quads * 4
+                hi = n_rows
+                for row in range(lo, hi):
+                    for t in range(x.shape[0]):
+                        _dot24_rows(values, idx, xs, out, row, t, nwords, 1, 1)
+            if nwords * _VEC < kept:
+                for o in range(lo, hi):
+                    for t in range(x.shape[0]):
+                        _dot24_tail(values, idx, x, out, o, t, nwords * _VEC)
+
+    def _nm_generic_driver(values, idx, x, out, n, m, bits):
+        """Any n:m pattern, one row per step: ``out[t, o] = sum_k values[o, k] x[t, m (k // n) + pos(o, k)]``."""
         kept = values.shape[1]
-        nwords = kept // _VEC
-        k16 = nwords * _VEC
-        if q < n_quads:
-            row = 4 * q
-            t = 0
-            while t < n_tok:
-                left = n_tok - t
-                if left >= 4:
-                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 4)
-                    t += 4
-                elif left >= 2:
-                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 2)
-                    t += 2
-                else:
-                    _dot24_rows(values, idx, xs, out, row, t, nwords, 4, 1)
-                    t += 1
-            last = row + 4
-        else:
-            row = 4 * n_quads + (q - n_quads)
-            for t in range(n_tok):
-                _dot24_rows(values, idx, xs, out, row, t, nwords, 1, 1)
-            last = row + 1
-        if k16 < kept:
-            for o in range(row, last):
-                for t in range(n_tok):
-                    _dot24_tail(values, idx, x, out, o, t, k16)
-
-    @njit(parallel=True, cache=True)
-    def _nm24_par(values, idx, x, out):
-        xs = _selection_table(x, values.shape[1])
-        n_quads = values.shape[0] // 4
-        for q in prange(n_quads + values.shape[0] - 4 * n_quads):
-            _nm24_unit(values, idx, x, xs, out, q, n_quads)
-
-    @njit(cache=True)
-    def _nm24_ser(values, idx, x, out):
-        xs = _selection_table(x, values.shape[1])
-        n_quads = values.shape[0] // 4
-        for q in range(n_quads + values.shape[0] - 4 * n_quads):
-            _nm24_unit(values, idx, x, xs, out, q, n_quads)
-
-    @njit(fastmath=True, cache=True, inline="always")
-    def _nm_generic_unit(values, idx, x, out, n, m, o):
-        """Any n:m pattern, row ``o``: ``out[t, o] = sum_k values[o, k] x[t, m (k // n) + pos(o, k)]`` (scalar)."""
-        kept = values.shape[1]
-        bits = 1 if m == 2 else (2 if m <= 4 else 4)
         per_byte = 8 // bits
         field = (1 << bits) - 1
-        for t in range(x.shape[0]):
-            acc = numba.float32(0.0)
-            for k in range(kept):
-                pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
-                acc += _as_f32(values[o, k]) * x[t, m * (k // n) + pos]
-            out[t, o] = acc
-
-    @njit(parallel=True, cache=True)
-    def _nm_generic_par(values, idx, x, out, n, m):
         for o in prange(values.shape[0]):
-            _nm_generic_unit(values, idx, x, out, n, m, o)
+            for t in range(x.shape[0]):
+                acc = numba.float32(0.0)
+                for k in range(kept):
+                    pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
+                    acc += _as_f32(values[o, k]) * x[t, m * (k // n) + pos]
+                out[t, o] = acc
 
-    @njit(cache=True)
-    def _nm_generic_ser(values, idx, x, out, n, m):
-        for o in range(values.shape[0]):
-            _nm_generic_unit(values, idx, x, out, n, m, o)
-
-    @njit(fastmath=True, cache=True, inline="always")
-    def _block_diag_unit(blocks, x, out, r):
+    def _block_diag_driver(blocks, x, out):
         """Output feature ``r = q b + i``: ``out[t, r] = sum_j blocks[q, i, j] x[t, q b + j]``."""
         size = blocks.shape[1]
-        q = r // size
-        i = r - q * size
-        base = q * size
-        for t in range(x.shape[0]):
-            acc = numba.float32(0.0)
-            for j in range(size):
-                acc += _as_f32(blocks[q, i, j]) * x[t, base + j]
-            out[t, r] = acc
+        for r in prange(blocks.shape[0] * size):
+            q = r // size
+            i = r - q * size
+            base = q * size
+            for t in range(x.shape[0]):
+                acc = numba.float32(0.0)
+                for j in range(size):
+                    acc += _as_f32(blocks[q, i, j]) * x[t, base + j]
+                out[t, r] = acc
 
-    @njit(parallel=True, cache=True)
-    def _block_diag_par(blocks, x, out):
-        for r in prange(blocks.shape[0] * blocks.shape[1]):
-            _block_diag_unit(blocks, x, out, r)
-
-    @njit(cache=True)
-    def _block_diag_ser(blocks, x, out):
-        for r in range(blocks.shape[0] * blocks.shape[1]):
-            _block_diag_unit(blocks, x, out, r)
-
-    @njit(cache=True, inline="always")
-    def _unpack_unit(values, idx, out, n, m, o):
-        """Row ``o`` of the dense core: zeros, then each kept value at its position (raw bits copied as is)."""
+    def _unpack_driver(values, idx, out, n, m, bits):
+        """The dense core: zeros, then each kept value at its position (raw bits copied as is)."""
         kept = values.shape[1]
-        if n == 2 and m == 4 and kept % 4 == 0:
-            # one byte of positions = two groups = 8 dense columns, written in one go
-            for c in range(kept // 4):
-                b = idx[o, c]
-                base = 8 * c
-                for j in range(8):
-                    out[o, base + j] = 0
-                out[o, base + (b & 3)] = values[o, 4 * c]
-                out[o, base + ((b >> 2) & 3)] = values[o, 4 * c + 1]
-                out[o, base + 4 + ((b >> 4) & 3)] = values[o, 4 * c + 2]
-                out[o, base + 4 + (b >> 6)] = values[o, 4 * c + 3]
-            return
-        bits = 1 if m == 2 else (2 if m <= 4 else 4)
         per_byte = 8 // bits
         field = (1 << bits) - 1
-        for c in range(out.shape[1]):
-            out[o, c] = 0
-        for k in range(kept):
-            pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
-            out[o, m * (k // n) + pos] = values[o, k]
-
-    @njit(parallel=True, cache=True)
-    def _unpack_par(values, idx, out, n, m):
         for o in prange(values.shape[0]):
-            _unpack_unit(values, idx, out, n, m, o)
-
-    @njit(cache=True)
-    def _unpack_ser(values, idx, out, n, m):
-        for o in range(values.shape[0]):
-            _unpack_unit(values, idx, out, n, m, o)
-
-    @njit(cache=True)
-    def _unpack_forward(values, idx, n, m, parallel):
-        out = np.empty((values.shape[0], values.shape[1] // n * m), dtype=values.dtype)
-        if parallel:
-            _unpack_par(values, idx, out, n, m)
-        else:
-            _unpack_ser(values, idx, out, n, m)
-        return out
-
-    @njit(cache=True)
-    def _core_into(values, idx, x, out, n, m, parallel):
-        if n == 2 and m == 4:
-            if parallel:
-                _nm24_par(values, idx, x, out)
+            if n == 2 and m == 4 and kept % 4 == 0:
+                # one byte of positions = two groups = 8 dense columns, written in one go
+                for c in range(kept // 4):
+                    b = idx[o, c]
+                    base = 8 * c
+                    for j in range(8):
+                        out[o, base + j] = 0
+                    out[o, base + (b & 3)] = values[o, 4 * c]
+                    out[o, base + ((b >> 2) & 3)] = values[o, 4 * c + 1]
+                    out[o, base + 4 + ((b >> 4) & 3)] = values[o, 4 * c + 2]
+                    out[o, base + 4 + (b >> 6)] = values[o, 4 * c + 3]
             else:
-                _nm24_ser(values, idx, x, out)
+                for c in range(out.shape[1]):
+                    out[o, c] = 0
+                for k in range(kept):
+                    pos = (idx[o, k // per_byte] >> ((k % per_byte) * bits)) & field
+                    out[o, m * (k // n) + pos] = values[o, k]
+
+    _nm24_ser, _nm24_par = _twins(_nm24_driver)
+    # fastmath: the scalar float32 sums may be reassociated, so that LLVM vectorises them
+    _nm_generic_ser, _nm_generic_par = _twins(_nm_generic_driver, fastmath=True)
+    _block_diag_ser, _block_diag_par = _twins(_block_diag_driver, fastmath=True)
+    _unpack_ser, _unpack_par = _twins(_unpack_driver)
+
+    @njit(cache=True)
+    def _core_into(values, idx, x, out, n, m, bits, parallel):
+        if n == 2 and m == 4:
+            out[:] = 0
+            xs = _selection_table(x, values.shape[1])
+            if parallel:
+                _nm24_par(values, idx, x, xs, out)
+            else:
+                _nm24_ser(values, idx, x, xs, out)
         elif parallel:
-            _nm_generic_par(values, idx, x, out, n, m)
+            _nm_generic_par(values, idx, x, out, n, m, bits)
         else:
-            _nm_generic_ser(values, idx, x, out, n, m)
+            _nm_generic_ser(values, idx, x, out, n, m, bits)
 
     @njit(cache=True)
     def _block_diag_into(blocks, x, out, parallel):
@@ -410,24 +459,36 @@ if numba is not None:
             _block_diag_ser(blocks, x, out)
 
     @njit(cache=True)
-    def _sparse_forward(values, idx, x, n, m, parallel):
+    def _unpack_forward(values, idx, n, m, bits, parallel):
+        out = np.empty((values.shape[0], values.shape[1] // n * m), dtype=values.dtype)
+        if parallel:
+            _unpack_par(values, idx, out, n, m, bits)
+        else:
+            _unpack_ser(values, idx, out, n, m, bits)
+        return out
+
+    @njit(cache=True)
+    def _sparse_forward(values, idx, x, n, m, bits, parallel):
         out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, x, out, n, m, parallel)
+        _core_into(values, idx, x, out, n, m, bits, parallel)
         return out
 
     @njit(cache=True)
-    def _block_diag_forward(blocks, x, parallel):
-        out = np.empty_like(x)
-        _block_diag_into(blocks, x, out, parallel)
+    def _sparse_forward_bf16(values, idx, x, xs, parallel):
+        out = np.zeros((x.shape[0], values.shape[0]), dtype=np.float32)
+        if parallel:
+            _nm24_par(values, idx, x, xs, out)
+        else:
+            _nm24_ser(values, idx, x, xs, out)
         return out
 
     @njit(cache=True)
-    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, parallel):
+    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, bits, parallel):
         n_tok = x.shape[0]
         h = np.empty((n_tok, x.shape[1]), dtype=np.float32)
         _block_diag_into(b_blocks, x, h, parallel)
         z = np.empty((n_tok, values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, h, z, n, m, parallel)
+        _core_into(values, idx, h, z, n, m, bits, parallel)
         out = np.empty_like(z)
         _block_diag_into(a_blocks, z, out, parallel)
         return out
@@ -462,10 +523,41 @@ def _float32_rows(x: Tensor, width: int) -> Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
 
 
+@functools.cache
+def _host_has_bf16_dot() -> bool:
+    """Whether this CPU has the AVX512-BF16 dot-product instruction (``vdpbf16ps``)."""
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512bf16", False))
+
+
+def _bf16_table(x: Tensor) -> Tensor:
+    """The selection table of :func:`_selection_table` in bfloat16 for the first ``32 floor(kept / 32)`` kept
+    entries of a bfloat16 ``x`` ``(T, in)`` (exact: the same bits, twice each)."""
+    n_tok, width = x.shape
+    k32 = width // 2 // 32 * 32
+    groups = x[:, : 2 * k32].reshape(n_tok, k32 // 2, 4).transpose(1, 2)  # (T, 4, groups)
+    return groups.repeat_interleave(2, dim=2).contiguous()
+
+
+def _first_launch() -> None:
+    """Pick numba's threading layer before its pool starts (see the module docstring); once per process."""
+    global _launched
+    _launched = True
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    try:
+        numba.threading_layer()  # raises while no pool runs yet
+    except ValueError:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
 def _launch(kernel, *args):
     """Run ``kernel(*args, parallel)`` on torch's thread count (one thread: no thread pool at all)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _LAUNCH_LOCK:
+        if not _launched:
+            _first_launch()
         if threads > 1:
             numba.set_num_threads(threads)
         return torch.from_numpy(kernel(*args, threads > 1))
@@ -475,8 +567,22 @@ def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Ten
     """``x @ S^T`` for the packed n:m core ``S`` (``values`` ``(out, kept)``, ``indices`` uint8) and ``x``
     ``(T, in)`` (any float dtype, any strides): a new float32 ``(T, out)`` tensor.  No dense core is formed."""
     _check_ready(values, indices, x)
+    if (n, m) == (2, 4) and values.dtype == x.dtype == torch.bfloat16 and _host_has_bf16_dot():
+        if x.dim() != 2 or x.shape[1] != values.shape[1] * 2:
+            raise ValueError(f"x must be (tokens, {values.shape[1] * 2}), got {tuple(x.shape)}")
+        x = x.detach().contiguous()
+        xs = _raw_numpy(_bf16_table(x))
+        return _launch(_sparse_forward_bf16, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs)
     x32 = _float32_rows(x, values.shape[1] // n * m)
-    return _launch(_sparse_forward, _raw_numpy(values), indices.detach().numpy(), x32.numpy(), n, m)
+    return _launch(
+        _sparse_forward,
+        _raw_numpy(values),
+        indices.detach().numpy(),
+        x32.numpy(),
+        n,
+        m,
+        index_bits(m),
+    )
 
 
 def armor_matmul(
@@ -497,6 +603,7 @@ def armor_matmul(
         x32.numpy(),
         n,
         m,
+        index_bits(m),
     )
 
 
@@ -504,13 +611,6 @@ def unpack_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
     """The dense ``(out, in)`` core in ``values``' dtype, written in one pass over the packed state (what
     :func:`armor.runtime.packing.unpack_nm` returns, without its int64 index tensors: ~50x faster on CPU)."""
     _check_ready(values, indices)
-    dense = _launch(_unpack_forward, _raw_numpy(values), indices.detach().numpy(), n, m)
+    dense = _launch(_unpack_forward, _raw_numpy(values), indices.detach().numpy(), n, m, index_bits(m))
     return dense.view(values.dtype) if values.dtype != torch.float32 else dense
 
-
-def block_diag_matmul(blocks: Tensor, x: Tensor) -> Tensor:
-    """``x`` ``(T, k*b)`` times the transposed block diagonal of ``blocks`` ``(k, b, b)``: block ``q`` of a row
-    becomes ``x_q B_q^T``.  Float32 ``(T, k*b)`` result, sums in float32, blocks read in their stored dtype."""
-    _check_ready(blocks, x)
-    x32 = _float32_rows(x, blocks.shape[0] * blocks.shape[1])
-    return _launch(_block_diag_forward, _raw_numpy(blocks), x32.numpy())

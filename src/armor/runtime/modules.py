@@ -7,30 +7,23 @@ and the file is about 0.56x (2:4) / 0.61x (ARMOR, 128 blocks, 7B shapes) of the 
 
 Resident memory is the packed state: no dense copy of the core (or of ``W_hat``) is ever kept.  The one cache
 is the semi-structured CUDA form of the core (itself compressed, about the packed size), built at the first
-forward on a capable GPU, kept outside ``state_dict()``, rebuilt when the state changes (``load_state_dict``,
-``.to()``) and freed by :meth:`drop_cache`.  :meth:`resident_nbytes` counts state plus cache.
+forward of the ``semi_structured`` backend, kept outside ``state_dict()``, rebuilt when the state changes
+(``load_state_dict``, ``.to()``) and freed by :meth:`drop_cache`.  :meth:`resident_nbytes` counts state plus cache.
 
-Backends (``module.backend`` is the request; ``module.active_backend`` says which path ran last, or would run
-for one token before any forward; :meth:`backend_for` answers for a given token count):
-
-* ``"auto"`` (default): on CUDA ``"dense"`` (see below why not ``"semi_structured"``); on CPU ``"packed"``
-  for token batches up to :data:`CPU_PACKED_MAX_TOKENS` (decoding; a measured crossover, see
-  benchmarks/RESULTS_runtime.md) and ``"dense"`` above it (prefill), or ``"dense"`` when numba is missing;
-* ``"packed"``: the CPU kernels of :mod:`armor.runtime.kernels` compute straight from ``values``/``indices``
-  (and the wrapper blocks read in place), summing in float32 (numba; CPU; float32, bfloat16, float16);
-* ``"semi_structured"``: 2:4 sparse tensor cores through ``torch.sparse.to_sparse_semi_structured`` (CUDA,
-  compute capability >= 8.0, float16/bfloat16, 2:4 pattern); only when asked for.  Measured on an H100 with
-  torch 2.11 / cuSPARSELt 0.8 (benchmarks/RESULTS_runtime.md): its kernels beat dense ``F.linear`` by up to
-  1.44x at 2048 tokens, but every call spends about 1 ms of host time setting up cuSPARSELt, so in eager mode
-  it was 4-28x slower than dense at every measured shape and batch, and a CUDA graph of it faulted on replay;
-  it also keeps the compressed copy next to the packed state (1.125x dense resident for plain 2:4);
-* ``"dense"``: the core unpacked to a TRANSIENT dense matrix for the call (freed after) and ``F.linear``; for
-  ARMOR the wrappers are batched block matmuls around it.  Also the path autograd takes.  The unpack is one
-  pass: numba on CPU, a Triton kernel on CUDA (:mod:`armor.runtime.gpu_kernels`; PyTorch ops without triton).
+Backends: the table :data:`BACKENDS` (name, availability probe, matmul) is the one place a compute path is
+described; ``module.backend`` is the request (``"auto"`` or a table name), ``module.active_backend`` says which
+path ran last (or would run for one token before any forward) and :meth:`backend_for` answers for a given token
+count.  ``"auto"`` takes, in table order, the first backend whose probe passes and whose ``auto_max_tokens``
+covers the batch (on CUDA the Triton kernels for decoding-sized batches, on CPU the numba kernels), else the
+transient-dense path.  Gradients always take the dense path (the only differentiable one).  A new backend is
+one :class:`Backend` entry (probe, the two matmuls, the ``auto`` rule) plus its tests; the module's
+``backend`` choices and ``armor bench --backends`` follow from the table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,19 +32,26 @@ from torch import Tensor, nn
 
 from ..factors import block_product
 from ..result import PruneResult
-from .gpu_kernels import triton_available, unpack_dense_cuda
+from . import gpu_kernels
+from .gpu_kernels import TRITON_DTYPES, armor_matmul_triton, nm_matmul_triton, triton_available, unpack_dense_cuda
 from .kernels import armor_matmul, kernel_dtypes, nm_matmul, numba_available, unpack_dense
 from .packing import pack_nm, packed_index_shape, unpack_nm
 
 __all__ = [
     "ArmorLinear",
     "SparseLinear",
+    "Backend",
+    "BACKENDS",
+    "BACKEND_CHOICES",
     "module_from_result",
     "empty_module_from_spec",
+    "backend_status",
     "semi_structured_status",
     "packed_status",
+    "triton_status",
     "state_nbytes",
     "CPU_PACKED_MAX_TOKENS",
+    "TRITON_MAX_TOKENS",
 ]
 
 _SEMI_DTYPES = (torch.float16, torch.bfloat16)
@@ -61,6 +61,11 @@ _SEMI_DTYPES = (torch.float16, torch.bfloat16)
 #: transient-dense for 2:4 and ARMOR at every timed batch up to 16 in both dtypes; at 64 transient-dense won
 #: everywhere in bfloat16 and for ARMOR 4096x4096 in float32.  float16 was not measured and follows float32.
 CPU_PACKED_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
+
+#: ``auto`` on CUDA runs the Triton kernels for token batches up to this many rows (decoding and short
+#: prefill, the sizes they are written for) and the transient-dense path above.  Not yet a measured crossover:
+#: ``python benchmarks/gpu_runtime.py`` measures it per GPU (benchmarks/RESULTS_runtime.md, GPU section).
+TRITON_MAX_TOKENS = 64
 
 
 def semi_structured_status(
@@ -82,7 +87,7 @@ def semi_structured_status(
     return None
 
 
-def packed_status(device: torch.device | str, dtype: torch.dtype) -> str | None:
+def packed_status(device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4) -> str | None:
     """``None`` when the packed CPU kernels can run for this device/dtype, else why not."""
     device = torch.device(device)
     if not numba_available():
@@ -91,6 +96,23 @@ def packed_status(device: torch.device | str, dtype: torch.dtype) -> str | None:
         return f"the packed kernels run on CPU, the module is on {device}"
     if dtype not in kernel_dtypes():
         return f"the packed kernels support float32, bfloat16 and float16, the module is {dtype}"
+    return None
+
+
+def triton_status(device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4) -> str | None:
+    """``None`` when the Triton kernels can run for this device/dtype, else why not.  They run on CUDA, and on
+    CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    device = torch.device(device)
+    if not triton_available():
+        return "the Triton kernels need triton, which is not installed (pip install triton)"
+    if device.type != "cuda" and not (device.type == "cpu" and gpu_kernels._interpreting()):
+        return f"the Triton kernels run on CUDA, the module is on {device}"
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton kernels support float16, bfloat16 and float32, the module is {dtype}"
+    return None
+
+
+def _always(device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4) -> str | None:
     return None
 
 
@@ -126,8 +148,6 @@ def _tensor_nbytes(obj: Any) -> int:
 
 class _PackedNMLinear(nn.Module):
     """Shared machinery: packed core storage, the semi-structured cache and backend choice."""
-
-    _BACKENDS: tuple[str, ...] = ("auto", "packed", "semi_structured", "dense")
 
     def __init__(
         self,
@@ -165,26 +185,26 @@ class _PackedNMLinear(nn.Module):
             self.register_parameter("bias", None)
         self._cache: dict[str, tuple[tuple, Any]] = {}
         self._last_backend: str | None = None
-        self._packed_max_tokens: int | None = None  # auto on CPU: packed up to this many tokens (-1: cannot)
+        self._auto: list[tuple[str, int]] | None = None  # memo of auto's plan: (backend, up to this many tokens)
         self.backend = backend
 
     # -- backend choice ----------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """Requested backend: ``"auto"``, ``"packed"``, ``"semi_structured"`` or ``"dense"``."""
+        """Requested backend: ``"auto"`` or a name of :data:`BACKENDS`."""
         return self._backend
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in self._BACKENDS:
+        if value not in BACKEND_CHOICES:
             raise ValueError(
-                f"unknown backend {value!r} for {type(self).__name__}; choose one of {self._BACKENDS}"
+                f"unknown backend {value!r} for {type(self).__name__}; choose one of {BACKEND_CHOICES}"
             )
         self._backend = value
         if value != "semi_structured":
             self.drop_cache()  # only the semi-structured path uses the cache: do not hold its memory
         self._last_backend = None
-        self._packed_max_tokens = None
+        self._auto = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,25 +227,18 @@ class _PackedNMLinear(nn.Module):
         """The compute path a forward over ``n_tokens`` rows of input takes now (without gradients).
 
         Raises RuntimeError when a forced backend cannot run here."""
-        if self._backend == "semi_structured":
-            why = semi_structured_status(self.device, self.dtype, self.n, self.m)
-            if why is not None:
-                raise RuntimeError(f"backend 'semi_structured' was forced but cannot run: {why}")
-            return "semi_structured"
-        if self._backend == "packed":
-            why = packed_status(self.device, self.dtype)
-            if why is not None:
-                raise RuntimeError(f"backend 'packed' was forced but cannot run: {why}")
-            return "packed"
         if self._backend == "auto":
-            if self.device.type == "cuda":
-                return "dense"  # faster than semi_structured in eager mode on the GPU measured (module docstring)
-            if self._packed_max_tokens is None:  # memo: the device/dtype checks cost more than a small forward
-                ok = packed_status(self.device, self.dtype) is None
-                self._packed_max_tokens = CPU_PACKED_MAX_TOKENS.get(self.dtype, 0) if ok else -1
-            if self._packed_max_tokens >= 0:
-                return "packed" if n_tokens <= self._packed_max_tokens else "dense"
-        return "dense"
+            if self._auto is None:  # memo: the device/dtype probes cost more than a small forward
+                self._auto = [
+                    (b.name, b.auto_max_tokens(self.device, self.dtype))
+                    for b in BACKENDS.values()
+                    if b.auto_max_tokens is not None and b.status(self.device, self.dtype, self.n, self.m) is None
+                ]
+            return next((name for name, limit in self._auto if n_tokens <= limit), "dense")
+        why = BACKENDS[self._backend].status(self.device, self.dtype, self.n, self.m)
+        if why is not None:
+            raise RuntimeError(f"backend {self._backend!r} was forced but cannot run: {why}")
+        return self._backend
 
     def _choose(self, x: Tensor) -> str:
         n_tokens = x.numel() // self.in_features if self.in_features else 0
@@ -274,7 +287,7 @@ class _PackedNMLinear(nn.Module):
         # .to()/.half()/.cuda() make every cache stale; free them now rather than at the next forward.
         self.drop_cache()
         self._last_backend = None
-        self._packed_max_tokens = None
+        self._auto = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -299,24 +312,19 @@ class _PackedNMLinear(nn.Module):
             ),
         )
 
-    def _core_matmul(self, x2: Tensor, backend: str) -> Tensor:
-        """``x2 @ S^T`` for ``x2`` ``(T, in)`` on the given backend (packed: float32 result)."""
-        if backend == "packed":
-            return nm_matmul(self.values, self.indices, x2, self.n, self.m)
-        if backend == "semi_structured":
-            return F.linear(x2.contiguous(), self._semi_core())
-        return F.linear(x2, self._dense_core())
+    def forward(self, x: Tensor) -> Tensor:
+        backend = BACKENDS[self._choose(x)]
+        matmul = backend.armor if isinstance(self, ArmorLinear) else backend.sparse
+        return matmul(self, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    def _with_bias(self, y: Tensor) -> Tensor:
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.dtype)
 
     # -- public helpers ----------------------------------------------------------------------------------
-    @property
-    def weight(self) -> Tensor:
-        """The dense reconstruction ``(out, in)``.
-
-        WARNING: this materialises a full dense matrix on every access (it is not a stored parameter); it
-        exists only so that code reading ``layer.weight.dtype`` / ``.device`` / ``.shape`` keeps working.
-        """
-        return self.dense_weight()
-
+    # No ``weight`` attribute: code that looks for one (``getattr(m, "weight", None)``) must not get a dense
+    # matrix built behind its back; :meth:`dense_weight` builds it on purpose.
     def dense_weight(self) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -356,16 +364,6 @@ class SparseLinear(_PackedNMLinear):
         backend: str = "auto",
     ) -> None:
         super().__init__(in_features, out_features, n, m, bias, dtype, device, backend)
-
-    def forward(self, x: Tensor) -> Tensor:
-        backend = self._choose(x)
-        if backend == "dense":
-            return F.linear(x, self._dense_core(), self.bias)
-        shape = x.shape
-        y = self._core_matmul(x.reshape(-1, self.in_features), backend)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(self.dtype).reshape(*shape[:-1], self.out_features)
 
     def dense_weight(self) -> Tensor:
         """The pruned weight ``(out, in)`` in the module dtype."""
@@ -422,21 +420,6 @@ class ArmorLinear(_PackedNMLinear):
         # (k, T, b) @ (k, b, b): one bmm over the k blocks.
         y = torch.bmm(x2.reshape(t, k, b).transpose(0, 1), blocks.transpose(1, 2))
         return y.transpose(0, 1).reshape(t, k * b).to(dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        backend = self._choose(x)
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if backend == "packed":
-            # float32 from the input to the output, one rounding to the module dtype at the end
-            y = armor_matmul(self.b_blocks, self.values, self.indices, self.a_blocks, x2, self.n, self.m)
-        else:
-            h = self._blocks(x2, self.b_blocks)
-            h = self._core_matmul(h, backend)
-            y = self._blocks(h, self.a_blocks)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(self.dtype).reshape(*shape[:-1], self.out_features)
 
     def _reconstruct(self) -> Tensor:
         core = unpack_nm(self.values, self.indices, self.in_features, self.n, self.m)
@@ -528,3 +511,82 @@ def empty_module_from_spec(
     if kind == "sparse":
         return SparseLinear(**common)
     raise ValueError(f"unknown module type {kind!r} in spec (expected 'armor' or 'sparse')")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The backend table.  Each matmul maps ``x2`` ``(T, in)`` to ``(T, out)`` in the module dtype, bias included.
+@dataclass(frozen=True)
+class Backend:
+    """One compute path of the packed modules."""
+
+    name: str
+    #: ``(device, dtype, n, m) -> None`` when the path can run there, else why not
+    status: Callable[[torch.device, torch.dtype, int, int], str | None]
+    sparse: Callable[[SparseLinear, Tensor], Tensor]
+    armor: Callable[[ArmorLinear, Tensor], Tensor]
+    #: ``(device, dtype) -> n``: ``auto`` takes this path up to ``n`` tokens; None: only when asked for
+    auto_max_tokens: Callable[[torch.device, torch.dtype], int] | None
+    summary: str
+
+
+def _armor_around(core: Callable[[ArmorLinear, Tensor], Tensor]) -> Callable[[ArmorLinear, Tensor], Tensor]:
+    """ARMOR as three steps: ``B'`` and ``A'`` as batched block matmuls around ``core`` (the core's matmul)."""
+
+    def matmul(mod: ArmorLinear, x2: Tensor) -> Tensor:
+        return mod._with_bias(mod._blocks(core(mod, mod._blocks(x2, mod.b_blocks)), mod.a_blocks))
+
+    return matmul
+
+
+def _semi_core(mod: _PackedNMLinear, x2: Tensor) -> Tensor:
+    return F.linear(x2.contiguous(), mod._semi_core())
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            "triton",
+            triton_status,
+            lambda mod, x2: nm_matmul_triton(mod.values, mod.indices, x2, mod.n, mod.m, mod.bias),
+            lambda mod, x2: armor_matmul_triton(
+                mod.b_blocks, mod.values, mod.indices, mod.a_blocks, x2, mod.n, mod.m, mod.bias
+            ),
+            lambda device, dtype: TRITON_MAX_TOKENS if device.type == "cuda" else 0,
+            "Triton kernels straight from the packed state (armor.runtime.gpu_kernels); CUDA; graph-capturable",
+        ),
+        Backend(
+            "packed",
+            packed_status,
+            lambda mod, x2: mod._with_bias(nm_matmul(mod.values, mod.indices, x2, mod.n, mod.m)),
+            lambda mod, x2: mod._with_bias(
+                armor_matmul(mod.b_blocks, mod.values, mod.indices, mod.a_blocks, x2, mod.n, mod.m)
+            ),
+            lambda device, dtype: CPU_PACKED_MAX_TOKENS.get(dtype, 0),
+            "numba kernels straight from the packed state (armor.runtime.kernels); CPU; float32 sums",
+        ),
+        Backend(
+            "semi_structured",
+            semi_structured_status,
+            lambda mod, x2: mod._with_bias(_semi_core(mod, x2)),
+            _armor_around(_semi_core),
+            None,
+            "2:4 sparse tensor cores (torch.sparse semi-structured, cached compressed core); CUDA, 16-bit, 2:4",
+        ),
+        Backend(
+            "dense",
+            _always,
+            lambda mod, x2: F.linear(x2, mod._dense_core(), mod.bias),
+            _armor_around(lambda mod, h: F.linear(h, mod._dense_core())),
+            None,
+            "the core unpacked to a transient dense matrix for the call, then F.linear; the differentiable path",
+        ),
+    )
+}
+#: what ``module.backend`` accepts
+BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+
+
+def backend_status(name: str, device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4) -> str | None:
+    """``None`` when backend ``name`` can run for this device/dtype/pattern, else why not."""
+    return BACKENDS[name].status(torch.device(device), dtype, n, m)

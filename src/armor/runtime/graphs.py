@@ -1,0 +1,101 @@
+"""Greedy decoding with the one-token step captured in a CUDA graph (a static KV cache, fixed input buffers).
+
+A decode step of a pruned model on CUDA is dozens of small kernel launches per layer; replaying them as one
+captured graph removes the per-launch host cost, which is most of a step's time at batch 1.  What the capture
+needs from the modules (and the ``triton`` and ``dense`` backends provide): no host synchronisation, no
+Python-side cache built during the step, and every tensor either an input buffer or allocated inside the step.
+
+Usage (any Hugging Face causal LM that takes a :class:`transformers.StaticCache`, pruned or not)::
+
+    from armor.runtime.graphs import greedy_decode
+    out = greedy_decode(model, input_ids, new_tokens=128)          # captured on CUDA, eager elsewhere
+
+The prompt is run eagerly (its batch size is not the step's); every later token replays the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["greedy_decode", "start_decoding", "decode_step"]
+
+
+def decode_step(model: nn.Module, cache, token: Tensor, position: Tensor) -> Callable[[], Tensor]:
+    """A function that runs one decode step of ``model`` on the buffers ``token`` ``(B, 1)`` and ``position``
+    ``(1,)`` (both updated in place between calls) against the static ``cache``; returns the last logits."""
+
+    def step() -> Tensor:
+        out = model(
+            input_ids=token,
+            position_ids=position.expand(token.shape[0], 1),
+            cache_position=position,
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    return step
+
+
+def _captured(step: Callable[[], Tensor], device: torch.device) -> Callable[[], Tensor]:
+    """``step`` captured in a CUDA graph: warmed up on a side stream (compiles the kernels, lets the caching
+    allocator settle), then recorded once; the returned function replays it and returns its output buffer."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+
+    def replay() -> Tensor:
+        graph.replay()
+        return logits
+
+    return replay
+
+
+def start_decoding(
+    model: nn.Module, input_ids: Tensor, new_tokens: int, capture: bool | None = None
+) -> tuple[Callable[[], Tensor], Tensor, Tensor]:
+    """Run the prompt ``input_ids`` ``(B, S)`` into a fresh static cache sized for ``new_tokens`` more and set
+    up the one-token step (captured on CUDA unless ``capture`` is False).  Returns ``(step, token, position)``:
+    ``token`` ``(B, 1)`` holds the prompt's greedy next token and ``position`` its cache position; ``step()``
+    returns the logits for ``token`` at ``position``, and the caller advances both in place between steps."""
+    from transformers import StaticCache
+
+    device = input_ids.device
+    capture = device.type == "cuda" if capture is None else capture
+    if capture and device.type != "cuda":
+        raise ValueError(f"CUDA-graph capture needs CUDA tensors, input_ids are on {device}")
+    seq = input_ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=seq + new_tokens)
+    prompt = model(input_ids=input_ids, cache_position=torch.arange(seq, device=device), cache=cache, use_cache=True)
+    token = prompt.logits[:, -1].argmax(-1, keepdim=True)
+    position = torch.full((1,), seq, dtype=torch.long, device=device)
+    step = decode_step(model, cache, token, position)
+    if capture:
+        step = _captured(step, device)  # the warm-up steps write position ``seq`` with the same token's K/V
+    return step, token, position
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, input_ids: Tensor, new_tokens: int, capture: bool | None = None) -> Tensor:
+    """``input_ids`` ``(B, S)`` followed by ``new_tokens`` greedy tokens ``(B, S + new_tokens)``, the same tokens
+    as ``model.generate(input_ids, do_sample=False)`` without padding or end-of-sequence stops.  ``capture``
+    (default: on CUDA) replays each one-token step from a CUDA graph; otherwise the step runs eagerly.  No host
+    synchronisation between steps: the tokens are gathered on the device and returned at the end."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    step, token, position = start_decoding(model, input_ids, new_tokens, capture if new_tokens > 1 else False)
+    tokens = [input_ids, token.clone()]
+    for _ in range(new_tokens - 1):
+        token.copy_(step().argmax(-1, keepdim=True))
+        tokens.append(token.clone())
+        position += 1
+    return torch.cat(tokens, dim=1)

@@ -1,0 +1,146 @@
+"""The Triton kernels (armor.runtime.gpu_kernels) against the PyTorch reference: on a CUDA device when there is
+one, else under Triton's interpreter on CPU tensors (tests/conftest.py sets ``TRITON_INTERPRET=1`` when no GPU
+is present).  ``TRITON_INTERPRET=1 python -m pytest -k triton`` selects them.
+
+Reference: the stored (dtype-rounded) packed state multiplied out in float64.  float32 agrees to summation order;
+float16 / bfloat16 within their rounding of the output (ARMOR: plus the rounding of ``B' x`` to the dtype)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from armor.bench.layers import random_nm_result
+from armor.factors import budget_block_sizes, choose_block_size
+from armor.result import PruneResult
+from armor.runtime import module_from_result, triton_status
+from armor.runtime.gpu_kernels import (
+    block_diag_matmul_triton,
+    nm_matmul_triton,
+    triton_available,
+    unpack_dense_cuda,
+)
+from armor.runtime.packing import pack_nm, unpack_nm
+from armor.sparsity import nm_mask_from_scores
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not triton_available() or triton_status(DEVICE, torch.float32) is not None,
+    reason=f"the Triton kernels cannot run here: {triton_status(DEVICE, torch.float32)}",
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative to the largest output: float32 to summation order, 16-bit floats within their output rounding
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _max_rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _inputs(tokens: int, width: int, dtype: torch.dtype, strided: bool, seed: int = 0) -> torch.Tensor:
+    """``(tokens, width)`` activations; ``strided``: every other column of a wider tensor (non-contiguous)."""
+    x = torch.randn(tokens, 2 * width if strided else width, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device=DEVICE, dtype=dtype)
+    return x[:, ::2] if strided else x
+
+
+def _packed(out_f: int, in_f: int, n: int, m: int, dtype: torch.dtype, seed: int = 0):
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+    mask = nm_mask_from_scores(w.abs(), n, m)
+    values, idx = pack_nm((w * mask).to(dtype), mask, n, m)
+    return values.to(DEVICE), idx.to(DEVICE)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (2, 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,strided", [(1, False), (5, True), (17, False), (64, True)])
+def test_triton_nm_matmul_equals_reference(n, m, dtype, tokens, strided):
+    out_f, in_f = 40, 72 * m  # partial tiles of rows and of input columns
+    values, idx = _packed(out_f, in_f, n, m, dtype, seed=n * 10 + m)
+    bias = torch.randn(out_f).to(device=DEVICE, dtype=dtype)
+    x = _inputs(tokens, in_f, dtype, strided)
+    assert x.is_contiguous() == (not strided)
+    y = nm_matmul_triton(values, idx, x, n, m, bias)
+    assert y.shape == (tokens, out_f) and y.dtype == dtype and y.device.type == DEVICE
+    dense = unpack_nm(values.cpu(), idx.cpu(), in_f, n, m).double()
+    ref = x.double().cpu() @ dense.T + bias.double().cpu()
+    assert _max_rel_error(y, ref) <= TOL[dtype]
+
+
+def test_triton_nm_matmul_wrong_input_raises():
+    values, idx = _packed(8, 64, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match="x must be"):
+        nm_matmul_triton(values, idx, torch.zeros(2, 60, device=DEVICE), 2, 4)
+
+
+@pytest.mark.parametrize("size", [1, 18, 40, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_block_diag_equals_reference(size, dtype):
+    k = max(1, 256 // size)
+    gen = torch.Generator().manual_seed(size)
+    blocks = (torch.eye(size) + 0.1 * torch.randn(k, size, size, generator=gen)).to(device=DEVICE, dtype=dtype)
+    x = _inputs(3, k * size, dtype, strided=True, seed=size)
+    y = block_diag_matmul_triton(blocks, x)
+    ref = torch.einsum("qij,tqj->tqi", blocks.double().cpu(), x.double().cpu().reshape(3, k, size)).reshape(3, -1)
+    assert y.shape == (3, k * size) and y.dtype == dtype
+    assert _max_rel_error(y, ref) <= TOL[dtype]
+
+
+def _armor_result(out_f: int, in_f: int, bo: int, bi: int, seed: int) -> PruneResult:
+    res = random_nm_result(out_f, in_f, None, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    res.a_blocks = torch.eye(bo) + 0.1 * torch.randn(out_f // bo, bo, bo, generator=gen)
+    res.b_blocks = torch.eye(bi) + 0.1 * torch.randn(in_f // bi, bi, bi, generator=gen)
+    res.block_size_out, res.block_size_in = bo, bi
+    return res
+
+
+ARMOR_LAYERS = {
+    # SmolLM2's 576-wide layers at the default budget: blocks of 18 / 16
+    "budgeted": (576, 576, *budget_block_sizes(576, 576)),
+    # blocks that are no power of two and differ on the two sides
+    "ragged": (72, 96, choose_block_size(72, 24), choose_block_size(96, 32, multiple_of=4)),
+    "block128": (256, 128, 128, 128),
+}
+
+
+@pytest.mark.parametrize("layer", list(ARMOR_LAYERS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_triton_armor_module_equals_reconstruction(layer, dtype, tokens):
+    out_f, in_f, bo, bi = ARMOR_LAYERS[layer]
+    mod = module_from_result(
+        _armor_result(out_f, in_f, bo, bi, seed=tokens), torch.randn(out_f), dtype, device=DEVICE, backend="triton"
+    )
+    assert (mod.block_size_out, mod.block_size_in) == (bo, bi)
+    x = _inputs(2 * tokens, in_f, dtype, strided=True).reshape(2, tokens, -1)  # 3-D as in a model
+    with torch.inference_mode():
+        y = mod(x)
+    assert mod.active_backend == "triton" and y.shape == (2, tokens, out_f) and y.dtype == dtype
+    core = unpack_nm(mod.values.cpu(), mod.indices.cpu(), in_f, mod.n, mod.m).double()
+    a, b = mod.a_blocks.double().cpu(), mod.b_blocks.double().cpu()
+    w_hat = torch.block_diag(*a) @ core @ torch.block_diag(*b)
+    ref = x.double().cpu() @ w_hat.T + mod.bias.double().cpu()
+    # 16-bit: B' x is rounded to the dtype before the core (as on the dense path): 3x the output tolerance
+    assert _max_rel_error(y, ref) <= (1 if dtype == torch.float32 else 3) * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_sparse_module_equals_reconstruction(dtype):
+    mod = module_from_result(random_nm_result(96, 160, None, seed=3), None, dtype, device=DEVICE, backend="triton")
+    x = _inputs(3, 160, dtype, strided=False)
+    with torch.inference_mode():
+        y = mod(x)
+    assert mod.active_backend == "triton"
+    ref = x.double().cpu() @ mod.dense_weight().double().cpu().T
+    assert _max_rel_error(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (2, 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_unpack_equals_the_pytorch_unpack(n, m, dtype):
+    """Bit-exact against ``unpack_nm``, a partial last tile included (300 groups)."""
+    values, idx = _packed(37, m * 300, n, m, dtype, seed=n * 10 + m)
+    out = unpack_dense_cuda(values, idx, m * 300, n, m)
+    assert torch.equal(out.cpu(), unpack_nm(values.cpu(), idx.cpu(), m * 300, n, m))
