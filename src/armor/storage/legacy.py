@@ -16,11 +16,12 @@ from transformers import AutoConfig
 from ..models import get_module
 from .checkpoint import meta_skeleton
 from .hf_quantizer import install_packed_modules
-from .reader import LEGACY_WEIGHTS_NAME, fill_skeleton, read_weights
+from .weights import fill_skeleton, read_weights
 
 __all__ = ["LEGACY_MODEL_FORMAT", "LEGACY_WEIGHTS_NAME", "load_v1"]
 
 LEGACY_MODEL_FORMAT = "armor-model-v1"
+LEGACY_WEIGHTS_NAME = "armor.safetensors"
 
 
 def load_v1(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:

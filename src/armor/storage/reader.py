@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import AutoConfig
 
 from ..dtypes import resolve_dtype
-from .checkpoint import CheckpointError, meta_skeleton, open_safetensors
+from .checkpoint import meta_skeleton
 from .hf_quantizer import (
     MODEL_FORMAT,
     QUANT_METHOD,
@@ -28,15 +28,14 @@ from .hf_quantizer import (
     install_packed_modules,
     mark_armored,
 )
-from .writer import WEIGHTS_NAME, pruned_modules
+from .legacy import LEGACY_MODEL_FORMAT, LEGACY_WEIGHTS_NAME, load_v1
+from .weights import fill_skeleton, read_weights
+from .writer import WEIGHTS_NAME
 
 __all__ = [
     "read_armor_config", "is_pruned_folder", "load_pruned", "read_weights", "fill_skeleton", "read_config_json",
     "armor_quant_section",
 ]
-
-LEGACY_WEIGHTS_NAME = "armor.safetensors"
-
 
 def read_config_json(path: Path) -> dict[str, Any] | None:
     cfg_path = path / "config.json"
@@ -98,50 +97,6 @@ def is_pruned_folder(path: str | Path) -> bool:
     return read_armor_config(path) is not None
 
 
-def read_weights(weights: Path, expected_format: str, format_key: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors of ``weights`` and its ``{alias: kept key}`` map; clear errors for a damaged file."""
-    with open_safetensors(weights) as f:
-        meta = f.metadata() or {}
-        if format_key in meta and meta[format_key] != expected_format:
-            raise ValueError(f"{weights} is format {meta[format_key]!r}, expected {expected_format!r}")
-        try:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
-        except Exception as exc:  # safetensors raises several types for a file cut after its header
-            raise CheckpointError(f"{weights}: cannot read its tensors ({exc}); the file is damaged") from None
-    try:
-        aliases = json.loads(meta.get("armor_aliases", meta.get("aliases", "{}")))
-    except ValueError:
-        raise CheckpointError(f"{weights} has a corrupt metadata header") from None
-    return state, aliases
-
-
-def fill_skeleton(
-    model: nn.Module, state: dict[str, Tensor], aliases: Mapping[str, str], weights: Path, dtype: torch.dtype | None
-) -> None:
-    """Load ``state`` into the skeleton ``model`` (floating-point tensors cast to ``dtype`` when given; computed
-    buffers such as rotary frequencies keep theirs, as from_pretrained does); tied parameters the file stores once
-    are tied again."""
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        model.config.dtype = dtype
-    for dup, src in aliases.items():
-        if src in state and dup not in state:
-            state[dup] = state[src]
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ValueError(
-            f"{weights} holds tensors the model does not have: {', '.join(result.unexpected_keys[:5])} "
-            "(the weights and config.json disagree)"
-        )
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
-    if left:
-        raise CheckpointError(f"{weights} does not provide: {', '.join(left[:5])}")
-    for mod in pruned_modules(model).values():
-        mod.requires_grad_(False)  # frozen, as built: a frozen packed module caches its unpacked form
-
-
 def _load_v2(path: Path, quant: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
     armor_cfg = ArmorConfig.from_dict(quant)  # validates the format and the layer specs
     weights = path / WEIGHTS_NAME
@@ -180,8 +135,6 @@ def load_pruned(
     if quant is not None:
         model = _load_v2(path, quant, dtype)
     elif isinstance(cfg.get("armor"), dict):
-        from .legacy import LEGACY_MODEL_FORMAT, load_v1  # the format armor 0.1 wrote
-
         section = cfg["armor"]
         if section.get("format") != LEGACY_MODEL_FORMAT:
             raise ValueError(

@@ -1,0 +1,60 @@
+"""Reading a pruned folder's weights file into a model skeleton: shared by the current reader
+(:mod:`armor.storage.reader`) and the armor 0.1 one (:mod:`armor.storage.legacy`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, open_safetensors
+from .writer import pruned_modules
+
+__all__ = ["read_weights", "fill_skeleton"]
+
+
+def read_weights(weights: Path, expected_format: str, format_key: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of ``weights`` and its ``{alias: kept key}`` map; clear errors for a damaged file."""
+    with open_safetensors(weights) as f:
+        meta = f.metadata() or {}
+        if format_key in meta and meta[format_key] != expected_format:
+            raise ValueError(f"{weights} is format {meta[format_key]!r}, expected {expected_format!r}")
+        try:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+        except Exception as exc:  # safetensors raises several types for a file cut after its header
+            raise CheckpointError(f"{weights}: cannot read its tensors ({exc}); the file is damaged") from None
+    try:
+        aliases = json.loads(meta.get("armor_aliases", meta.get("aliases", "{}")))
+    except ValueError:
+        raise CheckpointError(f"{weights} has a corrupt metadata header") from None
+    return state, aliases
+
+
+def fill_skeleton(
+    model: nn.Module, state: dict[str, Tensor], aliases: Mapping[str, str], weights: Path, dtype: torch.dtype | None
+) -> None:
+    """Load ``state`` into the skeleton ``model`` (floating-point tensors cast to ``dtype`` when given; computed
+    buffers such as rotary frequencies keep theirs, as from_pretrained does); tied parameters the file stores once
+    are tied again."""
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.config.dtype = dtype
+    for dup, src in aliases.items():
+        if src in state and dup not in state:
+            state[dup] = state[src]
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{weights} holds tensors the model does not have: {', '.join(result.unexpected_keys[:5])} "
+            "(the weights and config.json disagree)"
+        )
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if left:
+        raise CheckpointError(f"{weights} does not provide: {', '.join(left[:5])}")
+    for mod in pruned_modules(model).values():
+        mod.requires_grad_(False)  # frozen, as built: a frozen packed module caches its unpacked form
