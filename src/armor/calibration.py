@@ -89,11 +89,13 @@ class ActivationStore:
         self.budget = max(0, int(budget_bytes))
         self.folder = Path(folder)
         self._items: list[Tensor | Path] = []
+        self._rows: list[int] = []  # each entry's first dimension, known without reading a spilled file
         self.mem_bytes = 0
         self.disk_bytes = 0
 
     def append(self, t: Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
+        self._rows.append(int(t.shape[0]))
         nbytes = t.numel() * t.element_size()
         if self.mem_bytes + nbytes <= self.budget:
             self._items.append(t)
@@ -109,6 +111,10 @@ class ActivationStore:
     def __len__(self) -> int:
         return len(self._items)
 
+    def rows(self, i: int) -> int:
+        """The first dimension (sequences) of entry ``i``."""
+        return self._rows[i]
+
     def __getitem__(self, i: int) -> Tensor:
         item = self._items[i]
         if isinstance(item, Tensor):
@@ -121,6 +127,7 @@ class ActivationStore:
             if isinstance(item, Path):
                 item.unlink(missing_ok=True)
         self._items.clear()
+        self._rows.clear()
         self.mem_bytes = self.disk_bytes = 0
 
 

@@ -183,7 +183,7 @@ def _split(inputs: ActivationStore, holdout: int) -> tuple[list[int], list[int]]
         if count >= holdout:
             break
         held.insert(0, j)
-        count += inputs[j].shape[0]
+        count += inputs.rows(j)
     train = [j for j in range(len(inputs)) if j not in held]
     if not train:
         raise ValueError(
