@@ -43,7 +43,9 @@ MODEL_CONFIGS = {
 }  # fmt: skip
 
 
-def layer_rows(dtypes: list[str], tokens: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+def layer_rows(
+    dtypes: list[str], tokens: tuple[int, ...], repeats: int, timings: tuple[str, ...] = ("kernels", "graph")
+) -> list[dict[str, Any]]:
     """Kernel time and graph-replay time of every (dtype, shape, tokens, method, backend), one row each."""
     shapes = SHAPE_SETS["llama7b"]
     blocks = {budget_block_sizes(o, i, DEFAULT_WRAPPER_BUDGET) for o, i in shapes}
@@ -52,7 +54,7 @@ def layer_rows(dtypes: list[str], tokens: tuple[int, ...], repeats: int) -> list
     block = next(iter(blocks))[0]
     rows: dict[tuple, dict[str, Any]] = {}
     for name in dtypes:
-        for timing in ("kernels", "graph"):
+        for timing in timings:
             recs = run_layer_bench(
                 shapes, tokens, DTYPES[name], "cuda", repeats, 3, block, backends=("triton", "dense"), timing=timing
             )
@@ -64,20 +66,24 @@ def layer_rows(dtypes: list[str], tokens: tuple[int, ...], repeats: int) -> list
                 row[f"{timing}_vs_dense"] = r["speedup_vs_dense"]
                 row["resident_vs_dense"] = r["resident_vs_dense"]
             print(f"layers {name} {timing}: done", file=sys.stderr, flush=True)
+        # each dtype's table as soon as it is measured: a run stopped later keeps it
+        print(format_layer_rows([r for r in rows.values() if r["dtype"] == name]) + "\n", flush=True)
     return list(rows.values())
 
 
 def format_layer_rows(rows: list[dict[str, Any]]) -> str:
+    timings = [t for t in ("kernels", "graph") if f"{t}_ms" in rows[0]]
+    heads = {"kernels": "kernels ms | x dense", "graph": "graph replay ms | x dense"}
     lines = [
-        "| dtype | shape | tokens | method | backend (ran) | kernels ms | x dense | graph replay ms | x dense | "
-        "resident / dense |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
-    ]
+        "| dtype | shape | tokens | method | backend (ran) | " + " | ".join(heads[t] for t in timings)
+        + " | resident / dense |",
+        "|---|---|---:|---|---|" + "---:|---:|" * len(timings) + "---:|",
+    ]  # fmt: skip
     for r in rows:
         ran = r["backend"] if r["ran"] == r["backend"] else f"{r['backend']} ({r['ran']})"
+        cells = " | ".join(f"{r[f'{t}_ms']:.4f} | {r[f'{t}_vs_dense']:.2f}x" for t in timings)
         lines.append(
-            f"| {r['dtype']} | {r['shape']} | {r['batch']} | {r['method']} | {ran} | {r['kernels_ms']:.4f} | "
-            f"{r['kernels_vs_dense']:.2f}x | {r['graph_ms']:.4f} | {r['graph_vs_dense']:.2f}x | "
+            f"| {r['dtype']} | {r['shape']} | {r['batch']} | {r['method']} | {ran} | {cells} | "
             f"{r['resident_vs_dense']:.4f} |"
         )
     return "\n".join(lines)
@@ -145,7 +151,11 @@ def model_rows(config: str, dtype: torch.dtype, batches: tuple[int, ...], steps:
             ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
             # the other variants' layers wait on the device too: their bytes are not this model's peak
             aside = torch.cuda.memory_allocated() - weights if device == "cuda" else 0
-            r = time_decode_steps(model, ids, steps, repeats=repeats)
+            try:
+                r = time_decode_steps(model, ids, steps, repeats=repeats)
+            except Exception as exc:  # noqa: BLE001 - a capture that fails is reported; the eager row stands in
+                print(f"model {kind} batch {batch}: capture failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                r = time_decode_steps(model, ids, steps, capture=False, repeats=repeats)
             if r["peak_mem_bytes"] is not None:
                 r["peak_mem_bytes"] -= aside
             rows.append({"model": config, "kind": kind, "dtype": str(dtype).replace("torch.", ""),
@@ -173,6 +183,18 @@ def format_model_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _use_tiles(path: str) -> None:
+    """Replace the packed kernel's tiling table by the best tilings of a tile sweep's rows."""
+    from armor.runtime import gpu_kernels
+    from gpu_tune import best_tiles  # benchmarks/ is on sys.path when this file runs as a script
+
+    with open(path) as fh:
+        nm, bd = best_tiles(json.load(fh))
+    gpu_kernels.NM_TILES.update(nm)
+    gpu_kernels.BD_TILES.update(bd)
+    print(f"tilings from {path}: {gpu_kernels.NM_TILES} {gpu_kernels.BD_TILES}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="also write every row as JSON here")
@@ -183,13 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-config", default="llama2-7b", choices=list(MODEL_CONFIGS))
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per run")
     p.add_argument("--repeats", type=int, default=20, help="calls / replays per layer point; model runs: 3")
+    p.add_argument("--timings", default="kernels,graph", help="layer timings, comma list: kernels, graph")
+    p.add_argument("--tiles", default=None, help="a benchmarks/gpu_tune.py --out JSON: use its best tilings")
     args = p.parse_args(argv)
+    if args.tiles:
+        _use_tiles(args.tiles)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     command = " ".join(["python benchmarks/gpu_runtime.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"# GPU runtime benchmark: {result['device']}\n\n`{command}`\n")
     if not args.models_only:
-        result["layers"] = layer_rows(args.dtypes.split(","), TOKENS, args.repeats)
-        print(format_layer_rows(result["layers"]) + "\n")
+        timings = tuple(args.timings.split(","))
+        result["layers"] = layer_rows(args.dtypes.split(","), TOKENS, args.repeats, timings)
     if not args.layers_only:
         result["models"] = model_rows(args.model_config, DTYPES[args.model_dtype], (1, 16), args.steps, 3)
         print(format_model_rows(result["models"]))

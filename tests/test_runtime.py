@@ -729,6 +729,53 @@ def test_greedy_decode_with_a_static_cache_equals_generate():
         greedy_decode(model, ids, 3, capture=True)
 
 
+def test_capture_warmups_leave_the_static_cache_where_it_was():
+    """A capture's warm-up calls advance transformers' static cache (its layers count their own length); the
+    rewind puts every layer's counter back, so that the replayed steps write the slots the eager steps would."""
+    transformers = pytest.importorskip("transformers")
+    from armor.runtime.graphs import _rewound, start_decoding
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.inference_mode():
+        step, _, _ = start_decoding(model, ids, 4, capture=False)
+        cache = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, transformers.Cache))
+        counters = [layer.cumulative_length for layer in cache.layers]
+        assert len(counters) == 2 and all(int(c) == 5 for c in counters)
+        with _rewound(cache):
+            step()
+            step()
+            assert all(int(c) == 7 for c in counters)  # the calls did advance it
+        assert all(int(c) == 5 for c in counters)
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    """The static cache goes in under the name the model's forward takes: ``cache`` in recent transformers,
+    ``past_key_values`` before; a forward with neither is refused instead of decoding without a cache."""
+    from armor.runtime.graphs import cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(New()) == "cache"
+    with pytest.raises(TypeError, match="Neither"):
+        cache_keyword(Neither())
+
+
 def test_gpu_benchmark_script_model_part_runs_on_a_tiny_llama():
     """benchmarks/gpu_runtime.py (the GPU table's command): its model part on a tiny random Llama, eager on
     CPU, so that the script a GPU session runs is known to work end to end."""

@@ -15,6 +15,7 @@ from armor.factors import budget_block_sizes, choose_block_size
 from armor.result import PruneResult
 from armor.runtime import module_from_result, triton_status
 from armor.runtime.gpu_kernels import (
+    NMTile,
     block_diag_matmul_triton,
     nm_matmul_triton,
     triton_available,
@@ -65,6 +66,21 @@ def test_triton_nm_matmul_equals_reference(n, m, dtype, tokens, strided):
     assert y.shape == (tokens, out_f) and y.dtype == dtype and y.device.type == DEVICE
     dense = unpack_nm(values.cpu(), idx.cpu(), in_f, n, m).double()
     ref = x.double().cpu() @ dense.T + bias.double().cpu()
+    assert _max_rel_error(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("tile", [NMTile(16, 64, 2, 2, join=True), NMTile(32, 128, 4, 3, join=False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,strided", [(1, True), (3, False), (20, True)])
+@pytest.mark.parametrize("in_groups", [18, 41])  # 41: an odd group count, so the last index byte is half used
+def test_triton_nm_matmul_every_tiling_equals_reference(tile, dtype, tokens, strided, in_groups):
+    """Both ways of expanding a 2:4 tile (contiguous loads + join, per-column gather), the one-token row-sum
+    path and the tensor-core path, with input widths that end inside a tile."""
+    out_f, in_f = 24, 4 * in_groups
+    values, idx = _packed(out_f, in_f, 2, 4, dtype, seed=in_groups)
+    x = _inputs(tokens, in_f, dtype, strided, seed=tokens)
+    y = nm_matmul_triton(values, idx, x, 2, 4, tile=tile)
+    ref = x.double().cpu() @ unpack_nm(values.cpu(), idx.cpu(), in_f, 2, 4).double().T
     assert _max_rel_error(y, ref) <= TOL[dtype]
 
 

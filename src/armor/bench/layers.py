@@ -166,39 +166,55 @@ def _kernel_seconds_per_call(fn: Callable[[], Any], device: torch.device, calls:
     return sum(e.time_range.elapsed_us() for e in device_events) * 1e-6 / calls
 
 
+def _copies(stored: int, device: torch.device) -> int:
+    """Layer copies one timed call walks through on CUDA, so that their weights together are four times the
+    L2 cache: each call then reads its weights from device memory, as a decode step does (one layer's weights
+    would otherwise stay in L2 between repeated calls and time the cache)."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return max(1, -(-4 * l2 // max(stored, 1)))
+
+
 def _build_layer(
     proto: Tensor | nn.Module, backend: str, x: Tensor, device: torch.device, warmup: int
 ) -> dict[str, Any]:
-    """Build one layer from ``proto`` on ``device`` and run its warm-up calls, inside a memory probe."""
+    """Build one layer from ``proto`` on ``device`` (as many copies as :func:`_copies` asks; ``fn`` calls each
+    once) and run its warm-up calls, inside a memory probe."""
     with _MemProbe(device) as probe:
         if isinstance(proto, Tensor):
-            w = proto.to(device=device, copy=True)
+            stored = proto.numel() * proto.element_size()
+            ws = [proto.to(device=device, copy=True) for _ in range(_copies(stored, device))]
 
             def fn() -> Tensor:
-                return F.linear(x, w)
+                return [F.linear(x, w) for w in ws][-1]
 
-            stored = w.numel() * w.element_size()
         else:
-            layer = empty_module_from_spec(proto.spec(), dtype=x.dtype, device=device, backend=backend)
-            layer.load_state_dict(proto.state_dict())
+            layers = [empty_module_from_spec(proto.spec(), dtype=x.dtype, device=device, backend=backend)]
+            layers[0].load_state_dict(proto.state_dict())
+            stored = layers[0].stored_nbytes()
+            for _ in range(_copies(stored, device) - 1):
+                layers.append(empty_module_from_spec(proto.spec(), dtype=x.dtype, device=device, backend=backend))
+                layers[-1].load_state_dict(proto.state_dict())
 
             def fn() -> Tensor:
-                return layer(x)
+                return [layer(x) for layer in layers][-1]
 
-            stored = layer.stored_nbytes()
+        copies = len(ws) if isinstance(proto, Tensor) else len(layers)
         for _ in range(max(1, warmup)):  # at least one: it builds the lazy semi-structured cache on CUDA
             fn()
         sync(device)
     if isinstance(proto, Tensor):
         active, resident = "F.linear", stored
     else:
-        active, resident = layer.active_backend, layer.resident_nbytes()  # after a forward: what really ran
+        active, resident = layers[0].active_backend, layers[0].resident_nbytes()  # after a forward: what ran
     return {
         "fn": fn,
+        "copies": copies,
         "active_backend": active,
         "stored_bytes": stored,
         "resident_bytes": resident,
-        "peak_mem_bytes": probe.peak,
+        "peak_mem_bytes": probe.peak // copies,
         "mem_method": probe.method,
     }
 
@@ -234,11 +250,11 @@ def _time_layers(built: dict, device: torch.device, repeats: int, timing: str) -
                 start = time.perf_counter()
                 b["fn"]()
                 sync(device)
-                times[key].append(time.perf_counter() - start)
+                times[key].append((time.perf_counter() - start) / b["copies"])
         return times
     per_call = _kernel_seconds_per_call if timing == "kernels" else _graph_seconds_per_call
     for key, b in built.items():
-        times[key].append(per_call(b["fn"], device, max(1, repeats)))
+        times[key].append(per_call(b["fn"], device, max(1, repeats)) / b["copies"])
     return times
 
 
@@ -259,6 +275,7 @@ def _layer_record(key: tuple[str, str], b: dict, sec: list[float], dense: dict, 
         "resident_vs_dense": b["resident_bytes"] / dense["bytes"],
         "peak_mem_bytes": b["peak_mem_bytes"],
         "mem_method": b["mem_method"],
+        "copies": b["copies"],
     }
 
 

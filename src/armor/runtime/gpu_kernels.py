@@ -25,6 +25,8 @@ tensors, which is how the test-suite checks them on machines without a GPU.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,11 @@ __all__ = [
     "armor_matmul_triton",
     "unpack_dense_cuda",
     "TRITON_DTYPES",
+    "NMTile",
+    "NM_TILES",
+    "BDTile",
+    "BD_TILES",
+    "nm_tile",
 ]
 
 #: groups of m columns per program of the unpack kernel
@@ -67,38 +74,91 @@ if triton is not None:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
     @triton.jit
+    def _tile_gather(
+        values_ptr, idx_ptr, rows64, row_ok, cols, col_ok, svo, svk, sio, sik,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """The dense weight tile (rows, cols) of any n:m pattern: each dense column looks up its group's kept
+        entries (value and position) and keeps the one whose position is its own."""
+        per_byte: tl.constexpr = 8 // BITS
+        ok = row_ok[:, None] & col_ok[None, :]
+        own = (cols % M)[None, :]
+        w = tl.zeros((BLOCK_O, BLOCK_K), dtype=values_ptr.dtype.element_ty)
+        for j in tl.static_range(N):
+            k = (cols // M) * N + j  # the j-th kept entry of each column's group
+            v = tl.load(values_ptr + rows64[:, None] * svo + k[None, :] * svk, mask=ok, other=0.0)
+            byte = tl.load(idx_ptr + rows64[:, None] * sio + (k // per_byte)[None, :] * sik, mask=ok, other=0)
+            pos = (byte.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
+            w = tl.where(pos == own, v, w)
+        return w
+
+    @triton.jit
+    def _tile_24(
+        values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
+        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """The dense weight tile (rows, BLOCK_K columns from c0) of a 2:4 core from contiguous loads: the
+        tile's kept values (2 per group) and one index byte per two groups, spread to the four columns of each
+        group in registers (join / reshape)."""
+        G: tl.constexpr = BLOCK_K // 4
+        g = c0 // 4 + tl.arange(0, G)
+        kk = c0 // 2 + tl.arange(0, 2 * G)
+        v = tl.load(
+            values_ptr + rows64[:, None] * svo + kk[None, :] * svk,
+            mask=row_ok[:, None] & (kk < in_features // 2)[None, :],
+            other=0.0,
+        )
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_O, G, 2)))
+        byte = tl.load(
+            idx_ptr + rows64[:, None] * sio + (g // 2)[None, :] * sik,
+            mask=row_ok[:, None] & (g < in_features // 4)[None, :],
+            other=0,
+        ).to(tl.int32)
+        shift = ((g % 2) * 4)[None, :]  # 2 bits per kept entry, 4 per byte: a byte holds two groups
+        p0 = (byte >> shift) & 3
+        p1 = (byte >> (shift + 2)) & 3
+        zero = tl.zeros_like(v0)
+        d0 = tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero))
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+        d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero))
+        # [g, i, j] = d(2i + j): row-major flattening puts the four columns of a group in order
+        return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_O, BLOCK_K))
+
+    @triton.jit
     def _nm_matmul_kernel(
         x_ptr, values_ptr, idx_ptr, bias_ptr, out_ptr,
-        n_tok, out_features, n_groups,
+        n_tok, out_features, in_features,
         sxt, sxk, svo, svk, sio, sik, sot, soo,
-        N: tl.constexpr, M: tl.constexpr, M_POW2: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        NATIVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
+        JOIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < out_features
         tok_ok = toks < n_tok
-        cols = tl.arange(0, M_POW2)
-        per_byte: tl.constexpr = 8 // BITS
         rows64 = rows.to(tl.int64)
         acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-        for g0 in range(0, n_groups, BLOCK_G):
-            groups = g0 + tl.arange(0, BLOCK_G)
-            grp_ok = groups < n_groups
-            ok = row_ok[:, None] & grp_ok[None, :]
-            # the weight tile (rows, groups, columns of a group), built in registers from the packed state
-            w = tl.zeros((BLOCK_O, BLOCK_G, M_POW2), dtype=tl.float32)
-            for j in tl.static_range(N):
-                k = groups * N + j  # the j-th kept entry of each group
-                v = tl.load(values_ptr + rows64[:, None] * svo + k[None, :] * svk, mask=ok, other=0.0)
-                byte = tl.load(idx_ptr + rows64[:, None] * sio + (k // per_byte)[None, :] * sik, mask=ok, other=0)
-                pos = (byte.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
-                w += tl.where(pos[:, :, None] == cols[None, None, :], v.to(tl.float32)[:, :, None], 0.0)
-            xcol = groups[:, None] * M + cols[None, :]
-            x_ok = tok_ok[:, None, None] & (grp_ok[:, None] & (cols[None, :] < M))[None, :, :]
-            xt = tl.load(x_ptr + toks[:, None, None].to(tl.int64) * sxt + xcol[None, :, :] * sxk, mask=x_ok, other=0.0)
-            w2 = tl.reshape(w.to(values_ptr.dtype.element_ty), (BLOCK_O, BLOCK_G * M_POW2))
-            acc += _dot(tl.reshape(xt, (BLOCK_T, BLOCK_G * M_POW2)), tl.trans(w2), NATIVE)
+        for c0 in range(0, in_features, BLOCK_K):
+            cols = c0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < in_features
+            if JOIN:
+                w = _tile_24(
+                    values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik, BLOCK_O, BLOCK_K
+                )
+            else:
+                w = _tile_gather(
+                    values_ptr, idx_ptr, rows64, row_ok, cols, col_ok, svo, svk, sio, sik, N, M, BITS, BLOCK_O, BLOCK_K
+                )
+            xt = tl.load(
+                x_ptr + toks[:, None].to(tl.int64) * sxt + cols[None, :] * sxk,
+                mask=tok_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            if BLOCK_T >= 16:  # tensor cores (or exact float32) on a (tokens, columns) x (columns, rows) tile
+                acc += _dot(xt, tl.trans(w), NATIVE)
+            else:  # one token: a multiply and a row sum on the CUDA cores, no tile padded to 16 tokens
+                acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         dst = out_ptr + toks[:, None].to(tl.int64) * sot + rows64[None, :] * soo
@@ -187,8 +247,53 @@ def _native_dot(a: torch.dtype, b: torch.dtype) -> bool:
     return not (a == torch.bfloat16 and _interpreting())
 
 
-def _token_tile(n_tok: int) -> int:
-    """Token rows per program: tl.dot needs at least 16; up to 64 keeps one tile for decoding-sized batches."""
+class NMTile(NamedTuple):
+    """One program's work in :func:`nm_matmul_triton`: ``rows`` output rows, ``columns`` dense input columns per
+    step, the launch's ``warps`` and software-pipelining ``stages``, and whether a 2:4 core is expanded from
+    contiguous loads (``join``) or by each column gathering its group's entries (any n:m).  ``join`` is used up
+    to 16 token rows: Triton 3.6 cannot lay out the joined tile for a 64-row tensor-core dot on Hopper."""
+
+    rows: int
+    columns: int
+    warps: int = 4
+    stages: int = 3
+    join: bool = True
+
+
+#: the tiling per token tile (:func:`_token_tile`: 1 for one token, else 16, 32 or 64 token rows per program);
+#: the largest key not above the call's token tile is used.  The best of ``python benchmarks/gpu_tune.py`` on an
+#: H200, float16 (benchmarks/gpu_tune_h200.md).
+NM_TILES: dict[int, NMTile] = {
+    1: NMTile(16, 512, 2, 2, join=True),
+    16: NMTile(16, 512, 2, 4, join=True),
+    64: NMTile(16, 128, 4, 2, join=False),
+}
+
+
+class BDTile(NamedTuple):
+    """One program's work in :func:`block_diag_matmul_triton`: ``rows`` output features of one block,
+    ``columns`` of its input features per step (both capped at the block size), and the launch's ``warps``."""
+
+    rows: int
+    columns: int
+    warps: int = 4
+
+
+#: the block-diagonal tiling per token tile (16, 32 or 64 token rows per program), as :data:`NM_TILES` (the
+#: same sweep)
+BD_TILES: dict[int, BDTile] = {16: BDTile(16, 128, 4), 64: BDTile(64, 128, 4)}
+
+
+def nm_tile(block_t: int) -> NMTile:
+    """The :data:`NM_TILES` entry for a token tile of ``block_t`` rows."""
+    return NM_TILES[max(t for t in NM_TILES if t <= block_t)]
+
+
+def _token_tile(n_tok: int, dot_only: bool = False) -> int:
+    """Token rows per program: 1 for a single token (a row-sum kernel) unless ``dot_only``; else 16 to 64, as
+    tl.dot needs at least 16 and 64 keeps one tile for decoding-sized batches."""
+    if n_tok == 1 and not dot_only:
+        return 1
     return min(64, max(16, triton.next_power_of_2(max(n_tok, 1))))
 
 
@@ -201,51 +306,56 @@ def _check_rows(x: Tensor, width: int, *state: Tensor) -> None:
 
 def nm_matmul_triton(
     values: Tensor, indices: Tensor, x: Tensor, n: int, m: int, bias: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, tile: NMTile | None = None,
 ) -> Tensor:  # fmt: skip
     """``x @ S^T + bias`` for the packed n:m core ``S`` (``values`` ``(out, kept)``, ``indices`` uint8) and ``x``
     ``(T, in)`` of any strides: a new ``(T, out)`` tensor in ``out_dtype`` (default: ``values``' dtype), summed
-    in float32.  No dense core is formed."""
+    in float32.  No dense core is formed.  ``tile`` overrides the tiling of :data:`NM_TILES` (for tuning)."""
     _need_triton()
     out_features, kept = values.shape
     n_groups = kept // n
     _check_rows(x, n_groups * m, values, indices)
     out = torch.empty(x.shape[0], out_features, dtype=out_dtype or values.dtype, device=x.device)
     block_t = _token_tile(x.shape[0])
-    block_o = 32 if block_t <= 16 else 64
-    m_pow2 = triton.next_power_of_2(m)
-    block_g = max(1, 128 // m_pow2)  # 128 input columns per step
-    grid = (triton.cdiv(out_features, block_o), triton.cdiv(x.shape[0], block_t))
+    tile = nm_tile(block_t) if tile is None else tile
+    if tile.join and tile.columns % 8:
+        raise ValueError(f"{tile}: the 2:4 expansion takes whole index bytes, a multiple of 8 columns")
+    grid = (triton.cdiv(out_features, tile.rows), triton.cdiv(x.shape[0], block_t))
     _nm_matmul_kernel[grid](
         x, values, indices, values if bias is None else bias, out,
-        x.shape[0], out_features, n_groups,
+        x.shape[0], out_features, n_groups * m,
         x.stride(0), x.stride(1), values.stride(0), values.stride(1), indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1),
-        N=n, M=m, M_POW2=m_pow2, BITS=index_bits(m), HAS_BIAS=bias is not None,
-        NATIVE=_native_dot(x.dtype, values.dtype), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_G=block_g,
+        N=n, M=m, BITS=index_bits(m), HAS_BIAS=bias is not None, NATIVE=_native_dot(x.dtype, values.dtype),
+        JOIN=tile.join and (n, m) == (2, 4) and block_t <= 16, BLOCK_T=block_t, BLOCK_O=tile.rows, BLOCK_K=tile.columns,
+        num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     return out
 
 
 def block_diag_matmul_triton(
-    blocks: Tensor, x: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None
-) -> Tensor:
+    blocks: Tensor, x: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None,
+    tile: BDTile | None = None,
+) -> Tensor:  # fmt: skip
     """``x`` ``(T, k*b)`` times the transposed block diagonal of ``blocks`` ``(k, b, b)`` (block ``q`` of a row
     becomes ``x_q B_q^T``), plus ``bias``: a new ``(T, k*b)`` tensor in ``out_dtype`` (default: ``blocks``'
-    dtype), summed in float32.  Any ``b``; any strides of ``x`` and ``blocks``."""
+    dtype), summed in float32.  Any ``b``; any strides of ``x`` and ``blocks``.  ``tile`` overrides
+    :data:`BD_TILES` (for tuning)."""
     _need_triton()
     k, size, _ = blocks.shape
     _check_rows(x, k * size, blocks)
     out = torch.empty(x.shape[0], k * size, dtype=out_dtype or blocks.dtype, device=x.device)
-    block_t = _token_tile(x.shape[0])
-    tile = min(64, max(16, triton.next_power_of_2(size)))
-    grid = (k, triton.cdiv(size, tile), triton.cdiv(x.shape[0], block_t))
+    block_t = _token_tile(x.shape[0], dot_only=True)
+    tile = BD_TILES[max(t for t in BD_TILES if t <= block_t)] if tile is None else tile
+    fit = max(16, triton.next_power_of_2(size))  # no wider than the block (tl.dot takes 16 at least)
+    block_i, block_j = min(tile.rows, fit), min(tile.columns, fit)
+    grid = (k, triton.cdiv(size, block_i), triton.cdiv(x.shape[0], block_t))
     _block_diag_kernel[grid](
         x, blocks, blocks if bias is None else bias, out,
         x.shape[0], size,
         x.stride(0), x.stride(1), blocks.stride(0), blocks.stride(1), blocks.stride(2), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, NATIVE=_native_dot(x.dtype, blocks.dtype),
-        BLOCK_T=block_t, BLOCK_I=tile, BLOCK_J=tile,
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=tile.warps,
     )  # fmt: skip
     return out
 

@@ -15,25 +15,38 @@ The prompt is run eagerly (its batch size is not the step's); every later token 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["greedy_decode", "start_decoding", "decode_step"]
+__all__ = ["greedy_decode", "start_decoding", "decode_step", "cache_keyword"]
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name ``model.forward`` takes its KV cache under: ``cache`` in recent transformers, ``past_key_values``
+    before.  A wrong name would land in ``**kwargs`` and be ignored: decoding would run without the cache."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`")
 
 
 def decode_step(model: nn.Module, cache, token: Tensor, position: Tensor) -> Callable[[], Tensor]:
     """A function that runs one decode step of ``model`` on the buffers ``token`` ``(B, 1)`` and ``position``
     ``(1,)`` (both updated in place between calls) against the static ``cache``; returns the last logits."""
+    keyword = cache_keyword(model)
 
     def step() -> Tensor:
         out = model(
             input_ids=token,
             position_ids=position.expand(token.shape[0], 1),
             cache_position=position,
-            cache=cache,
             use_cache=True,
+            **{keyword: cache},
         )
         return out.logits[:, -1]
 
@@ -75,13 +88,33 @@ def start_decoding(
         raise ValueError(f"CUDA-graph capture needs CUDA tensors, input_ids are on {device}")
     seq = input_ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=seq + new_tokens)
-    prompt = model(input_ids=input_ids, cache_position=torch.arange(seq, device=device), cache=cache, use_cache=True)
+    positions = torch.arange(seq, device=device)
+    prompt = model(input_ids=input_ids, cache_position=positions, use_cache=True, **{cache_keyword(model): cache})
     token = prompt.logits[:, -1].argmax(-1, keepdim=True)
     position = torch.full((1,), seq, dtype=torch.long, device=device)
     step = decode_step(model, cache, token, position)
     if capture:
-        step = _captured(step, device)  # the warm-up steps write position ``seq`` with the same token's K/V
+        with _rewound(cache):  # the warm-up and capture calls must not advance the cache
+            step = _captured(step, device)
     return step, token, position
+
+
+@contextmanager
+def _rewound(cache) -> Iterator[None]:
+    """Put the static cache's write position back where it was on exit.  transformers' static layers count
+    their own length in a device tensor (``cumulative_length``) that every forward advances, the capture's
+    warm-up calls too; the captured graph then reads and advances that same tensor on each replay.  The K/V the
+    warm-ups wrote lie beyond the rewound length: masked out, then overwritten by the real steps."""
+    counters = [
+        (t, t.clone())
+        for layer in getattr(cache, "layers", ())
+        if isinstance(t := getattr(layer, "cumulative_length", None), Tensor)
+    ]
+    try:
+        yield
+    finally:
+        for live, saved in counters:
+            live.copy_(saved)
 
 
 @torch.inference_mode()

@@ -1,0 +1,171 @@
+"""Tile sweep of the Triton kernels (needs a CUDA GPU and triton): the tables behind
+``armor.runtime.gpu_kernels.NM_TILES`` and ``BD_TILES``.
+
+    python benchmarks/gpu_tune.py --out benchmarks/gpu_tune.json > benchmarks/gpu_tune.md
+
+Packed 2:4 core (``nm_matmul_triton``) on the three Llama-2-7B shapes at 1, 16 and 64 tokens (the token tiles
+1, 16 and 64).  Stage 1 sweeps output rows x input columns per program (4 warps, 3 stages; 2:4 expanded from
+contiguous loads up to 16 tokens, the per-column gather at 64); stage 2 takes the best and sweeps warps x
+pipelining stages, and tries the gather on it.  Block-diagonal wrappers (``block_diag_matmul_triton``,
+ARMOR's default blocks of 128 on 4096 and 11008 features) at 1 and 64 tokens: output x input features per
+program.  Every call is timed by ``triton.testing.do_bench`` (median, the L2 cache flushed before each call)
+against dense ``F.linear`` of the same layer timed the same way; each tiling is ranked by the geometric mean
+of its speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from armor.bench.layers import SHAPE_SETS, random_nm_result
+from armor.runtime import module_from_result
+from armor.runtime.gpu_kernels import BDTile, NMTile, block_diag_matmul_triton, nm_matmul_triton
+
+NM_TOKENS = (1, 16, 64)
+BD_TOKENS = (1, 64)
+ROWS, COLUMNS, WARPS, STAGES = (16, 32, 64), (128, 256, 512), (2, 4, 8), (2, 4)
+BD_ROWS, BD_COLUMNS = (16, 32, 64), (32, 64, 128)
+
+
+def _median_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _nm_layers(dtype: torch.dtype) -> list[dict]:
+    """The three shapes' packed 2:4 layers on the GPU, with their dense weight."""
+    out = []
+    for out_f, in_f in SHAPE_SETS["llama7b"]:
+        mod = module_from_result(random_nm_result(out_f, in_f, None, seed=0), None, dtype, device="cuda")
+        out.append({"shape": f"{out_f}x{in_f}", "mod": mod, "w": mod.dense_weight().to(dtype), "in": in_f})
+    return out
+
+
+def _time(kernel: str, layer: dict, tokens: int, tiles: list, dense: dict) -> list[dict]:
+    """ms of ``kernel`` (nm or bd) at every tiling on one layer (tilings that fail are reported, skipped)."""
+    w = layer["w"]
+    x = torch.randn(tokens, layer["in"], device="cuda", dtype=w.dtype)
+    key = (kernel, layer["shape"], tokens)
+    if key not in dense:
+        dense[key] = _median_ms(partial(F.linear, x, w))
+    ref = F.linear(x.double(), w.double())
+    rows = []
+    for tile in tiles:
+        if kernel == "nm":
+            fn = partial(nm_matmul_triton, layer["mod"].values, layer["mod"].indices, x, 2, 4, tile=tile)
+        else:
+            fn = partial(block_diag_matmul_triton, layer["blocks"], x, tile=tile)
+        try:
+            err = ((fn().double() - ref).norm() / ref.norm()).item()
+            ms = _median_ms(fn)
+        except Exception as exc:  # noqa: BLE001 - a tiling the GPU cannot run is reported and skipped
+            print(f"skip {kernel} {tile} {tokens} tokens: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+            continue
+        rows.append({"kernel": kernel, "shape": layer["shape"], "tokens": tokens, "tile": list(tile), "ms": ms,
+                     "dense_ms": dense[key], "x_dense": dense[key] / ms, "rel_error": err})  # fmt: skip
+    return rows
+
+
+def _ranked(rows: list[dict], kernel: str, tokens: int) -> list[tuple[float, tuple, dict]]:
+    """(geometric mean of x dense over the shapes, tiling, rows by shape), best first; complete tilings only."""
+    mine = [r for r in rows if r["kernel"] == kernel and r["tokens"] == tokens]
+    shapes = set(r["shape"] for r in mine)
+    by_tile: dict[tuple, dict] = {}
+    for r in mine:
+        by_tile.setdefault(tuple(r["tile"]), {})[r["shape"]] = r
+    ranked = [
+        (math.exp(sum(math.log(p["x_dense"]) for p in per.values()) / len(per)), tile, per)
+        for tile, per in by_tile.items()
+        if set(per) == shapes
+    ]
+    return sorted(ranked, key=lambda t: -t[0])
+
+
+def sweep_nm(dtype: torch.dtype) -> list[dict]:
+    layers, dense, rows = _nm_layers(dtype), {}, []
+    for tokens in NM_TOKENS:
+        join = tokens <= 16  # the contiguous 2:4 expansion runs up to 16 token rows (see NMTile)
+        # a weight tile over 16K values spills registers: left out
+        first = [NMTile(r, c, 4, 3, join) for r, c in itertools.product(ROWS, COLUMNS) if r * c <= 16384]
+        rows += [row for layer in layers for row in _time("nm", layer, tokens, first, dense)]
+        ranked = _ranked(rows, "nm", tokens)
+        if ranked:
+            r, c = ranked[0][1][:2]
+            second = [NMTile(r, c, nw, ns, join) for nw, ns in itertools.product(WARPS, STAGES)]
+            second = [t for t in second if t not in first] + ([NMTile(r, c, 4, 3, False)] if join else [])
+            rows += [row for layer in layers for row in _time("nm", layer, tokens, second, dense)]
+        print(f"nm {tokens} tokens: done", file=sys.stderr, flush=True)
+    return rows
+
+
+def sweep_bd(dtype: torch.dtype) -> list[dict]:
+    dense, rows = {}, []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = []
+    for features in (4096, 11008):
+        blocks = torch.randn(features // 128, 128, 128, device="cuda", generator=gen).to(dtype)
+        w = torch.block_diag(*blocks)
+        layers.append({"shape": f"{features} in blocks of 128", "blocks": blocks, "w": w, "in": features})
+    tiles = [BDTile(r, c, 4) for r, c in itertools.product(BD_ROWS, BD_COLUMNS)]
+    for tokens in BD_TOKENS:
+        rows += [row for layer in layers for row in _time("bd", layer, tokens, tiles, dense)]
+        print(f"bd {tokens} tokens: done", file=sys.stderr, flush=True)
+    return rows
+
+
+def best_tiles(result: dict) -> tuple[dict[int, NMTile], dict[int, BDTile]]:
+    """The ``NM_TILES`` and ``BD_TILES`` entries a sweep calls for, keyed by token tile."""
+    rows = result["rows"]
+    nm = {t: NMTile(*_ranked(rows, "nm", t)[0][1]) for t in NM_TOKENS if _ranked(rows, "nm", t)}
+    bd = {max(16, t): BDTile(*_ranked(rows, "bd", t)[0][1]) for t in BD_TOKENS if _ranked(rows, "bd", t)}
+    return nm, bd
+
+
+def ranking(rows: list[dict], kernel: str, tokens_list: tuple[int, ...], head: str, top: int = 6) -> str:
+    """Per token count, the ``top`` tilings by the geometric mean of x dense over the shapes."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows if r["kernel"] == kernel))
+    cols = " | ".join(f"{s}: x dense (us)" for s in shapes)
+    lines = [f"| tokens | {head} | geomean x dense | {cols} | max rel. error |",
+             "|" + "---:|" * (3 + len(shapes) + 1)]  # fmt: skip
+    for tokens in tokens_list:
+        for gm, tile, per in _ranked(rows, kernel, tokens)[:top]:
+            cells = " | ".join(f"{per[s]['x_dense']:.2f}x ({per[s]['ms'] * 1e3:.1f})" for s in shapes)
+            err = max(p["rel_error"] for p in per.values())
+            lines.append(f"| {tokens} | {tuple(tile)} | {gm:.2f}x | {cells} | {err:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="also write every row as JSON here")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    result = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": []}
+    for sweep in (sweep_nm, sweep_bd):
+        try:
+            result["rows"] += sweep(dtype)
+        except Exception as exc:  # noqa: BLE001 - keep the other sweep's rows
+            print(f"{sweep.__name__} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if args.out:  # after each sweep: a run stopped later keeps what it measured
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=1)
+    command = " ".join(["python benchmarks/gpu_tune.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"# Triton kernel tile sweep: {result['device']}, {args.dtype}\n\n`{command}`\n")
+    print("Packed 2:4 core:\n\n" + ranking(result["rows"], "nm", NM_TOKENS, "(rows, columns, warps, stages, join)"))
+    print("\nBlock-diagonal wrappers:\n\n" + ranking(result["rows"], "bd", BD_TOKENS, "(rows, columns, warps)"))
+    print(f"\nNM_TILES, BD_TILES = {best_tiles(result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
