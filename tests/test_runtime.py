@@ -734,12 +734,9 @@ def test_capture_warmups_leave_the_static_cache_where_it_was():
     rewind puts every layer's counter back, so that the replayed steps write the slots the eager steps would."""
     transformers = pytest.importorskip("transformers")
     from armor.runtime.graphs import _rewound, start_decoding
+    from conftest import make_tiny_model
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = make_tiny_model(64)
     ids = torch.randint(0, 64, (2, 5))
     with torch.inference_mode():
         step, _, _ = start_decoding(model, ids, 4, capture=False)

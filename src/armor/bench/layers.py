@@ -176,45 +176,46 @@ def _copies(stored: int, device: torch.device) -> int:
     return max(1, -(-4 * l2 // max(stored, 1)))
 
 
+def _load_layer(proto: nn.Module, backend: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A fresh module of ``proto``'s spec on ``device`` with its state loaded (how a saved model comes back)."""
+    layer = empty_module_from_spec(proto.spec(), dtype=dtype, device=device, backend=backend)
+    layer.load_state_dict(proto.state_dict())
+    return layer
+
+
 def _build_layer(
     proto: Tensor | nn.Module, backend: str, x: Tensor, device: torch.device, warmup: int
 ) -> dict[str, Any]:
     """Build one layer from ``proto`` on ``device`` (as many copies as :func:`_copies` asks; ``fn`` calls each
     once) and run its warm-up calls, inside a memory probe."""
+    dense = isinstance(proto, Tensor)
     with _MemProbe(device) as probe:
-        if isinstance(proto, Tensor):
+        if dense:
             stored = proto.numel() * proto.element_size()
-            ws = [proto.to(device=device, copy=True) for _ in range(_copies(stored, device))]
-
-            def fn() -> Tensor:
-                return [F.linear(x, w) for w in ws][-1]
-
+            copies = [proto.to(device=device, copy=True) for _ in range(_copies(stored, device))]
         else:
-            layers = [empty_module_from_spec(proto.spec(), dtype=x.dtype, device=device, backend=backend)]
-            layers[0].load_state_dict(proto.state_dict())
-            stored = layers[0].stored_nbytes()
-            for _ in range(_copies(stored, device) - 1):
-                layers.append(empty_module_from_spec(proto.spec(), dtype=x.dtype, device=device, backend=backend))
-                layers[-1].load_state_dict(proto.state_dict())
+            stored = proto.stored_nbytes()
+            copies = [_load_layer(proto, backend, x.dtype, device) for _ in range(_copies(stored, device))]
 
-            def fn() -> Tensor:
-                return [layer(x) for layer in layers][-1]
+        def fn() -> Tensor:
+            for c in copies:
+                out = F.linear(x, c) if dense else c(x)
+            return out
 
-        copies = len(ws) if isinstance(proto, Tensor) else len(layers)
         for _ in range(max(1, warmup)):  # at least one: it builds the lazy semi-structured cache on CUDA
             fn()
         sync(device)
-    if isinstance(proto, Tensor):
+    if dense:
         active, resident = "F.linear", stored
     else:
-        active, resident = layers[0].active_backend, layers[0].resident_nbytes()  # after a forward: what ran
+        active, resident = copies[0].active_backend, copies[0].resident_nbytes()  # after a forward: what ran
     return {
         "fn": fn,
-        "copies": copies,
+        "copies": len(copies),
         "active_backend": active,
         "stored_bytes": stored,
         "resident_bytes": resident,
-        "peak_mem_bytes": probe.peak // copies,
+        "peak_mem_bytes": probe.peak // len(copies),
         "mem_method": probe.method,
     }
 

@@ -25,7 +25,7 @@ tensors, which is how the test-suite checks them on machines without a GPU.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -284,9 +284,14 @@ class BDTile(NamedTuple):
 BD_TILES: dict[int, BDTile] = {16: BDTile(16, 128, 4), 64: BDTile(64, 128, 4)}
 
 
+def _tile_for(table: dict[int, Any], block_t: int) -> Any:
+    """A tiling table's entry for a token tile of ``block_t`` rows: the largest key not above it."""
+    return table[max(t for t in table if t <= block_t)]
+
+
 def nm_tile(block_t: int) -> NMTile:
     """The :data:`NM_TILES` entry for a token tile of ``block_t`` rows."""
-    return NM_TILES[max(t for t in NM_TILES if t <= block_t)]
+    return _tile_for(NM_TILES, block_t)
 
 
 def _token_tile(n_tok: int, dot_only: bool = False) -> int:
@@ -346,7 +351,7 @@ def block_diag_matmul_triton(
     _check_rows(x, k * size, blocks)
     out = torch.empty(x.shape[0], k * size, dtype=out_dtype or blocks.dtype, device=x.device)
     block_t = _token_tile(x.shape[0], dot_only=True)
-    tile = BD_TILES[max(t for t in BD_TILES if t <= block_t)] if tile is None else tile
+    tile = _tile_for(BD_TILES, block_t) if tile is None else tile
     fit = max(16, triton.next_power_of_2(size))  # no wider than the block (tl.dot takes 16 at least)
     block_i, block_j = min(tile.rows, fit), min(tile.columns, fit)
     grid = (k, triton.cdiv(size, block_i), triton.cdiv(x.shape[0], block_t))
