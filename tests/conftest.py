@@ -33,21 +33,32 @@ def make_char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
-def make_tiny_model(vocab_size: int, seed: int = 0, tie: bool = True):
+def make_tiny_model(vocab_size: int, seed: int = 0, tie: bool = True, **dims):
+    """A random Llama (seeded); ``dims`` override the config's sizes (hidden_size, num_hidden_layers, ...)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-    )
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    cfg = LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=tie, **{**sizes, **dims})
     return LlamaForCausalLM(cfg).eval()
+
+
+def pack_linears(model, block: int | None, backend: str = "auto", names: list[str] | None = None) -> list[str]:
+    """Replace decoder linears of ``model`` (``names``, default all of them) by packed layers of random 2:4
+    values: every other one an ARMOR layer with wrapper blocks of ``block`` (the rest plain 2:4).  Returns the
+    names replaced."""
+    from armor.bench.layers import random_nm_result
+    from armor.runtime import module_from_result
+
+    if names is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.")]
+    for i, name in enumerate(names):
+        out_f, in_f = model.get_submodule(name).weight.shape
+        parent, _, leaf = name.rpartition(".")
+        res = random_nm_result(out_f, in_f, block if i % 2 else None, seed=i)
+        setattr(model.get_submodule(parent), leaf, module_from_result(res, None, backend=backend))
+    return names
 
 
 @pytest.fixture(autouse=True)

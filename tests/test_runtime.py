@@ -35,6 +35,7 @@ from armor.runtime import (
 )
 from armor.runtime.packing import packed_index_shape
 from armor.sparsity import is_nm_mask, nm_mask_from_scores
+from conftest import make_tiny_model, pack_linears
 
 needs_numba = pytest.mark.skipif(not numba_available(), reason="the packed CPU kernels need numba")
 
@@ -193,22 +194,12 @@ def test_no_weight_attribute_and_no_dense_parameter():
 def test_transformers_generate_and_save_never_build_a_dense_matrix(tmp_path, monkeypatch):
     """A Llama whose every decoder linear is packed (ARMOR and plain 2:4) generates and saves through
     transformers with every way of building a dense core or W_hat made to fail."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import armor.runtime.modules as modules
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.")]
-    for i, name in enumerate(names):
-        lin = model.get_submodule(name)
-        out_f, in_f = lin.weight.shape
-        res = random_nm_result(out_f, in_f, 16 if i % 2 else None, seed=i)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, module_from_result(res, None, backend="packed"))
+    model = make_tiny_model(64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+                            max_position_embeddings=64, tie=False)  # fmt: skip
+    names = pack_linears(model, 16, backend="packed")
     ids = torch.randint(0, 64, (1, 5))
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -708,18 +699,13 @@ def test_load_state_dict_assign_keeps_frozen_parameters(kind):
 def test_greedy_decode_with_a_static_cache_equals_generate():
     """The decode loop that CUDA graphs capture (armor.runtime.graphs), run eagerly on CPU through packed
     layers: the same tokens as ``model.generate``; capture is refused off CUDA."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from armor.runtime.graphs import greedy_decode
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = make_tiny_model(64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                            max_position_embeddings=64, tie=False)  # fmt: skip
     model.generation_config.eos_token_id = None  # generate must not stop early
-    model.model.layers[0].mlp.up_proj = module_from_result(random_nm_result(64, 32, 16, seed=1), None)
-    model.model.layers[1].self_attn.o_proj = module_from_result(random_nm_result(32, 32, None, seed=2), None)
+    pack_linears(model, 16, names=["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"])
     ids = torch.randint(0, 64, (3, 5))
     with torch.inference_mode():
         ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -734,7 +720,6 @@ def test_capture_warmups_leave_the_static_cache_where_it_was():
     rewind puts every layer's counter back, so that the replayed steps write the slots the eager steps would."""
     transformers = pytest.importorskip("transformers")
     from armor.runtime.graphs import _rewound, start_decoding
-    from conftest import make_tiny_model
 
     model = make_tiny_model(64)
     ids = torch.randint(0, 64, (2, 5))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from armor.bench.layers import random_nm_result
 from armor.runtime import TRITON_MAX_TOKENS, module_from_result, semi_structured_status
 from armor.runtime.gpu_kernels import triton_available
+from conftest import make_tiny_model, pack_linears
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or semi_structured_status("cuda", torch.float16) is not None,
@@ -87,22 +88,12 @@ def test_captured_decode_step_replays_to_eager_logits(dtype):
     """A Llama whose decoder linears are packed (ARMOR and plain 2:4, auto backend = Triton for one token):
     the decode step captured in a CUDA graph gives the eager step's logits, and greedy decoding with the graph
     gives the eager run's tokens (tests/test_runtime.py checks the eager run against ``model.generate``)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from armor.runtime.graphs import greedy_decode, start_decoding
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = make_tiny_model(256, hidden_size=256, intermediate_size=512, max_position_embeddings=128, tie=False)
     model.generation_config.eos_token_id = None
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.")]
-    for i, name in enumerate(names):
-        out_f, in_f = model.get_submodule(name).weight.shape
-        parent, _, leaf = name.rpartition(".")
-        res = random_nm_result(out_f, in_f, 64 if i % 2 else None, seed=i)
-        setattr(model.get_submodule(parent), leaf, module_from_result(res, None))
+    pack_linears(model, 64)
     model = model.to(device="cuda", dtype=dtype)
     ids = torch.randint(0, 256, (2, 7), device="cuda")
     with torch.inference_mode():
