@@ -30,6 +30,8 @@ PROTOCOL = ["--nsamples", "64", "--seqlen", "512", "--eval-windows", "147", "--q
 ARMOR_SWEEPS = ["-O", "sweeps=20"]
 #: the layer-wise runs (the paper's protocol); the "-recon" runs keep armor prune's default block-wise reconstruction
 LAYERWISE = ["--no-reconstruct"]
+#: the quality setting: twice the calibration sequences, four times the reconstruction steps
+QUALITY = ["--nsamples", "128", "--reconstruct-steps", "128"]
 #: rows measured earlier with this protocol (their results.json are not kept): plotted and tabled with the new ones
 PREVIOUS = Path(__file__).with_name("frontier_rows.json")
 
@@ -69,6 +71,15 @@ RUNS = {name: ([*LAYERWISE, *args], what) for name, (args, what) in RUNS.items()
 RUNS.update({
     "armor-fast-b6.25-recon": (["--method", "armor-fast", "--compare", "none"], "ARMOR + reconstruction, default"),
     "baselines-recon": (["--method", "sparsegpt", "--compare", "wanda,nowag"], "baselines + reconstruction"),
+    # the quality setting (RESULTS_reconstruction.md: the first under ppl 60), every method alike
+    "armor-fast-calib128-recon": (
+        ["--method", "armor-fast", "--compare", "none", *QUALITY],
+        "ARMOR + reconstruction, 128 calibration sequences, 128 steps",
+    ),
+    "baselines-calib128-recon": (
+        ["--method", "sparsegpt", "--compare", "wanda,nowag", *QUALITY],
+        "baselines + reconstruction, 128 calibration sequences, 128 steps",
+    ),
     **{
         f"armor-fast-b{pct:g}-recon": (
             ["--method", "armor-fast", "--compare", "none", "--wrapper-budget", str(pct / 100)],
@@ -172,10 +183,10 @@ def plot(rows: list[dict], path: Path) -> None:
         if on_budget_line(r) or not r.get("ppl") or r.get("linear_bytes_ratio") is None:
             continue
         label = r["method"] if r["mode"] in ("one-pass", "–") else f"{r['method']} ({r['mode']})"
-        if r["run"] == "armor-fast-calib128":
+        if "calib128" in r["run"]:
             label += ", 128 x 512 calibration"
         if r.get("reconstruction") == "yes":
-            label += " + reconstruction"
+            label += " + reconstruction" + (", 128 steps" if "calib128" in r["run"] else "")
         marker = "*" if r["method"] == "dense" else ("^" if r["method"].startswith("armor") else "s")
         ax.plot(r["linear_bytes_ratio"], r["ppl"], marker, label=label)
     ax.set_yscale("log")
