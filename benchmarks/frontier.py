@@ -170,7 +170,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     def on_budget_line(r: dict) -> bool:  # armor-fast one-pass at each budget; other ARMOR runs are markers
         return r["method"] == "armor-fast" and r["run"].startswith("armor-fast-b")
 
@@ -194,7 +194,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("perplexity, Lee corpus (log)")
     ax.set_title("SmolLM2-135M-Instruct, 2:4: perplexity vs bytes")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: no point hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
