@@ -63,9 +63,9 @@ _SEMI_DTYPES = (torch.float16, torch.bfloat16)
 CPU_PACKED_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
 
 #: ``auto`` on CUDA runs the Triton kernels for token batches up to this many rows and the transient-dense path
-#: above.  Measured on an H200, float16, the 7B shapes (``bash benchmarks/gpu_session.sh``, RESULTS_runtime.md
-#: GPU section): the packed kernel is about even with transient-dense at one token (0.41-0.45x dense against
-#: 0.35-0.49x) and behind it from 4 tokens on.
+#: above: the crossover measured on an H200, float16, the 7B shapes (``bash benchmarks/gpu_session.sh``; the
+#: figures are in benchmarks/RESULTS_runtime.md, GPU section): the packed kernel is about even with
+#: transient-dense at one token and behind it from 4 tokens on.
 TRITON_MAX_TOKENS = 1
 
 
