@@ -154,6 +154,8 @@ def model_rows(config: str, dtype: torch.dtype, batches: tuple[int, ...], steps:
             try:
                 r = time_decode_steps(model, ids, steps, repeats=repeats)
             except Exception as exc:  # noqa: BLE001 - a capture that fails is reported; the eager row stands in
+                if isinstance(exc, getattr(torch, "AcceleratorError", ())):
+                    raise  # a device-side fault leaves the CUDA context unusable: no eager row can follow
                 print(f"model {kind} batch {batch}: capture failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 r = time_decode_steps(model, ids, steps, capture=False, repeats=repeats)
             if r["peak_mem_bytes"] is not None:
@@ -171,12 +173,14 @@ def model_rows(config: str, dtype: torch.dtype, batches: tuple[int, ...], steps:
 
 def format_model_rows(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | kind | dtype | batch | graph-captured | decode tokens/s | x dense | weights | peak GPU memory |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|",
+        "| model | kind | dtype | batch | graph-captured | replays = eager tokens | decode tokens/s | x dense "
+        "| weights | peak GPU memory |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['dtype']} | {r['batch']} | {r['captured']} | "
+            f"{'-' if r['matches_eager'] is None else r['matches_eager']} | "
             f"{r['decode_tokens_per_s']:.1f} | {r['vs_dense']:.2f}x | {fmt_bytes(r['weights_bytes'])} | "
             f"{fmt_bytes(r['peak_mem_bytes'])} |"
         )

@@ -54,7 +54,8 @@ for step in "${steps[@]}"; do
             --timings graph --out '$RES/layers.json' > '$RES/layers.md' 2> '$RES/layers.err'"
         ;;
     models)
-        run_step models "${MODELS_LIMIT:-200}" bash -c "$PY benchmarks/gpu_runtime.py --models-only $TILES \
+        # MODELS_BLOCKING=1 runs it with CUDA_LAUNCH_BLOCKING=1 (a device assert then names the launching op)
+        run_step models "${MODELS_LIMIT:-200}" bash -c "CUDA_LAUNCH_BLOCKING=${MODELS_BLOCKING:-0} $PY benchmarks/gpu_runtime.py --models-only $TILES \
             --steps "${MODEL_STEPS:-64}" --out '$RES/models.json' > '$RES/models.md' 2> '$RES/models.err'"
         ;;
     *) echo "unknown step $step" >&2 ;;

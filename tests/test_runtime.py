@@ -715,24 +715,59 @@ def test_greedy_decode_with_a_static_cache_equals_generate():
         greedy_decode(model, ids, 3, capture=True)
 
 
-def test_capture_warmups_leave_the_static_cache_where_it_was():
-    """A capture's warm-up calls advance transformers' static cache (its layers count their own length); the
-    rewind puts every layer's counter back, so that the replayed steps write the slots the eager steps would."""
-    transformers = pytest.importorskip("transformers")
-    from armor.runtime.graphs import _rewound, start_decoding
+def test_each_step_writes_at_the_callers_position_whatever_ran_before():
+    """transformers 5's static layers write where their own counter says, and every forward advances it (a
+    capture's warm-ups too).  The step sets every counter to ``position`` first: extra calls and a counter
+    knocked off by hand change nothing, and the decode still gives ``generate``'s tokens."""
+    pytest.importorskip("transformers")
+    from armor.runtime.graphs import cache_counters, start_decoding
 
     model = make_tiny_model(64)
+    model.generation_config.eos_token_id = None
     ids = torch.randint(0, 64, (2, 5))
     with torch.inference_mode():
-        step, _, _ = start_decoding(model, ids, 4, capture=False)
-        cache = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, transformers.Cache))
-        counters = [layer.cumulative_length for layer in cache.layers]
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        step, token, position = start_decoding(model, ids, 4, capture=False)
+        cache = next(c.cell_contents for c in step.__closure__ if type(c.cell_contents).__name__ == "StaticCache")
+        counters = cache_counters(cache)
         assert len(counters) == 2 and all(int(c) == 5 for c in counters)
-        with _rewound(cache):
-            step()
-            step()
-            assert all(int(c) == 7 for c in counters)  # the calls did advance it
-        assert all(int(c) == 5 for c in counters)
+        step(), step()  # what a capture's warm-ups do: two forwards at the same position
+        assert all(int(c) == 6 for c in counters)  # counter = position + 1, not 7
+        tokens = [token.clone()]
+        for i in range(3):
+            counters[i % 2].add_(3)  # a drifted counter is put back by the next step
+            token.copy_(step().argmax(-1, keepdim=True))
+            tokens.append(token.clone())
+            position += 1
+    assert torch.equal(torch.cat([ids, *tokens], dim=1), ref)
+    assert all(int(c) == 8 for c in counters)
+
+
+def test_capture_is_refused_for_a_window_that_fills_up():
+    """A graph replays the branches taken at capture; a sliding-window layer switches to a rolling update once
+    its window is full.  So a cache whose window is shorter than the decode is not capturable (a clear reason),
+    one whose window holds the whole decode is."""
+    transformers = pytest.importorskip("transformers")
+    from armor.runtime.graphs import capture_blocker
+
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=8)  # fmt: skip
+    short = transformers.StaticCache(config=cfg, max_cache_len=12)
+    assert "slides over 8 tokens, fewer than the 12" in capture_blocker(short, 12)
+    cfg.sliding_window = 16
+    assert capture_blocker(transformers.StaticCache(config=cfg, max_cache_len=12), 12) is None
+    llama = make_tiny_model(64)
+    assert capture_blocker(transformers.StaticCache(config=llama.config, max_cache_len=40), 40) is None
+
+
+def test_decode_timing_on_cpu_runs_eagerly_and_reports_it():
+    """The model-level decode benchmark off CUDA: eager steps, no capture to check against, no GPU memory."""
+    from armor.bench.models import time_decode_steps
+
+    model = make_tiny_model(64)
+    r = time_decode_steps(model, torch.randint(0, 64, (2, 5)), steps=3, repeats=2)
+    assert (r["captured"], r["matches_eager"], r["peak_mem_bytes"]) == (False, None, None)
+    assert r["steps"] == 3 and r["batch"] == 2 and r["decode_tokens_per_s"] > 0
 
 
 def test_cache_keyword_follows_the_forward_signature():
@@ -775,7 +810,7 @@ def test_gpu_benchmark_script_model_part_runs_on_a_tiny_llama():
     weights = {r["kind"]: r["weights_bytes"] for r in rows}
     assert weights["2:4"] < weights["armor"] < weights["dense"]
     table = script.format_model_rows(rows)
-    assert len(table.splitlines()) == 2 + len(rows) and "| tiny | armor | float32 | 2 | False |" in table
+    assert len(table.splitlines()) == 2 + len(rows) and "| tiny | armor | float32 | 2 | False | - |" in table
 
 
 @needs_numba

@@ -107,6 +107,11 @@ def test_captured_decode_step_replays_to_eager_logits(dtype):
     assert torch.equal(replayed, eager)
     # whole greedy runs: replayed steps give the eager steps' tokens
     assert torch.equal(greedy_decode(model, ids, 6, capture=True), greedy_decode(model, ids, 6, capture=False))
+    # the model-level benchmark's runs: three captures on fresh caches, then its own replay-vs-eager check
+    from armor.bench.models import time_decode_steps
+
+    r = time_decode_steps(model, ids, steps=8, repeats=3)
+    assert r["captured"] is True and r["matches_eager"] is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

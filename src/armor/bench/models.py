@@ -116,19 +116,21 @@ def time_decode_steps(
     """Greedy decode tokens/s of ``model`` after the prompt ``input_ids`` ``(batch, seq)``: ``steps`` one-token
     steps (replays of a captured CUDA graph by default on CUDA, see :mod:`armor.runtime.graphs`), timed from
     the first step to the device finishing the last, the prompt and the capture excluded; the median of
-    ``repeats`` runs.  Returns ``{"batch", "prompt_tokens", "steps", "captured", "seconds",
-    "decode_tokens_per_s", "peak_mem_bytes"}`` (peak CUDA memory allocated over the runs; None on CPU)."""
-    from ..runtime.graphs import start_decoding
+    ``repeats`` runs.  A captured run is then checked against eager steps (untimed): ``matches_eager`` says
+    whether the replayed graph produced the eager run's tokens.  Returns ``{"batch", "prompt_tokens", "steps",
+    "captured", "seconds", "decode_tokens_per_s", "peak_mem_bytes", "matches_eager"}`` (peak CUDA memory
+    allocated over the runs, None on CPU; ``matches_eager`` None when nothing was captured)."""
+    from ..runtime.graphs import CapturedStep, greedy_decode, start_decoding
 
     device = model_device(model)
     input_ids = input_ids.to(device)
-    captured = device.type == "cuda" if capture is None else capture
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     with torch.inference_mode():
         for _ in range(max(1, repeats)):
-            step, token, position = start_decoding(model, input_ids, steps + 1, captured)
+            step, token, position = start_decoding(model, input_ids, steps + 1, capture)
+            captured = isinstance(step, CapturedStep)
             sync(device)
             start = time.perf_counter()
             for _ in range(steps):
@@ -137,6 +139,11 @@ def time_decode_steps(
             sync(device)
             times.append(time.perf_counter() - start)
             del step
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    matches = None
+    if captured:  # the same tokens from graph replays as from eager steps, or the timing measured a wrong run
+        runs = [greedy_decode(model, input_ids, steps + 1, capture=c) for c in (True, False)]
+        matches = bool(torch.equal(*runs))
     sec = statistics.median(times)
     batch, seq = input_ids.shape
     return {
@@ -146,5 +153,6 @@ def time_decode_steps(
         "captured": captured,
         "seconds": sec,
         "decode_tokens_per_s": batch * steps / sec,
-        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_mem_bytes": peak,
+        "matches_eager": matches,
     }
