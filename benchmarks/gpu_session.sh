@@ -46,7 +46,7 @@ for step in "${steps[@]}"; do
         tail -3 "$RES/graphtest.log"
         ;;
     tune)
-        run_step tune "${TUNE_LIMIT:-150}" bash -c "$PY benchmarks/gpu_tune.py --out '$RES/tune.json' \
+        run_step tune "${TUNE_LIMIT:-200}" bash -c "$PY benchmarks/gpu_tune.py --out '$RES/tune.json' \
             > '$RES/tune.md' 2> '$RES/tune.err'"
         ;;
     layers)

@@ -4,9 +4,10 @@
     python benchmarks/gpu_tune.py --out benchmarks/gpu_tune.json > benchmarks/gpu_tune.md
 
 Packed 2:4 core (``nm_matmul_triton``) on the three Llama-2-7B shapes at 1, 16 and 64 tokens (the token tiles
-1, 16 and 64).  Stage 1 sweeps output rows x input columns per program (4 warps, 3 stages; 2:4 expanded from
-contiguous loads up to 16 tokens, the per-column gather at 64); stage 2 takes the best and sweeps warps x
-pipelining stages, and tries the gather on it.  Block-diagonal wrappers (``block_diag_matmul_triton``,
+1, 16 and 64).  Stage 1 sweeps output rows x input columns per program (4 warps, 3 stages) for each form of
+``armor.runtime.gpu_kernels.EXPANDS`` that suits the token count (the weight-tile forms everywhere, the
+activation-select forms up to 16 tokens); stage 2 takes the best and sweeps warps x pipelining stages, then
+splits its input across 2 and 4 programs per row tile.  Block-diagonal wrappers (``block_diag_matmul_triton``,
 ARMOR's default blocks of 128 on 4096 and 11008 features) at 1 and 64 tokens: output x input features per
 program.  Every call is timed by ``triton.testing.do_bench`` (median, the L2 cache flushed before each call)
 against dense ``F.linear`` of the same layer timed the same way; each tiling is ranked by the geometric mean
@@ -31,7 +32,8 @@ from armor.runtime.gpu_kernels import BDTile, NMTile, block_diag_matmul_triton, 
 
 NM_TOKENS = (1, 16, 64)
 BD_TOKENS = (1, 64)
-ROWS, COLUMNS, WARPS, STAGES = (16, 32, 64), (128, 256, 512), (2, 4, 8), (2, 4)
+ROWS, COLUMNS, WARPS, STAGES, SPLITS = (16, 32, 64), (128, 256, 512), (2, 4, 8), (2, 4), (2, 4)
+X_COLUMNS = (64, 128, 256)  # kept entries per step of the activation-select forms
 BD_ROWS, BD_COLUMNS = (16, 32, 64), (32, 64, 128)
 
 
@@ -90,19 +92,34 @@ def _ranked(rows: list[dict], kernel: str, tokens: int) -> list[tuple[float, tup
     return sorted(ranked, key=lambda t: -t[0])
 
 
+def _first_tiles(tokens: int) -> list[NMTile]:
+    """Stage 1: rows x columns for each form that suits ``tokens``; tiles of more than 16K weights or 16K
+    (token, row, kept entry) products spill registers and are left out."""
+    tiles = [NMTile(r, c, 4, 3, "join" if tokens <= 16 else "gather") for r, c in itertools.product(ROWS, COLUMNS)]
+    tiles = [t for t in tiles if t.rows * t.columns <= 16384]
+    if tokens <= 16:
+        tiles += [
+            NMTile(r, c, 4, 3, form)
+            for form, r, c in itertools.product(("xselect", "xgather"), ROWS, X_COLUMNS)
+            if tokens * r * c <= 16384
+        ]
+    return tiles
+
+
 def sweep_nm(dtype: torch.dtype) -> list[dict]:
     layers, dense, rows = _nm_layers(dtype), {}, []
     for tokens in NM_TOKENS:
-        join = tokens <= 16  # the contiguous 2:4 expansion runs up to 16 token rows (see NMTile)
-        # a weight tile over 16K values spills registers: left out
-        first = [NMTile(r, c, 4, 3, join) for r, c in itertools.product(ROWS, COLUMNS) if r * c <= 16384]
+        first = _first_tiles(tokens)
         rows += [row for layer in layers for row in _time("nm", layer, tokens, first, dense)]
         ranked = _ranked(rows, "nm", tokens)
         if ranked:
-            r, c = ranked[0][1][:2]
-            second = [NMTile(r, c, nw, ns, join) for nw, ns in itertools.product(WARPS, STAGES)]
-            second = [t for t in second if t not in first] + ([NMTile(r, c, 4, 3, False)] if join else [])
+            best = nm_tile_of_row(ranked[0][1])
+            second = [best._replace(warps=nw, stages=ns) for nw, ns in itertools.product(WARPS, STAGES)]
+            second = [t for t in second if t not in first]
             rows += [row for layer in layers for row in _time("nm", layer, tokens, second, dense)]
+            best = nm_tile_of_row(_ranked(rows, "nm", tokens)[0][1])
+            third = [best._replace(split=k) for k in SPLITS]
+            rows += [row for layer in layers for row in _time("nm", layer, tokens, third, dense)]
         print(f"nm {tokens} tokens: done", file=sys.stderr, flush=True)
     return rows
 
@@ -122,10 +139,19 @@ def sweep_bd(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def nm_tile_of_row(fields: list | tuple) -> NMTile:
+    """An ``NMTile`` from a row's ``tile`` list; rows of earlier sweeps end in a ``join`` flag (True: "join",
+    False: "gather") where the form's name now stands, and have no split."""
+    fields = list(fields)
+    if isinstance(fields[4], bool):
+        fields[4] = "join" if fields[4] else "gather"
+    return NMTile(*fields)
+
+
 def best_tiles(result: dict) -> tuple[dict[int, NMTile], dict[int, BDTile]]:
     """The ``NM_TILES`` and ``BD_TILES`` entries a sweep calls for, keyed by token tile."""
     rows = result["rows"]
-    nm = {t: NMTile(*_ranked(rows, "nm", t)[0][1]) for t in NM_TOKENS if _ranked(rows, "nm", t)}
+    nm = {t: nm_tile_of_row(_ranked(rows, "nm", t)[0][1]) for t in NM_TOKENS if _ranked(rows, "nm", t)}
     bd = {max(16, t): BDTile(*_ranked(rows, "bd", t)[0][1]) for t in BD_TOKENS if _ranked(rows, "bd", t)}
     return nm, bd
 
@@ -161,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(result, fh, indent=1)
     command = " ".join(["python benchmarks/gpu_tune.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"# Triton kernel tile sweep: {result['device']}, {args.dtype}\n\n`{command}`\n")
-    print("Packed 2:4 core:\n\n" + ranking(result["rows"], "nm", NM_TOKENS, "(rows, columns, warps, stages, join)"))
+    nm_head = "(rows, columns, warps, stages, form, split)"
+    print("Packed 2:4 core:\n\n" + ranking(result["rows"], "nm", NM_TOKENS, nm_head))
     print("\nBlock-diagonal wrappers:\n\n" + ranking(result["rows"], "bd", BD_TOKENS, "(rows, columns, warps)"))
     print(f"\nNM_TILES, BD_TILES = {best_tiles(result)}")
     return 0

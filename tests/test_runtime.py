@@ -813,6 +813,25 @@ def test_gpu_benchmark_script_model_part_runs_on_a_tiny_llama():
     assert len(table.splitlines()) == 2 + len(rows) and "| tiny | armor | float32 | 2 | False | - |" in table
 
 
+def test_kernel_tiling_table_is_the_committed_sweeps_best():
+    """``NM_TILES`` / ``BD_TILES`` state what benchmarks/gpu_tune_h200.json measured best (rows written before
+    the kernel had named forms and splits read as join/gather, unsplit)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from armor.runtime import gpu_kernels
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("gpu_tune", bench / "gpu_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    nm, bd = tune.best_tiles(json.loads((bench / "gpu_tune_h200.json").read_text()))
+    assert nm == gpu_kernels.NM_TILES and bd == gpu_kernels.BD_TILES
+    assert all(t.expand in gpu_kernels.EXPANDS for t in tune._first_tiles(1))
+    assert {t.expand for t in tune._first_tiles(64)} == {"gather"}
+
+
 @needs_numba
 @pytest.mark.parametrize("in_f", [40, 288, 2800])  # kept 20 / 144 / 1400: no, some and a 24-entry tail of 32s
 @pytest.mark.parametrize("tokens", [1, 3, 6])

@@ -69,19 +69,57 @@ def test_triton_nm_matmul_equals_reference(n, m, dtype, tokens, strided):
     assert _max_rel_error(y, ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("tile", [NMTile(16, 64, 2, 2, join=True), NMTile(32, 128, 4, 3, join=False)])
+TILINGS = [
+    NMTile(16, 64, 2, 2, "join"),
+    NMTile(32, 128, 4, 3, "gather"),
+    NMTile(16, 32, 2, 2, "xselect"),
+    NMTile(16, 64, 4, 2, "xgather"),
+    NMTile(16, 32, 2, 2, "join", split=3),  # 3 shares of 72 / 164 columns: one share may be short or empty
+    NMTile(16, 16, 2, 2, "xselect", split=4),
+]
+
+
+@pytest.mark.parametrize("tile", TILINGS, ids=lambda t: f"{t.expand}-{t.columns}-split{t.split}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens,strided", [(1, True), (3, False), (20, True)])
 @pytest.mark.parametrize("in_groups", [18, 41])  # 41: an odd group count, so the last index byte is half used
 def test_triton_nm_matmul_every_tiling_equals_reference(tile, dtype, tokens, strided, in_groups):
-    """Both ways of expanding a 2:4 tile (contiguous loads + join, per-column gather), the one-token row-sum
-    path and the tensor-core path, with input widths that end inside a tile."""
+    """Every way of combining a 2:4 core with the activations (weight tile by join or gather, activations
+    selected or gathered per kept entry), split or not, the one-token row-sum path and the tensor-core path,
+    with input widths that end inside a tile; and a bias added once whatever the split."""
     out_f, in_f = 24, 4 * in_groups
     values, idx = _packed(out_f, in_f, 2, 4, dtype, seed=in_groups)
+    bias = torch.randn(out_f).to(device=DEVICE, dtype=dtype)
     x = _inputs(tokens, in_f, dtype, strided, seed=tokens)
-    y = nm_matmul_triton(values, idx, x, 2, 4, tile=tile)
-    ref = x.double().cpu() @ unpack_nm(values.cpu(), idx.cpu(), in_f, 2, 4).double().T
+    y = nm_matmul_triton(values, idx, x, 2, 4, bias, tile=tile)
+    assert y.shape == (tokens, out_f) and y.dtype == dtype
+    ref = x.double().cpu() @ unpack_nm(values.cpu(), idx.cpu(), in_f, 2, 4).double().T + bias.double().cpu()
     assert _max_rel_error(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("n,m", [(4, 8), (1, 4), (2, 3)])
+@pytest.mark.parametrize("expand", ["xselect", "xgather", "join"])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_triton_nm_matmul_other_patterns_take_the_general_forms(n, m, expand, tokens):
+    """The 2:4-only forms fall back to their any-n:m forms (xselect -> xgather, join -> gather) for other
+    patterns, split into shares too."""
+    out_f, in_f = 20, 37 * m
+    values, idx = _packed(out_f, in_f, n, m, torch.float32, seed=m)
+    x = _inputs(tokens, in_f, torch.float32, strided=True, seed=n)
+    y = nm_matmul_triton(values, idx, x, n, m, tile=NMTile(16, 16, 2, 2, expand, split=2))
+    ref = x.double().cpu() @ unpack_nm(values.cpu(), idx.cpu(), in_f, n, m).double().T
+    assert _max_rel_error(y, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "tile,match",
+    [(NMTile(16, 64, expand="dense"), "expand must be one of"), (NMTile(16, 48, expand="xgather"), "power of two"),
+     (NMTile(16, 64, split=0), "split >= 1"), (NMTile(16, 4, expand="join"), "multiple of 8")],
+)  # fmt: skip
+def test_triton_nm_matmul_refuses_a_bad_tiling(tile, match):
+    values, idx = _packed(8, 64, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        nm_matmul_triton(values, idx, torch.zeros(1, 64, device=DEVICE), 2, 4, tile=tile)
 
 
 def test_triton_nm_matmul_wrong_input_raises():

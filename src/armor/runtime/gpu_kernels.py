@@ -1,13 +1,15 @@
 """Triton kernels that compute straight from the packed n:m format (optional: used when ``triton`` imports).
 
-Three kernels, each one launch with no host synchronisation, so a forward made of them can be captured in a CUDA
-graph (the outputs are fresh ``torch.empty`` tensors, which a captured graph takes from its private pool):
+Three kernels, each one launch (a split core product adds one sum) with no host synchronisation, so a forward
+made of them can be captured in a CUDA graph (the outputs are fresh ``torch.empty`` tensors, which a captured
+graph takes from its private pool):
 
 * :func:`nm_matmul_triton` -- ``y = x S^T (+ bias)`` for the packed core ``S``.  Each program owns a tile of
-  output rows and walks the input in tiles of whole groups: it reads the tile's kept values and 2-bit (4-bit for
-  m > 4) positions, places every kept value in a register tile by comparing its position with the group's
-  columns, and multiplies that tile with the matching activations (``tl.dot``, float32 accumulation).  The dense
-  core is never written to memory: the bytes read are the packed state plus the activations.
+  output rows and walks the input, reading the tile's kept values and 2-bit (4-bit for m > 4) positions.  It
+  either places every kept value in a register weight tile and multiplies that with the activations (``tl.dot``
+  or a row sum), or skips the tile and multiplies each kept value by the activation at its position (half the
+  multiplies and no register shuffles); :data:`EXPANDS` lists the forms, :data:`NM_TILES` picks one per token
+  count.  The dense core is never written to memory: the bytes read are the packed state plus the activations.
 * :func:`block_diag_matmul_triton` -- ``y = x D^T (+ bias)`` for a block-diagonal ``D`` stored as ``(k, b, b)``
   blocks of any size ``b`` (ARMOR's ragged / budgeted blocks): a batched small matmul over the blocks.
 * :func:`armor_matmul_triton` -- ARMOR's ``A' (S (B' x))``: the three kernels above back to back on the device;
@@ -47,6 +49,7 @@ __all__ = [
     "TRITON_DTYPES",
     "NMTile",
     "NM_TILES",
+    "EXPANDS",
     "BDTile",
     "BD_TILES",
     "nm_tile",
@@ -126,42 +129,102 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_O, BLOCK_K))
 
     @triton.jit
+    def _kept_x_24(
+        x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, k0, kept, sxt, sxk, svo, svk, sio, sik,
+        BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """``(tokens, rows)`` partial sums of a 2:4 core over the kept entries ``k0 .. k0 + BLOCK_K``: each kept
+        value times the activation its 2-bit position selects from its group's four (no weight tile)."""
+        G: tl.constexpr = BLOCK_K // 2
+        g = k0 // 2 + tl.arange(0, G)
+        g_ok = g < kept // 2
+        ok = row_ok[:, None] & g_ok[None, :]
+        at = values_ptr + rows64[:, None] * svo + (2 * g)[None, :] * svk
+        v0 = tl.load(at, mask=ok, other=0.0).to(tl.float32)[None, :, :]
+        v1 = tl.load(at + svk, mask=ok, other=0.0).to(tl.float32)[None, :, :]
+        byte = tl.load(idx_ptr + rows64[:, None] * sio + (g // 2)[None, :] * sik, mask=ok, other=0).to(tl.int32)
+        shift = ((g % 2) * 4)[None, :]  # 2 bits per kept entry, 4 per byte: a byte holds two groups
+        p0 = ((byte >> shift) & 3)[None, :, :]
+        p1 = ((byte >> (shift + 2)) & 3)[None, :, :]
+        xs = x_ptr + toks64[:, None] * sxt + (4 * g)[None, :].to(tl.int64) * sxk
+        xm = tok_ok[:, None] & g_ok[None, :]
+        x0 = tl.load(xs, mask=xm, other=0.0).to(tl.float32)[:, None, :]
+        x1 = tl.load(xs + sxk, mask=xm, other=0.0).to(tl.float32)[:, None, :]
+        x2 = tl.load(xs + 2 * sxk, mask=xm, other=0.0).to(tl.float32)[:, None, :]
+        x3 = tl.load(xs + 3 * sxk, mask=xm, other=0.0).to(tl.float32)[:, None, :]
+        s0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, tl.where(p0 == 2, x2, x3)))
+        s1 = tl.where(p1 == 0, x0, tl.where(p1 == 1, x1, tl.where(p1 == 2, x2, x3)))
+        return tl.sum(v0 * s0 + v1 * s1, axis=2)
+
+    @triton.jit
+    def _kept_x_gather(
+        x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, k0, kept, sxt, sxk, svo, svk, sio, sik,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """As :func:`_kept_x_24` for any n:m: each kept entry loads the activation at its own column."""
+        per_byte: tl.constexpr = 8 // BITS
+        k = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (k < kept)[None, :]
+        v = tl.load(values_ptr + rows64[:, None] * svo + k[None, :] * svk, mask=ok, other=0.0).to(tl.float32)
+        byte = tl.load(idx_ptr + rows64[:, None] * sio + (k // per_byte)[None, :] * sik, mask=ok, other=0)
+        pos = (byte.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
+        col = ((k // N) * M)[None, :] + pos
+        xv = tl.load(
+            x_ptr + toks64[:, None, None] * sxt + col[None, :, :].to(tl.int64) * sxk,
+            mask=tok_ok[:, None, None] & ok[None, :, :],
+            other=0.0,
+        )
+        return tl.sum(xv.to(tl.float32) * v[None, :, :], axis=2)
+
+    @triton.jit
     def _nm_matmul_kernel(
         x_ptr, values_ptr, idx_ptr, bias_ptr, out_ptr,
-        n_tok, out_features, in_features,
-        sxt, sxk, svo, svk, sio, sik, sot, soo,
+        n_tok, out_features, in_features, kept,
+        sxt, sxk, svo, svk, sio, sik, sos, sot, soo,
         N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
-        JOIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+        EXPAND: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < out_features
         tok_ok = toks < n_tok
-        rows64 = rows.to(tl.int64)
+        rows64, toks64 = rows.to(tl.int64), toks.to(tl.int64)
         acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-        for c0 in range(0, in_features, BLOCK_K):
-            cols = c0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < in_features
-            if JOIN:
-                w = _tile_24(
-                    values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik, BLOCK_O, BLOCK_K
-                )
+        # the loop walks kept entries (activation-select modes) or dense columns (weight-tile modes); program
+        # ``split`` of SPLIT takes one contiguous share of its steps
+        width = kept if EXPAND >= 2 else in_features
+        share = tl.cdiv(tl.cdiv(width, BLOCK_K), SPLIT) * BLOCK_K
+        lo = tl.program_id(2) * share
+        for c0 in range(lo, tl.minimum(lo + share, width), BLOCK_K):
+            if EXPAND == 2:
+                acc += _kept_x_24(x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, c0, kept,
+                                  sxt, sxk, svo, svk, sio, sik, BLOCK_K)  # fmt: skip
+            elif EXPAND == 3:
+                acc += _kept_x_gather(x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, c0, kept,
+                                      sxt, sxk, svo, svk, sio, sik, N, M, BITS, BLOCK_K)  # fmt: skip
             else:
-                w = _tile_gather(
-                    values_ptr, idx_ptr, rows64, row_ok, cols, col_ok, svo, svk, sio, sik, N, M, BITS, BLOCK_O, BLOCK_K
+                cols = c0 + tl.arange(0, BLOCK_K)
+                col_ok = cols < in_features
+                if EXPAND == 0:
+                    w = _tile_24(
+                        values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik, BLOCK_O, BLOCK_K
+                    )
+                else:
+                    w = _tile_gather(values_ptr, idx_ptr, rows64, row_ok, cols, col_ok, svo, svk, sio, sik,
+                                     N, M, BITS, BLOCK_O, BLOCK_K)  # fmt: skip
+                xt = tl.load(
+                    x_ptr + toks64[:, None] * sxt + cols[None, :] * sxk,
+                    mask=tok_ok[:, None] & col_ok[None, :],
+                    other=0.0,
                 )
-            xt = tl.load(
-                x_ptr + toks[:, None].to(tl.int64) * sxt + cols[None, :] * sxk,
-                mask=tok_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            if BLOCK_T >= 16:  # tensor cores (or exact float32) on a (tokens, columns) x (columns, rows) tile
-                acc += _dot(xt, tl.trans(w), NATIVE)
-            else:  # one token: a multiply and a row sum on the CUDA cores, no tile padded to 16 tokens
-                acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        if HAS_BIAS:
+                if BLOCK_T >= 16:  # tensor cores (or exact float32) on a (tokens, columns) x (columns, rows) tile
+                    acc += _dot(xt, tl.trans(w), NATIVE)
+                else:  # one token: a multiply and a row sum on the CUDA cores, no tile padded to 16 tokens
+                    acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if HAS_BIAS:  # (a split launch adds it after summing its shares)
             acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        dst = out_ptr + toks[:, None].to(tl.int64) * sot + rows64[None, :] * soo
+        dst = out_ptr + tl.program_id(2).to(tl.int64) * sos + toks64[:, None] * sot + rows64[None, :] * soo
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
 
     @triton.jit
@@ -248,25 +311,56 @@ def _native_dot(a: torch.dtype, b: torch.dtype) -> bool:
 
 
 class NMTile(NamedTuple):
-    """One program's work in :func:`nm_matmul_triton`: ``rows`` output rows, ``columns`` dense input columns per
-    step, the launch's ``warps`` and software-pipelining ``stages``, and whether a 2:4 core is expanded from
-    contiguous loads (``join``) or by each column gathering its group's entries (any n:m).  ``join`` is used up
-    to 16 token rows: Triton 3.6 cannot lay out the joined tile for a 64-row tensor-core dot on Hopper."""
+    """One program's work in :func:`nm_matmul_triton`: ``rows`` output rows, ``columns`` input units per step
+    (dense columns when a weight tile is built, kept entries when activations are selected), the launch's
+    ``warps`` and software-pipelining ``stages``, how the packed core meets the activations (``expand``, one of
+    :data:`EXPANDS`), and ``split``: programs that share each row tile's input, their float32 partial sums added
+    by a second step (more programs in flight for layers with few row tiles)."""
 
     rows: int
     columns: int
     warps: int = 4
     stages: int = 3
-    join: bool = True
+    expand: str = "join"
+    split: int = 1
+
+
+#: the ways :func:`nm_matmul_triton` combines the packed core with the activations:
+#:
+#: * ``join`` -- a (rows, columns) weight tile expanded from contiguous 2:4 loads (``tl.join``), then a dot or
+#:   a row sum; 2:4 up to 16 token rows (Triton 3.6 cannot lay out the joined tile for a 64-row tensor-core dot
+#:   on Hopper), else ``gather``;
+#: * ``gather`` -- a weight tile whose every column gathers its group's kept entries (any n:m);
+#: * ``xselect`` -- no weight tile: each kept value times the activation its position selects from its group's
+#:   four, half the multiplies of a dense tile (2:4; else ``xgather``);
+#: * ``xgather`` -- no weight tile: each kept value times the activation loaded at its own column (any n:m).
+EXPANDS = ("join", "gather", "xselect", "xgather")
+
+
+def _expand_code(tile: NMTile, n: int, m: int, block_t: int) -> int:
+    """The kernel's EXPAND constant for ``tile`` on an n:m core (0-3 as in :data:`EXPANDS`), falling back to
+    the any-n:m form where the 2:4 form does not apply."""
+    if tile.expand not in EXPANDS:
+        raise ValueError(f"{tile}: expand must be one of {', '.join(EXPANDS)}")
+    if tile.split < 1 or tile.columns < 2 or tile.columns & (tile.columns - 1):
+        raise ValueError(f"{tile}: columns must be a power of two >= 2 and split >= 1")
+    two_four = (n, m) == (2, 4)
+    if tile.expand == "join":
+        if tile.columns % 8:
+            raise ValueError(f"{tile}: the 2:4 expansion takes whole index bytes, a multiple of 8 columns")
+        return 0 if two_four and block_t <= 16 else 1
+    if tile.expand == "xselect":
+        return 2 if two_four else 3
+    return EXPANDS.index(tile.expand)
 
 
 #: the tiling per token tile (:func:`_token_tile`: 1 for one token, else 16, 32 or 64 token rows per program);
 #: the largest key not above the call's token tile is used.  The best of ``python benchmarks/gpu_tune.py`` on an
 #: H200, float16 (benchmarks/gpu_tune_h200.md).
 NM_TILES: dict[int, NMTile] = {
-    1: NMTile(16, 512, 2, 2, join=True),
-    16: NMTile(16, 512, 2, 4, join=True),
-    64: NMTile(16, 128, 4, 2, join=False),
+    1: NMTile(16, 512, 2, 2, "join"),
+    16: NMTile(16, 512, 2, 4, "join"),
+    64: NMTile(16, 128, 4, 2, "gather"),
 }
 
 
@@ -320,22 +414,31 @@ def nm_matmul_triton(
     out_features, kept = values.shape
     n_groups = kept // n
     _check_rows(x, n_groups * m, values, indices)
-    out = torch.empty(x.shape[0], out_features, dtype=out_dtype or values.dtype, device=x.device)
+    dtype = out_dtype or values.dtype
     block_t = _token_tile(x.shape[0])
     tile = nm_tile(block_t) if tile is None else tile
-    if tile.join and tile.columns % 8:
-        raise ValueError(f"{tile}: the 2:4 expansion takes whole index bytes, a multiple of 8 columns")
-    grid = (triton.cdiv(out_features, tile.rows), triton.cdiv(x.shape[0], block_t))
+    expand = _expand_code(tile, n, m, block_t)
+    split = tile.split
+    if split > 1:  # float32 shares, summed (and the bias added) below: still no host synchronisation
+        out = torch.empty(split, x.shape[0], out_features, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(1, x.shape[0], out_features, dtype=dtype, device=x.device)
+    grid = (triton.cdiv(out_features, tile.rows), triton.cdiv(x.shape[0], block_t), split)
     _nm_matmul_kernel[grid](
-        x, values, indices, values if bias is None else bias, out,
-        x.shape[0], out_features, n_groups * m,
+        x, values, indices, values if bias is None or split > 1 else bias, out,
+        x.shape[0], out_features, n_groups * m, kept,
         x.stride(0), x.stride(1), values.stride(0), values.stride(1), indices.stride(0), indices.stride(1),
-        out.stride(0), out.stride(1),
-        N=n, M=m, BITS=index_bits(m), HAS_BIAS=bias is not None, NATIVE=_native_dot(x.dtype, values.dtype),
-        JOIN=tile.join and (n, m) == (2, 4) and block_t <= 16, BLOCK_T=block_t, BLOCK_O=tile.rows, BLOCK_K=tile.columns,
-        num_warps=tile.warps, num_stages=tile.stages,
+        out.stride(0), out.stride(1), out.stride(2),
+        N=n, M=m, BITS=index_bits(m), HAS_BIAS=bias is not None and split == 1,
+        NATIVE=_native_dot(x.dtype, values.dtype), EXPAND=expand, SPLIT=split,
+        BLOCK_T=block_t, BLOCK_O=tile.rows, BLOCK_K=tile.columns, num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
-    return out
+    if split == 1:
+        return out[0]
+    y = out.sum(0)
+    if bias is not None:
+        y += bias.float()
+    return y.to(dtype)
 
 
 def block_diag_matmul_triton(
