@@ -6,8 +6,8 @@
 Packed 2:4 core (``nm_matmul_triton``) on the three Llama-2-7B shapes at 1, 16 and 64 tokens (the token tiles
 1, 16 and 64).  Stage 1 sweeps output rows x input columns per program (4 warps, 3 stages) for each form of
 ``armor.runtime.gpu_kernels.EXPANDS`` that suits the token count (the weight-tile forms everywhere, the
-activation-select forms up to 16 tokens); stage 2 takes the best and sweeps warps x pipelining stages, then
-splits its input across 2 and 4 programs per row tile.  Block-diagonal wrappers (``block_diag_matmul_triton``,
+activation forms at one token); stage 2 sweeps warps x pipelining stages around each form's best, stage 3
+splits its input across 2, 4 and 8 programs per row tile.  Block-diagonal wrappers (``block_diag_matmul_triton``,
 ARMOR's default blocks of 128 on 4096 and 11008 features) at 1 and 64 tokens: output x input features per
 program.  Every call is timed by ``triton.testing.do_bench`` (median, the L2 cache flushed before each call)
 against dense ``F.linear`` of the same layer timed the same way; each tiling is ranked by the geometric mean
@@ -32,7 +32,7 @@ from armor.runtime.gpu_kernels import BDTile, NMTile, block_diag_matmul_triton, 
 
 NM_TOKENS = (1, 16, 64)
 BD_TOKENS = (1, 64)
-ROWS, COLUMNS, WARPS, STAGES, SPLITS = (16, 32, 64), (128, 256, 512), (2, 4, 8), (2, 4), (2, 4)
+ROWS, COLUMNS, WARPS, STAGES, SPLITS = (16, 32, 64), (128, 256, 512), (2, 4, 8), (2, 4), (2, 4, 8)
 X_COLUMNS = (64, 128, 256)  # kept entries per step of the activation-select forms
 BD_ROWS, BD_COLUMNS = (16, 32, 64), (32, 64, 128)
 
@@ -93,33 +93,38 @@ def _ranked(rows: list[dict], kernel: str, tokens: int) -> list[tuple[float, tup
 
 
 def _first_tiles(tokens: int) -> list[NMTile]:
-    """Stage 1: rows x columns for each form that suits ``tokens``; tiles of more than 16K weights or 16K
-    (token, row, kept entry) products spill registers and are left out."""
-    tiles = [NMTile(r, c, 4, 3, "join" if tokens <= 16 else "gather") for r, c in itertools.product(ROWS, COLUMNS)]
-    tiles = [t for t in tiles if t.rows * t.columns <= 16384]
-    if tokens <= 16:
-        tiles += [
-            NMTile(r, c, 4, 3, form)
-            for form, r, c in itertools.product(("xselect", "xgather"), ROWS, X_COLUMNS)
-            if tokens * r * c <= 16384
-        ]
+    """Stage 1: rows x columns for each form that suits ``tokens`` (the activation forms are one-token forms);
+    tiles of more than 16K weights or kept entries spill registers and are left out."""
+    weight_form = "join" if tokens <= 16 else "gather"
+    tiles = [NMTile(r, c, 4, 3, weight_form) for r, c in itertools.product(ROWS, COLUMNS) if r * c <= 16384]
+    if tokens == 1:
+        forms = ("xselect", "xgather")
+        tiles += [NMTile(r, c, 4, 3, f) for f, r, c in itertools.product(forms, ROWS, X_COLUMNS) if r * c <= 16384]
     return tiles
 
 
+def _best_per_form(rows: list[dict], tokens: int) -> list[NMTile]:
+    """The best measured tiling of each form, best form first."""
+    best: dict[str, NMTile] = {}
+    for _, tile, _ in _ranked(rows, "nm", tokens):
+        tile = nm_tile_of_row(tile)
+        best.setdefault(tile.expand, tile)
+    return list(best.values())
+
+
 def sweep_nm(dtype: torch.dtype) -> list[dict]:
+    """Stage 1 (:func:`_first_tiles`), then around each form's best: stage 2 warps x stages, stage 3 splits."""
     layers, dense, rows = _nm_layers(dtype), {}, []
     for tokens in NM_TOKENS:
-        first = _first_tiles(tokens)
-        rows += [row for layer in layers for row in _time("nm", layer, tokens, first, dense)]
-        ranked = _ranked(rows, "nm", tokens)
-        if ranked:
-            best = nm_tile_of_row(ranked[0][1])
-            second = [best._replace(warps=nw, stages=ns) for nw, ns in itertools.product(WARPS, STAGES)]
-            second = [t for t in second if t not in first]
-            rows += [row for layer in layers for row in _time("nm", layer, tokens, second, dense)]
-            best = nm_tile_of_row(_ranked(rows, "nm", tokens)[0][1])
-            third = [best._replace(split=k) for k in SPLITS]
-            rows += [row for layer in layers for row in _time("nm", layer, tokens, third, dense)]
+        tried = _first_tiles(tokens)
+        rows += [row for layer in layers for row in _time("nm", layer, tokens, tried, dense)]
+        for vary in (
+            lambda t: [t._replace(warps=nw, stages=ns) for nw, ns in itertools.product(WARPS, STAGES)],
+            lambda t: [t._replace(split=k) for k in SPLITS],
+        ):
+            todo = [t for best in _best_per_form(rows, tokens) for t in vary(best) if t not in tried]
+            rows += [row for layer in layers for row in _time("nm", layer, tokens, todo, dense)]
+            tried += todo
         print(f"nm {tokens} tokens: done", file=sys.stderr, flush=True)
     return rows
 

@@ -7,6 +7,8 @@ float16 / bfloat16 within their rounding of the output (ARMOR: plus the rounding
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -94,6 +96,19 @@ def test_triton_nm_matmul_every_tiling_equals_reference(tile, dtype, tokens, str
     y = nm_matmul_triton(values, idx, x, 2, 4, bias, tile=tile)
     assert y.shape == (tokens, out_f) and y.dtype == dtype
     ref = x.double().cpu() @ unpack_nm(values.cpu(), idx.cpu(), in_f, 2, 4).double().T + bias.double().cpu()
+    assert _max_rel_error(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("tile", TILINGS, ids=lambda t: f"{t.expand}-{t.columns}-split{t.split}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_nm_matmul_whole_tiles_take_the_unmasked_loads(tile, dtype):
+    """One token on a layer made of whole row tiles and whole input steps (as the 7B shapes are): the kernel
+    drops its bounds masks there, and must still read exactly the layer."""
+    out_f, in_f = 64, 512  # 256 kept entries: a whole number of steps for every tiling above
+    values, idx = _packed(out_f, in_f, 2, 4, dtype, seed=5)
+    x = _inputs(1, in_f, dtype, strided=True, seed=6)
+    y = nm_matmul_triton(values, idx, x, 2, 4, tile=tile)
+    ref = x.double().cpu() @ unpack_nm(values.cpu(), idx.cpu(), in_f, 2, 4).double().T
     assert _max_rel_error(y, ref) <= TOL[dtype]
 
 
@@ -198,3 +213,52 @@ def test_triton_unpack_equals_the_pytorch_unpack(n, m, dtype):
     values, idx = _packed(37, m * 300, n, m, dtype, seed=n * 10 + m)
     out = unpack_dense_cuda(values, idx, m * 300, n, m)
     assert torch.equal(out.cpu(), unpack_nm(values.cpu(), idx.cpu(), m * 300, n, m))
+
+
+def _gpu_sass():
+    """benchmarks/gpu_sass.py as a module (it compiles for a GPU target with the ptxas triton ships)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sass.py"
+    spec = importlib.util.spec_from_file_location("gpu_sass", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_triton_sass_loop_body_is_the_longest_backward_branch():
+    sass = _gpu_sass()
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FFMA R2, R3, R4, R2 ;
+        /*0020*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   LDG.E.U16 R5, desc[UR4][R6.64] ;
+        /*0040*/                   HADD2.F32 R7, -RZ, R5.H0_H0 ;
+        /*0050*/                   FFMA R2, R7, R4, R2 ;
+        /*0060*/              @!P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+    body = sass.loop_body(text)
+    assert [ins.split()[0] for ins in body] == ["LDG.E.U16", "HADD2.F32", "FFMA", "@!P1"]
+
+
+def test_triton_sass_compiles_the_one_token_forms_for_hopper():
+    """benchmarks/gpu_sass.py compiles every tiling of its table for sm_90 ahead of time (no GPU; in its own
+    process, as this one may run Triton's interpreter): no tiling spills, and each row has a main loop."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sass = _gpu_sass()
+    if not os.path.exists(os.path.join(sass.NVIDIA_BIN, "ptxas")):
+        pytest.skip("this triton has no NVIDIA backend tools")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sass.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script), "--arch", "90"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| (")]
+    assert len(rows) == len(sass.TILES)
+    assert all(int(r[3]) == 0 and int(r[4]) > 0 and 0 < float(r[5]) < 10 for r in rows)  # no spills; a loop

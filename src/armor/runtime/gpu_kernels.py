@@ -57,6 +57,8 @@ __all__ = [
 
 #: groups of m columns per program of the unpack kernel
 _BLOCK_GROUPS = 256
+#: outputs per program of the split-sum kernel
+_SUM_BLOCK = 1024
 #: module dtypes the matmul kernels take
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -75,6 +77,16 @@ if triton is not None:
         if NATIVE:
             return tl.dot(a, b)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def _within(i, limit, EVEN: tl.constexpr):
+        """``i < limit``, or a constant all-true mask when the launch knows every tile is whole (EVEN): the
+        compiler then drops the predicates and the zero fills of masked loads."""
+        if EVEN:
+            ok = tl.full(i.shape, 1, tl.int1)
+        else:
+            ok = i < limit
+        return ok
 
     @triton.jit
     def _tile_gather(
@@ -98,7 +110,7 @@ if triton is not None:
     @triton.jit
     def _tile_24(
         values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
-        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """The dense weight tile (rows, BLOCK_K columns from c0) of a 2:4 core from contiguous loads: the
         tile's kept values (2 per group) and one index byte per two groups, spread to the four columns of each
@@ -108,13 +120,13 @@ if triton is not None:
         kk = c0 // 2 + tl.arange(0, 2 * G)
         v = tl.load(
             values_ptr + rows64[:, None] * svo + kk[None, :] * svk,
-            mask=row_ok[:, None] & (kk < in_features // 2)[None, :],
+            mask=row_ok[:, None] & _within(kk, in_features // 2, EVEN)[None, :],
             other=0.0,
         )
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_O, G, 2)))
         byte = tl.load(
             idx_ptr + rows64[:, None] * sio + (g // 2)[None, :] * sik,
-            mask=row_ok[:, None] & (g < in_features // 4)[None, :],
+            mask=row_ok[:, None] & _within(g, in_features // 4, EVEN)[None, :],
             other=0,
         ).to(tl.int32)
         shift = ((g % 2) * 4)[None, :]  # 2 bits per kept entry, 4 per byte: a byte holds two groups
@@ -130,51 +142,92 @@ if triton is not None:
 
     @triton.jit
     def _kept_x_24(
-        x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, k0, kept, sxt, sxk, svo, svk, sio, sik,
-        BLOCK_K: tl.constexpr,
+        x_row, values_ptr, idx_ptr, rows64, row_ok, k0, kept, sxk, svo, svk, sio, sik,
+        EVEN: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """``(tokens, rows)`` partial sums of a 2:4 core over the kept entries ``k0 .. k0 + BLOCK_K``: each kept
-        value times the activation its 2-bit position selects from its group's four (no weight tile)."""
+        """``(rows, BLOCK_K // 2)`` products of a 2:4 core's kept entries ``k0 .. k0 + BLOCK_K`` with one token's
+        activations (``x_row``): per group, each of its two kept values times the activation its 2-bit
+        position selects from the group's four (no weight tile).  Summed over groups by the caller."""
         G: tl.constexpr = BLOCK_K // 2
         g = k0 // 2 + tl.arange(0, G)
-        g_ok = g < kept // 2
-        ok = row_ok[:, None] & g_ok[None, :]
-        at = values_ptr + rows64[:, None] * svo + (2 * g)[None, :] * svk
-        v0 = tl.load(at, mask=ok, other=0.0).to(tl.float32)[None, :, :]
-        v1 = tl.load(at + svk, mask=ok, other=0.0).to(tl.float32)[None, :, :]
-        byte = tl.load(idx_ptr + rows64[:, None] * sio + (g // 2)[None, :] * sik, mask=ok, other=0).to(tl.int32)
+        g_ok = _within(g, kept // 2, EVEN)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(
+            values_ptr + rows64[:, None] * svo + kk[None, :] * svk,
+            mask=row_ok[:, None] & _within(kk, kept, EVEN)[None, :],
+            other=0.0,
+        )
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_O, G, 2)))  # contiguous loads, the pair split in registers
+        byte = tl.load(
+            idx_ptr + rows64[:, None] * sio + (g // 2)[None, :] * sik, mask=row_ok[:, None] & g_ok[None, :], other=0
+        ).to(tl.int32)
         shift = ((g % 2) * 4)[None, :]  # 2 bits per kept entry, 4 per byte: a byte holds two groups
-        p0 = ((byte >> shift) & 3)[None, :, :]
-        p1 = ((byte >> (shift + 2)) & 3)[None, :, :]
-        xs = x_ptr + toks64[:, None] * sxt + (4 * g)[None, :].to(tl.int64) * sxk
-        xm = tok_ok[:, None] & g_ok[None, :]
-        x0 = tl.load(xs, mask=xm, other=0.0).to(tl.float32)[:, None, :]
-        x1 = tl.load(xs + sxk, mask=xm, other=0.0).to(tl.float32)[:, None, :]
-        x2 = tl.load(xs + 2 * sxk, mask=xm, other=0.0).to(tl.float32)[:, None, :]
-        x3 = tl.load(xs + 3 * sxk, mask=xm, other=0.0).to(tl.float32)[:, None, :]
+        p0 = (byte >> shift) & 3
+        p1 = (byte >> (shift + 2)) & 3
+        xs = x_row + (4 * g) * sxk
+        x0 = tl.load(xs, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+        x1 = tl.load(xs + sxk, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+        x2 = tl.load(xs + 2 * sxk, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+        x3 = tl.load(xs + 3 * sxk, mask=g_ok, other=0.0).to(tl.float32)[None, :]
         s0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, tl.where(p0 == 2, x2, x3)))
         s1 = tl.where(p1 == 0, x0, tl.where(p1 == 1, x1, tl.where(p1 == 2, x2, x3)))
-        return tl.sum(v0 * s0 + v1 * s1, axis=2)
+        return v0.to(tl.float32) * s0 + v1.to(tl.float32) * s1
 
     @triton.jit
     def _kept_x_gather(
-        x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, k0, kept, sxt, sxk, svo, svk, sio, sik,
-        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_row, values_ptr, idx_ptr, rows64, row_ok, k0, kept, sxk, svo, svk, sio, sik,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """As :func:`_kept_x_24` for any n:m: each kept entry loads the activation at its own column."""
+        """As :func:`_kept_x_24` for any n:m, ``(rows, BLOCK_K)``: each kept entry loads the activation at its
+        own column."""
         per_byte: tl.constexpr = 8 // BITS
         k = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (k < kept)[None, :]
+        ok = row_ok[:, None] & _within(k, kept, EVEN)[None, :]
         v = tl.load(values_ptr + rows64[:, None] * svo + k[None, :] * svk, mask=ok, other=0.0).to(tl.float32)
-        byte = tl.load(idx_ptr + rows64[:, None] * sio + (k // per_byte)[None, :] * sik, mask=ok, other=0)
-        pos = (byte.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
-        col = ((k // N) * M)[None, :] + pos
-        xv = tl.load(
-            x_ptr + toks64[:, None, None] * sxt + col[None, :, :].to(tl.int64) * sxk,
-            mask=tok_ok[:, None, None] & ok[None, :, :],
-            other=0.0,
-        )
-        return tl.sum(xv.to(tl.float32) * v[None, :, :], axis=2)
+        ku = k.to(tl.uint32)  # unsigned: the divisions and remainders below compile to shifts and masks
+        byte = tl.load(idx_ptr + rows64[:, None] * sio + (ku // per_byte)[None, :] * sik, mask=ok, other=0)
+        pos = (byte.to(tl.uint32) >> ((ku % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
+        col = ((ku // N) * M)[None, :] + pos
+        return tl.load(x_row + col * sxk, mask=ok, other=0.0).to(tl.float32) * v
+
+    @triton.jit
+    def _weight_tile(
+        values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, EXPAND: tl.constexpr, EVEN: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """The dense (rows, BLOCK_K columns from c0) weight tile: joined 2:4 (EXPAND 0) or gathered (1)."""
+        if EXPAND == 0:
+            w = _tile_24(values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
+                         EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
+        else:
+            cols = c0 + tl.arange(0, BLOCK_K)
+            w = _tile_gather(values_ptr, idx_ptr, rows64, row_ok, cols, _within(cols, in_features, EVEN),
+                             svo, svk, sio, sik, N, M, BITS, BLOCK_O, BLOCK_K)  # fmt: skip
+        return w
+
+    @triton.jit
+    def _one_token_products(
+        x_row, values_ptr, idx_ptr, rows64, row_ok, c0, in_features, kept, sxk, svo, svk, sio, sik,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, EXPAND: tl.constexpr, EVEN: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """One loop step's (rows, units) float32 products with one token's activations, to be summed over
+        units: kept entries times selected / gathered activations (EXPAND 2, 3), or a weight tile times the
+        activations (0, 1)."""
+        if EXPAND == 2:
+            out = _kept_x_24(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, kept, sxk, svo, svk, sio, sik,
+                             EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
+        elif EXPAND == 3:
+            out = _kept_x_gather(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, kept, sxk, svo, svk, sio, sik,
+                                 N, M, BITS, EVEN, BLOCK_K)  # fmt: skip
+        else:
+            w = _weight_tile(values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
+                             N, M, BITS, EXPAND, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
+            cols = c0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_row + cols * sxk, mask=_within(cols, in_features, EVEN), other=0.0)
+            out = xt.to(tl.float32)[None, :] * w.to(tl.float32)
+        return out
 
     @triton.jit
     def _nm_matmul_kernel(
@@ -182,50 +235,59 @@ if triton is not None:
         n_tok, out_features, in_features, kept,
         sxt, sxk, svo, svk, sio, sik, sos, sot, soo,
         N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
-        EXPAND: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        EXPAND: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        row_ok = rows < out_features
+        row_ok = _within(rows, out_features, EVEN)
         tok_ok = toks < n_tok
         rows64, toks64 = rows.to(tl.int64), toks.to(tl.int64)
-        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-        # the loop walks kept entries (activation-select modes) or dense columns (weight-tile modes); program
+        # the loop walks kept entries (activation-select forms) or dense columns (weight-tile forms); program
         # ``split`` of SPLIT takes one contiguous share of its steps
         width = kept if EXPAND >= 2 else in_features
         share = tl.cdiv(tl.cdiv(width, BLOCK_K), SPLIT) * BLOCK_K
         lo = tl.program_id(2) * share
-        for c0 in range(lo, tl.minimum(lo + share, width), BLOCK_K):
-            if EXPAND == 2:
-                acc += _kept_x_24(x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, c0, kept,
-                                  sxt, sxk, svo, svk, sio, sik, BLOCK_K)  # fmt: skip
-            elif EXPAND == 3:
-                acc += _kept_x_gather(x_ptr, values_ptr, idx_ptr, toks64, tok_ok, rows64, row_ok, c0, kept,
-                                      sxt, sxk, svo, svk, sio, sik, N, M, BITS, BLOCK_K)  # fmt: skip
-            else:
+        hi = tl.minimum(lo + share, width)
+        if BLOCK_T == 1:
+            # one token: elementwise products accumulate across the steps and are summed across lanes once at
+            # the end (a sum per step costs a shuffle tree per step)
+            x_row = x_ptr + tl.program_id(1).to(tl.int64) * sxt
+            UNITS: tl.constexpr = BLOCK_K // 2 if EXPAND == 2 else BLOCK_K
+            part = tl.zeros((BLOCK_O, UNITS), dtype=tl.float32)
+            for c0 in range(lo, hi, BLOCK_K):
+                part += _one_token_products(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, in_features, kept, sxk,
+                                            svo, svk, sio, sik, N, M, BITS, EXPAND, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
+            acc = tl.sum(part, axis=1)[None, :]
+        else:  # tensor cores (or exact float32) on (tokens, columns) x (columns, rows) weight tiles
+            acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+            for c0 in range(lo, hi, BLOCK_K):
+                w = _weight_tile(values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
+                                 N, M, BITS, EXPAND, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
                 cols = c0 + tl.arange(0, BLOCK_K)
-                col_ok = cols < in_features
-                if EXPAND == 0:
-                    w = _tile_24(
-                        values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik, BLOCK_O, BLOCK_K
-                    )
-                else:
-                    w = _tile_gather(values_ptr, idx_ptr, rows64, row_ok, cols, col_ok, svo, svk, sio, sik,
-                                     N, M, BITS, BLOCK_O, BLOCK_K)  # fmt: skip
-                xt = tl.load(
-                    x_ptr + toks64[:, None] * sxt + cols[None, :] * sxk,
-                    mask=tok_ok[:, None] & col_ok[None, :],
-                    other=0.0,
-                )
-                if BLOCK_T >= 16:  # tensor cores (or exact float32) on a (tokens, columns) x (columns, rows) tile
-                    acc += _dot(xt, tl.trans(w), NATIVE)
-                else:  # one token: a multiply and a row sum on the CUDA cores, no tile padded to 16 tokens
-                    acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                xt = tl.load(x_ptr + toks64[:, None] * sxt + cols[None, :] * sxk,
+                             mask=tok_ok[:, None] & (cols < in_features)[None, :], other=0.0)  # fmt: skip
+                acc += _dot(xt, tl.trans(w), NATIVE)
         if HAS_BIAS:  # (a split launch adds it after summing its shares)
             acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         dst = out_ptr + tl.program_id(2).to(tl.int64) * sos + toks64[:, None] * sot + rows64[None, :] * soo
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
+
+    @triton.jit
+    def _split_sum_kernel(
+        parts_ptr, bias_ptr, out_ptr, n, rows, sps,
+        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """``out = sum over the SPLIT float32 shares (+ bias)`` for ``n`` contiguous outputs (tokens x rows),
+        cast to the output dtype: one launch after a split core product."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(SPLIT):
+            acc += tl.load(parts_ptr + j * sps + i, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + i % rows, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _block_diag_kernel(
@@ -331,27 +393,29 @@ class NMTile(NamedTuple):
 #:   a row sum; 2:4 up to 16 token rows (Triton 3.6 cannot lay out the joined tile for a 64-row tensor-core dot
 #:   on Hopper), else ``gather``;
 #: * ``gather`` -- a weight tile whose every column gathers its group's kept entries (any n:m);
-#: * ``xselect`` -- no weight tile: each kept value times the activation its position selects from its group's
-#:   four, half the multiplies of a dense tile (2:4; else ``xgather``);
-#: * ``xgather`` -- no weight tile: each kept value times the activation loaded at its own column (any n:m).
+#: * ``xselect`` -- one token: no weight tile, each kept value times the activation its position selects from
+#:   its group's four, half the multiplies of a dense tile (2:4; else ``xgather``; token tiles: ``join``);
+#: * ``xgather`` -- one token: no weight tile, each kept value times the activation loaded at its own column
+#:   (any n:m; token tiles: ``gather``).
 EXPANDS = ("join", "gather", "xselect", "xgather")
 
 
 def _expand_code(tile: NMTile, n: int, m: int, block_t: int) -> int:
     """The kernel's EXPAND constant for ``tile`` on an n:m core (0-3 as in :data:`EXPANDS`), falling back to
-    the any-n:m form where the 2:4 form does not apply."""
+    the form that applies: the 2:4 forms become their any-n:m forms on other patterns, and the activation
+    forms (one token) their weight-tile forms on token tiles."""
     if tile.expand not in EXPANDS:
         raise ValueError(f"{tile}: expand must be one of {', '.join(EXPANDS)}")
     if tile.split < 1 or tile.columns < 2 or tile.columns & (tile.columns - 1):
         raise ValueError(f"{tile}: columns must be a power of two >= 2 and split >= 1")
+    if tile.expand == "join" and tile.columns % 8:
+        raise ValueError(f"{tile}: the 2:4 expansion takes whole index bytes, a multiple of 8 columns")
     two_four = (n, m) == (2, 4)
-    if tile.expand == "join":
-        if tile.columns % 8:
-            raise ValueError(f"{tile}: the 2:4 expansion takes whole index bytes, a multiple of 8 columns")
-        return 0 if two_four and block_t <= 16 else 1
-    if tile.expand == "xselect":
-        return 2 if two_four else 3
-    return EXPANDS.index(tile.expand)
+    if block_t == 1 and tile.expand in ("xselect", "xgather"):
+        return 2 if two_four and tile.expand == "xselect" else 3
+    if tile.expand in ("join", "xselect") and two_four and block_t <= 16 and tile.columns % 8 == 0:
+        return 0
+    return 1
 
 
 #: the tiling per token tile (:func:`_token_tile`: 1 for one token, else 16, 32 or 64 token rows per program);
@@ -424,21 +488,27 @@ def nm_matmul_triton(
     else:
         out = torch.empty(1, x.shape[0], out_features, dtype=dtype, device=x.device)
     grid = (triton.cdiv(out_features, tile.rows), triton.cdiv(x.shape[0], block_t), split)
+    # whole row tiles and whole input steps (the 7B shapes): the one-token loads need no bounds masks
+    steps_width = kept if expand >= 2 else n_groups * m
+    even = block_t == 1 and out_features % tile.rows == 0 and steps_width % tile.columns == 0
     _nm_matmul_kernel[grid](
         x, values, indices, values if bias is None or split > 1 else bias, out,
         x.shape[0], out_features, n_groups * m, kept,
         x.stride(0), x.stride(1), values.stride(0), values.stride(1), indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         N=n, M=m, BITS=index_bits(m), HAS_BIAS=bias is not None and split == 1,
-        NATIVE=_native_dot(x.dtype, values.dtype), EXPAND=expand, SPLIT=split,
+        NATIVE=_native_dot(x.dtype, values.dtype), EXPAND=expand, SPLIT=split, EVEN=even,
         BLOCK_T=block_t, BLOCK_O=tile.rows, BLOCK_K=tile.columns, num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     if split == 1:
         return out[0]
-    y = out.sum(0)
-    if bias is not None:
-        y += bias.float()
-    return y.to(dtype)
+    y = torch.empty(x.shape[0], out_features, dtype=dtype, device=x.device)
+    n = y.numel()
+    _split_sum_kernel[(triton.cdiv(n, _SUM_BLOCK),)](
+        out, out if bias is None else bias, y, n, out_features, out.stride(0),
+        HAS_BIAS=bias is not None, SPLIT=split, BLOCK=_SUM_BLOCK,
+    )  # fmt: skip
+    return y
 
 
 def block_diag_matmul_triton(
