@@ -62,12 +62,8 @@ def compile_tile(tile: NMTile, arch: int, tokens: int = 1, shape: tuple[int, int
     """The cubin of the 2:4 kernel for ``tile`` on ``sm_<arch>``, specialised as the JIT would for ``shape``."""
     out_f, in_f = shape
     block_t = 1 if tokens == 1 else max(16, triton.next_power_of_2(tokens))
-    expand = gk._expand_code(tile, 2, 4, block_t)
-    width = in_f // 2 if expand >= 2 else in_f
-    even = block_t == 1 and out_f % tile.rows == 0 and width % tile.columns == 0
-    constexprs: dict[str, Any] = dict(N=2, M=4, BITS=2, HAS_BIAS=False, NATIVE=dtype != "fp32", EXPAND=expand,
-                                      SPLIT=tile.split, EVEN=even, BLOCK_T=block_t, BLOCK_O=tile.rows,
-                                      BLOCK_K=tile.columns)  # fmt: skip
+    constexprs: dict[str, Any] = gk.nm_kernel_constants(tile, 2, 4, block_t, out_f, in_f)
+    constexprs.update(HAS_BIAS=False, NATIVE=dtype != "fp32")
     names = gk._nm_matmul_kernel.arg_names
     signature, attrs = {}, {}
     for i, name in enumerate(names):

@@ -59,6 +59,8 @@ __all__ = [
 _BLOCK_GROUPS = 256
 #: outputs per program of the split-sum kernel
 _SUM_BLOCK = 1024
+#: float32 products a one-token program may hold per thread across its loop (else it sums every step)
+_DEFER_VALUES_PER_THREAD = 64
 #: module dtypes the matmul kernels take
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -235,7 +237,7 @@ if triton is not None:
         n_tok, out_features, in_features, kept,
         sxt, sxk, svo, svk, sio, sik, sos, sot, soo,
         N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
-        EXPAND: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_T: tl.constexpr,
+        EXPAND: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, DEFER: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -249,7 +251,7 @@ if triton is not None:
         share = tl.cdiv(tl.cdiv(width, BLOCK_K), SPLIT) * BLOCK_K
         lo = tl.program_id(2) * share
         hi = tl.minimum(lo + share, width)
-        if BLOCK_T == 1:
+        if BLOCK_T == 1 and DEFER:
             # one token: elementwise products accumulate across the steps and are summed across lanes once at
             # the end (a sum per step costs a shuffle tree per step)
             x_row = x_ptr + tl.program_id(1).to(tl.int64) * sxt
@@ -259,6 +261,13 @@ if triton is not None:
                 part += _one_token_products(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, in_features, kept, sxk,
                                             svo, svk, sio, sik, N, M, BITS, EXPAND, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
             acc = tl.sum(part, axis=1)[None, :]
+        elif BLOCK_T == 1:  # one token, a step too wide to keep its products in registers: summed per step
+            x_row = x_ptr + tl.program_id(1).to(tl.int64) * sxt
+            acc = tl.zeros((1, BLOCK_O), dtype=tl.float32)
+            for c0 in range(lo, hi, BLOCK_K):
+                acc += tl.sum(_one_token_products(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, in_features, kept,
+                                                  sxk, svo, svk, sio, sik, N, M, BITS, EXPAND, EVEN, BLOCK_O, BLOCK_K),
+                              axis=1)[None, :]  # fmt: skip
         else:  # tensor cores (or exact float32) on (tokens, columns) x (columns, rows) weight tiles
             acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
             for c0 in range(lo, hi, BLOCK_K):
@@ -467,6 +476,25 @@ def _check_rows(x: Tensor, width: int, *state: Tensor) -> None:
         raise ValueError(f"the packed state and x must be on one device, x is on {x.device}")
 
 
+def nm_kernel_constants(
+    tile: NMTile, n: int, m: int, block_t: int, out_features: int, in_features: int
+) -> dict[str, Any]:
+    """The compile-time constants of the n:m kernel for ``tile`` on an ``out_features x in_features`` n:m core
+    at a token tile of ``block_t`` (all but HAS_BIAS and NATIVE, which depend on the call's tensors)."""
+    expand = _expand_code(tile, n, m, block_t)
+    kept = in_features // m * n
+    width = kept if expand >= 2 else in_features  # what one loop step walks: kept entries or dense columns
+    units = tile.columns // 2 if expand == 2 else tile.columns
+    return {
+        "N": n, "M": m, "BITS": index_bits(m), "EXPAND": expand, "SPLIT": tile.split,
+        # whole row tiles and whole steps (the 7B shapes): the one-token loads need no bounds masks
+        "EVEN": block_t == 1 and out_features % tile.rows == 0 and width % tile.columns == 0,
+        # one token: a step's products stay in registers across the loop while they need <= 64 per thread
+        "DEFER": tile.rows * units <= _DEFER_VALUES_PER_THREAD * 32 * tile.warps,
+        "BLOCK_T": block_t, "BLOCK_O": tile.rows, "BLOCK_K": tile.columns,
+    }  # fmt: skip
+
+
 def nm_matmul_triton(
     values: Tensor, indices: Tensor, x: Tensor, n: int, m: int, bias: Tensor | None = None,
     out_dtype: torch.dtype | None = None, tile: NMTile | None = None,
@@ -481,24 +509,20 @@ def nm_matmul_triton(
     dtype = out_dtype or values.dtype
     block_t = _token_tile(x.shape[0])
     tile = nm_tile(block_t) if tile is None else tile
-    expand = _expand_code(tile, n, m, block_t)
+    consts = nm_kernel_constants(tile, n, m, block_t, out_features, n_groups * m)
     split = tile.split
     if split > 1:  # float32 shares, summed (and the bias added) below: still no host synchronisation
         out = torch.empty(split, x.shape[0], out_features, dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(1, x.shape[0], out_features, dtype=dtype, device=x.device)
     grid = (triton.cdiv(out_features, tile.rows), triton.cdiv(x.shape[0], block_t), split)
-    # whole row tiles and whole input steps (the 7B shapes): the one-token loads need no bounds masks
-    steps_width = kept if expand >= 2 else n_groups * m
-    even = block_t == 1 and out_features % tile.rows == 0 and steps_width % tile.columns == 0
     _nm_matmul_kernel[grid](
         x, values, indices, values if bias is None or split > 1 else bias, out,
         x.shape[0], out_features, n_groups * m, kept,
         x.stride(0), x.stride(1), values.stride(0), values.stride(1), indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        N=n, M=m, BITS=index_bits(m), HAS_BIAS=bias is not None and split == 1,
-        NATIVE=_native_dot(x.dtype, values.dtype), EXPAND=expand, SPLIT=split, EVEN=even,
-        BLOCK_T=block_t, BLOCK_O=tile.rows, BLOCK_K=tile.columns, num_warps=tile.warps, num_stages=tile.stages,
+        HAS_BIAS=bias is not None and split == 1, NATIVE=_native_dot(x.dtype, values.dtype), **consts,
+        num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     if split == 1:
         return out[0]
