@@ -567,12 +567,13 @@ def armor_matmul_triton(
     bias: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """ARMOR's ``x @ (A' S B')^T + bias`` for ``x`` ``(T, in)``: ``B'``, the packed core, then ``A'`` and the bias,
-    three launches on the device.  ``B' x`` is kept in the module dtype (so a 16-bit core runs on the tensor
-    cores, the rounding the dense path also makes); the core's output stays float32 until ``A'``.  Returns a
-    new ``(T, out)`` tensor in ``values``' dtype."""
+    three launches on the device.  ``B' x`` is kept in the module dtype for token tiles (so a 16-bit core runs
+    on the tensor cores, the rounding the dense path also makes) and in float32 for one token (the one-token
+    kernel multiplies in float32 anyway: no conversion per kept weight); the core's output stays float32 until
+    ``A'``.  Returns a new ``(T, out)`` tensor in ``values``' dtype."""
     if a_blocks.shape[0] * a_blocks.shape[1] != values.shape[0]:
         raise ValueError(f"a_blocks {tuple(a_blocks.shape)} do not tile {values.shape[0]} output features")
-    h = block_diag_matmul_triton(b_blocks, x, out_dtype=values.dtype)
+    h = block_diag_matmul_triton(b_blocks, x, out_dtype=torch.float32 if x.shape[0] == 1 else values.dtype)
     z = nm_matmul_triton(values, indices, h, n, m, out_dtype=torch.float32)
     return block_diag_matmul_triton(a_blocks, z, bias, out_dtype=values.dtype)
 
