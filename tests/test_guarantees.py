@@ -133,7 +133,8 @@ def test_safetensors_write_error_names_the_file(tmp_path, monkeypatch):
     [
         (["-O", "sweeps=-1"], "option 'sweeps' must be >= 1, got -1"),
         (["-O", "sweeps=0"], "option 'sweeps' must be >= 1, got 0"),
-        (["--wrapper-budget", "0.6"], "option 'wrapper_budget' must be > 0 and < 0.5, got 0.6"),
+        (["--wrapper-budget", "0.6"], "option 'wrapper_budget' 0.6 leaves nothing saved at 2:4"),
+        (["--wrapper-budget", "1.2"], "option 'wrapper_budget' must be > 0 and < 1, got 1.2"),
         (["-O", "groups_per_tile=0"], "option 'groups_per_tile' must be >= 1"),
         (["-O", "damping=nan"], "option 'damping' must be >= 0, got nan"),
         (["--seqlen", "300"], "--seqlen 300 is longer than the model's max_position_embeddings (256)"),

@@ -473,3 +473,16 @@ def test_greedy_mask_step_is_monotone_and_keeps_the_residual(block_hessian):
         assert after == pytest.approx(before + change, rel=1e-5)
         torch.testing.assert_close(e, prob.residual(state), rtol=1e-4, atol=1e-5)
         assert is_nm_mask(state.mask) and (state.core[~state.mask] == 0).all()
+
+
+def test_wrapper_budget_limit_follows_the_pattern():
+    """Wrappers plus an n:m core must store fewer values than the dense layer: the budget's limit is 1 - n/m
+    (0.5 at 2:4, 0.75 at 1:4, 0.33 at 2:3), and a budget is not checked when explicit blocks replace it."""
+    from armor.factors import check_wrapper_budget
+
+    check_wrapper_budget({"wrapper_budget": 0.6}, 1, 4)
+    check_wrapper_budget({"wrapper_budget": 0.6, "block_size": 16}, 2, 4)
+    check_wrapper_budget({"sweeps": 3}, 2, 4)  # a method without wrappers
+    for budget, n, m in ((0.6, 2, 4), (0.5, 2, 4), (0.34, 2, 3), (0.8, 1, 4)):
+        with pytest.raises(ValueError, match=f"wrapper_budget' {budget:g} leaves nothing saved at {n}:{m}"):
+            check_wrapper_budget({"wrapper_budget": budget}, n, m)

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_WRAPPER_BUDGET",
     "MAX_BLOCK_SIZE",
     "budget_block_sizes",
+    "check_wrapper_budget",
     "choose_block_size",
     "resolve_block_sizes",
     "wrapper_overhead",
@@ -100,6 +101,20 @@ def budget_block_sizes(
     if best is None:  # a layer of a few dozen features: even the smallest blocks exceed the budget
         return 1, m
     return best[1]
+
+
+def check_wrapper_budget(options: dict, n: int, m: int) -> None:
+    """Raise a ValueError when resolved method ``options`` give the wrappers a budget that, with an n:m core
+    keeping ``n / m`` of the dense values, stores at least as many values as the dense layer (a budget is
+    only read when no ``block_size`` is given)."""
+    budget = options.get("wrapper_budget")
+    if budget is None or options.get("block_size") is not None:
+        return
+    if budget >= 1 - n / m:
+        raise ValueError(
+            f"option 'wrapper_budget' {budget:g} leaves nothing saved at {n}:{m}: the core keeps {n / m:.0%} of the "
+            f"dense values, so the wrappers must add less than {1 - n / m:g}"
+        )
 
 
 def resolve_block_sizes(

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, BlockCalls, StatsHooks, capture_block_inputs, run_block
+from ..factors import check_wrapper_budget
 from ..models import find_prunable_layers, get_module
 from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
@@ -658,6 +659,7 @@ def prune(
     s = dataclasses.replace(settings or PruneSettings(), method=method, **kwargs)
     resolved = get_method(s.method).resolve(s.options)
     s.check()
+    check_wrapper_budget(resolved, s.n, s.m)
     calibration = _check_calibration(calibration)
     source = _open_source(model, s, output)
     if s.reconstruct is not None:  # "auto" settled for this device before it is fingerprinted and recorded

@@ -87,9 +87,9 @@ ARMOR_COMMON = (
     Option(
         "wrapper_budget", float, DEFAULT_WRAPPER_BUDGET,
         "largest share of the layer's dense parameter count the two wrappers may add (0.0625 = the paper's "
-        "128 blocks on a 4096x4096 layer; below 0.5, else a 2:4 layer stores as many values as a dense one); "
-        "ignored when block_size is given",
-        minimum=0, exclusive_minimum=True, maximum=0.5, exclusive_maximum=True,
+        "128 blocks on a 4096x4096 layer; below 1 - n/m, 0.5 at 2:4, else the layer stores as many values as a "
+        "dense one); ignored when block_size is given",
+        minimum=0, exclusive_minimum=True, maximum=1, exclusive_maximum=True,
     ),
 )
 
