@@ -190,7 +190,7 @@ def test_settings_change_the_fingerprint(char_tokenizer, tmp_path):
     for other in (dataclasses.replace(RECON, steps=13), dataclasses.replace(RECON, lr=2e-3),
                   dataclasses.replace(RECON, holdout=8), dataclasses.replace(RECON, loss="token"),
                   dataclasses.replace(RECON, schedule="cosine"),
-                  dataclasses.replace(RECON, compute_dtype="bfloat16"), dataclasses.replace(RECON, mask_refresh=4)):
+                  dataclasses.replace(RECON, compute_dtype="bfloat16")):
         run = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", output=out, reconstruct=other, **kw)
         assert not run.already_done and run.run_info["fingerprint"] != on.run_info["fingerprint"]
 
@@ -201,8 +201,7 @@ def test_bad_settings_are_refused(char_tokenizer):
     for bad, word in ((ReconstructSettings(steps=0), "steps"), (ReconstructSettings(lr=-1.0), "learning rate"),
                       (ReconstructSettings(holdout=-2), "holdout"), (ReconstructSettings(loss="l1"), "loss"),
                       (ReconstructSettings(compute_dtype="int8"), "compute dtype"),
-                      (ReconstructSettings(schedule="linear"), "schedule"),
-                      (ReconstructSettings(mask_refresh=-1), "mask refresh")):
+                      (ReconstructSettings(schedule="linear"), "schedule")):
         with pytest.raises(ValueError, match=word):
             prune(model, ids, "nowag", reconstruct=bad)
     with pytest.raises(ValueError, match="leaves no calibration batch"):
@@ -222,46 +221,3 @@ def test_error_terms_against_brute_force():
     num, den = _error_terms(y, t, "token")
     assert float(num / den) == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
     assert float(num / den) > 10 * float(_error_terms(y, t, "mse")[0] / _error_terms(y, t, "mse")[1])
-
-
-def test_mask_refresh_keeps_each_groups_largest_entries():
-    """The refreshing view trains a dense core: pruned entries start at zero and get the masked weight's
-    gradient; a refresh keeps each group's n largest entries, and write-back re-packs the new mask."""
-    from armor.runtime import module_from_result
-
-    torch.manual_seed(0)
-    res = armor.prune_layer(torch.randn(8, 16), torch.rand(16) + 0.1, "armor-fast", sweeps=2, block_size=8)
-    mod = module_from_result(res, None, torch.float32)
-    view = _TrainView(mod, refresh=True)
-    torch.testing.assert_close(view.weight_hat().detach(), mod.dense_weight(), rtol=1e-6, atol=1e-6)
-    x = torch.randn(3, 16)
-    view(x).square().sum().backward()
-    assert bool((view.core.grad[~view.mask] != 0).any())  # straight-through: pruned entries learn too
-    with torch.no_grad():  # grow one pruned entry of row 0 past everything in its group
-        col = int((~view.mask[0]).nonzero()[0])
-        view.core[0, col] = 10.0
-    assert view.refresh_mask() == 1 and bool(view.mask[0, col])
-    assert is_nm_mask(view.mask, 2, 4) and view.refresh_mask() == 0
-    view.write_back(mod)
-    assert torch.equal(unpack_mask(mod.indices, 8, 16, 2, 4), view.mask)
-    torch.testing.assert_close(mod.dense_weight(), view.weight_hat().detach(), rtol=1e-6, atol=1e-6)
-
-
-def test_mask_refresh_run_stays_n_m_and_never_worse(char_tokenizer, tmp_path):
-    """A run with mask refresh: every stored layer is still 2:4, kept blocks improved their held-out error,
-    reverted ones hold their pruned masks; the setting is recorded."""
-    ids = _ids(char_tokenizer)
-    recon = dataclasses.replace(RECON, mask_refresh=3)
-    plain = prune(make_tiny_model(len(char_tokenizer)), ids, "wanda", batch_size=4)
-    tuned = prune(make_tiny_model(len(char_tokenizer)), ids, "wanda", output=tmp_path / "run", batch_size=4,
-                  reconstruct=recon)
-    blocks = tuned.run_info["reconstruction"]["blocks"]
-    assert all(b["error_after"] < b["error_before"] for b in blocks if b["kept"])
-    assert tuned.run_info["reconstruction"]["mask_refresh"] == 3
-    assert "mask_refresh" not in RECON.to_json()  # off: the record (and fingerprint) of runs from before it
-    pa, pb = _packed(plain.model), _packed(load_pruned(tmp_path / "run"))
-    moved = 0
-    for name, mod in pb.items():
-        assert is_nm_mask(unpack_mask(mod.indices, mod.out_features, mod.in_features, 2, 4), 2, 4)
-        moved += not torch.equal(mod.indices, pa[name].indices)
-    assert moved > 0  # some positions moved on this model (else the test would not exercise the refresh)

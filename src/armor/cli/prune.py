@@ -152,7 +152,7 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("block-wise reconstruction (every method; docs/algorithm.md)")
     r.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=RECONSTRUCT_DEFAULT,
                    help="after each block is pruned, tune its layers' free tensors (wrappers, kept values) so the "
-                   "pruned block reproduces the dense block's outputs; stored format unchanged")
+                   "pruned block reproduces the dense block's outputs; masks and stored format unchanged")
     r.add_argument("--reconstruct-steps", type=int, default=None,
                    help=f"Adam steps per block, one batch each (default {d.steps}; the demo {DEMO_RECONSTRUCT_STEPS}); "
                    "about four passes over the training sequences measured best, e.g. 128 with --nsamples 128")
@@ -164,9 +164,6 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
                    "error relative to its own norm, averaged")
     r.add_argument("--reconstruct-dtype", choices=COMPUTE_DTYPES, default=d.compute_dtype,
                    help="training matmuls in this dtype (16-bit: autocast, float32 parameters and loss)")
-    r.add_argument("--reconstruct-mask-refresh", type=int, default=d.mask_refresh, metavar="STEPS",
-                   help="re-choose the kept n:m positions from the tuned dense core every STEPS steps (0: keep the "
-                   "pruned masks)")
     r.add_argument("--reconstruct-holdout", type=int, default=d.holdout,
                    help="calibration sequences held out to judge each block (a block keeps its pruned tensors "
                    "when tuning does not lower their output error)")
@@ -183,7 +180,7 @@ def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None
                   "--no-reconstruct for none)")
     s = ReconstructSettings(steps=steps, lr=args.reconstruct_lr, schedule=args.reconstruct_schedule,
                             holdout=args.reconstruct_holdout, loss=args.reconstruct_loss,
-                            compute_dtype=args.reconstruct_dtype, mask_refresh=args.reconstruct_mask_refresh)
+                            compute_dtype=args.reconstruct_dtype)
     try:
         s.check()
     except ValueError as exc:

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from ..calibration import ActivationStore, BlockCalls
 from ..factors import block_product
 from ..models import get_module, set_module
-from ..runtime.packing import pack_nm, unpack_indices
-from ..sparsity import nm_mask_from_scores
+from ..runtime.packing import unpack_indices
 
 __all__ = ["COMPUTE_DTYPES", "LOSSES", "SCHEDULES", "ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
 
@@ -58,9 +57,6 @@ class ReconstructSettings:
         compute_dtype: the dtype of the training forward and backward matmuls (``"bfloat16"``/``"float16"`` run
             them under autocast, with float32 parameters, optimizer state and loss); the held-out judgement
             always runs the stored model.
-        mask_refresh: steps between re-choosing the kept positions (0: the masks stay as pruned).  With it on,
-            each core trains as a dense tensor whose pruned entries start at zero and learn through the mask
-            (straight-through); every ``mask_refresh`` steps each group keeps its ``n`` largest entries.
     """
 
     steps: int = 32
@@ -69,7 +65,6 @@ class ReconstructSettings:
     holdout: int = 8
     loss: str = "mse"
     compute_dtype: str = "auto"
-    mask_refresh: int = 0
 
     def check(self) -> None:
         """Raise a ValueError naming the first invalid setting."""
@@ -83,19 +78,12 @@ class ReconstructSettings:
             raise ValueError(f"reconstruction schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"reconstruction loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not isinstance(self.mask_refresh, int) or isinstance(self.mask_refresh, bool) or self.mask_refresh < 0:
-            raise ValueError(f"reconstruction mask refresh must be an integer >= 0, got {self.mask_refresh!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"reconstruction compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
                              f"got {self.compute_dtype!r}")
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as recorded and fingerprinted; ``mask_refresh`` only when on, so that runs recorded
-        before it existed keep their fingerprints (and resume)."""
-        out = dataclasses.asdict(self)
-        if not self.mask_refresh:
-            del out["mask_refresh"]
-        return out
+        return dataclasses.asdict(self)
 
     def for_device(self, device: torch.device | str) -> ReconstructSettings:
         """These settings with ``auto`` resolved for ``device`` (what a run records and fingerprints)."""
@@ -135,35 +123,23 @@ class BlockReconstruction:
 
 
 class _TrainView(nn.Module):
-    """A differentiable float32 stand-in for a packed layer: its free tensors as parameters.  The core is its
-    kept values at fixed positions, or with ``refresh`` a dense tensor under a mask that :meth:`refresh_mask`
-    re-chooses (pruned entries start at zero and get the masked weight's gradient: straight-through)."""
+    """A differentiable float32 stand-in for a packed layer: its free tensors as parameters, its mask fixed."""
 
-    def __init__(self, module: nn.Module, refresh: bool = False) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.n, self.m, kept = module.n, module.m, module.values.shape[1]
-        pos = unpack_indices(module.indices, kept, self.m)  # in-group position of every kept entry
-        group = torch.arange(kept, device=pos.device) // self.n
-        self.register_buffer("cols", group * self.m + pos)  # column of every kept entry
+        n, m, kept = module.n, module.m, module.values.shape[1]
+        pos = unpack_indices(module.indices, kept, m)  # in-group position of every kept entry
+        group = torch.arange(kept, device=pos.device) // n
+        self.register_buffer("cols", group * m + pos)  # column of every kept entry
         self.shape = (module.out_features, module.in_features)
-        values = module.values.detach().float()
-        self.refresh = refresh
-        if refresh:
-            self.core = nn.Parameter(values.new_zeros(self.shape).scatter(1, self.cols, values))
-            self.register_buffer("mask", torch.zeros(self.shape, dtype=torch.bool, device=values.device)
-                                 .scatter(1, self.cols, True))  # fmt: skip
-        else:
-            self.values = nn.Parameter(values.clone())
+        self.values = nn.Parameter(module.values.detach().float().clone())
         wrapped = hasattr(module, "a_blocks")
         self.a_blocks = nn.Parameter(module.a_blocks.detach().float().clone()) if wrapped else None
         self.b_blocks = nn.Parameter(module.b_blocks.detach().float().clone()) if wrapped else None
         self.bias = None if module.bias is None else module.bias.detach()
 
     def weight_hat(self) -> Tensor:
-        if self.refresh:  # forward: the masked core; backward: every entry gets the masked weight's gradient
-            core = torch.where(self.mask, self.core, self.core - self.core.detach())
-        else:
-            core = self.values.new_zeros(self.shape).scatter(1, self.cols, self.values)
+        core = self.values.new_zeros(self.shape).scatter(1, self.cols, self.values)
         if self.a_blocks is None:
             return core
         return block_product(self.a_blocks, core, self.b_blocks)
@@ -172,22 +148,9 @@ class _TrainView(nn.Module):
         return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
 
     @torch.no_grad()
-    def refresh_mask(self) -> int:
-        """Keep each group's ``n`` largest entries of the dense core; returns how many positions changed."""
-        new = nm_mask_from_scores(self.core.abs(), self.n, self.m).to(torch.bool)
-        changed = int((new & ~self.mask).sum())
-        self.mask.copy_(new)
-        return changed
-
-    @torch.no_grad()
     def write_back(self, module: nn.Module) -> None:
-        """Store the tuned tensors in ``module`` (rounded to its dtype; with ``refresh``, re-packed)."""
-        if self.refresh:
-            values, indices = pack_nm(self.core * self.mask, self.mask, self.n, self.m)
-            module.values.copy_(values.to(module.values.dtype))
-            module.indices.copy_(indices)
-        else:
-            module.values.copy_(self.values.to(module.values.dtype))
+        """Store the tuned tensors in ``module`` (rounded to its dtype)."""
+        module.values.copy_(self.values.to(module.values.dtype))
         if self.a_blocks is not None:
             module.a_blocks.copy_(self.a_blocks.to(module.a_blocks.dtype))
             module.b_blocks.copy_(self.b_blocks.to(module.b_blocks.dtype))
@@ -196,8 +159,7 @@ class _TrainView(nn.Module):
 
 
 def _free_tensors(module: nn.Module) -> dict[str, Tensor]:
-    keys = ("values", "indices", "a_blocks", "b_blocks")
-    return {k: getattr(module, k).detach().clone() for k in keys if hasattr(module, k)}
+    return {k: getattr(module, k).detach().clone() for k in ("values", "a_blocks", "b_blocks") if hasattr(module, k)}
 
 
 def _output(y: Any) -> Tensor:
@@ -298,9 +260,6 @@ def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs:
             opt.step()
             if sched is not None:
                 sched.step()
-            if s.mask_refresh and (step + 1) % s.mask_refresh == 0:
-                for view in views:
-                    view.refresh_mask()
     return first, last
 
 
@@ -331,7 +290,7 @@ def reconstruct_block(
     before, layers_before = _error(block, calls, inputs, targets, held, device, settings.loss,
                                    _LayerErrors(modules, dense))
     originals = {name: _free_tensors(mod) for name, mod in modules.items()}
-    views = {name: _TrainView(mod, settings.mask_refresh > 0) for name, mod in modules.items()}
+    views = {name: _TrainView(mod) for name, mod in modules.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:  # only the views' tensors learn
         p.requires_grad_(False)
