@@ -61,6 +61,35 @@ def pack_linears(model, block: int | None, backend: str = "auto", names: list[st
     return names
 
 
+_CLASS_WITHOUT_ARMOR = r"""
+import sys
+import transformers
+cls = getattr(transformers, sys.argv[1])
+for folder in sys.argv[2:]:
+    try:
+        cls.from_pretrained(folder)
+    except RuntimeError as exc:
+        print("REFUSED", folder, str(exc).splitlines()[0], sep="\t")
+    else:
+        print("LOADED", folder, sep="\t")
+assert "armor" not in sys.modules, "armor was imported"
+"""
+
+
+def class_load_without_armor(cls: str, *folders: Path) -> tuple[dict[str, str], str]:
+    """``transformers.<cls>.from_pretrained`` of each folder in one process that never imports armor: ``REFUSED``
+    (with the RuntimeError's first line) or ``LOADED`` per folder, and the process's stderr (the load reports)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLASS_WITHOUT_ARMOR, cls, *map(str, folders)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split("\t", 2) for line in proc.stdout.splitlines() if line.startswith(("REFUSED", "LOADED"))]
+    return {folder: " ".join([verdict, *rest]) for verdict, folder, *rest in lines}, proc.stderr
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread(request):
     """Tiny models run fastest (and identically) on one thread; real-model tests keep torch's default."""

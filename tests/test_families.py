@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -19,6 +20,7 @@ import armor
 from armor.models import LinearExperts, find_decoder_layers, find_prunable_layers, set_module, unfuse_experts
 from armor.runtime import ArmorLinear, SparseLinear
 from armor.storage import pruned_modules, read_armor_config
+from conftest import class_load_without_armor
 
 VOCAB = 128
 TOKENS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
@@ -237,3 +239,33 @@ def test_streaming_a_moe_checkpoint_is_refused_clearly(family, tmp_path):
     with pytest.raises(ValueError, match="mixture-of-experts.*without --streaming"):
         armor.prune(folder, CALIBRATION, "wanda", output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_experts_only_folder_is_refused_by_the_architecture_class_without_armor(family, tmp_path):
+    """Before: a folder whose only pruned layers were experts loaded through MixtralForCausalLM.from_pretrained in a
+    process without armor with random experts (their stacked keys missing, with a report only); and armor.load's
+    model saved by save_pretrained wrote per-expert keys renamed by transformers' weight conversions."""
+    model = build(MOE[family]())
+    unfuse_experts(model)
+    run = armor.prune(model, CALIBRATION, "magnitude", output=tmp_path / "out", include=["*.experts.*"])
+    assert set(pruned_modules(run.model)) == EXPERTS
+    ref = logits(run.model)
+    armor.load(tmp_path / "out").save_pretrained(tmp_path / "by_armor")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out").save_pretrained(tmp_path / "by_hf")
+    targets = [tmp_path / "out", tmp_path / "by_armor", tmp_path / "by_hf"]
+    verdicts, reports = class_load_without_armor(type(model).__name__, *targets)
+    assert all(verdicts[str(t)].startswith("REFUSED") for t in targets), verdicts
+    assert "mlp.experts.gate_up_proj" in reports and "ckpt: torch.Size([0])" in reports
+    for target in targets:
+        for loaded in (armor.load(target), AutoModelForCausalLM.from_pretrained(target)):
+            torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+    # the dense export from either door has the keys transformers writes for the architecture itself
+    def keys(folder: Path) -> set[str]:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+
+    build(MOE[family]()).save_pretrained(tmp_path / "plain")
+    assert keys(armor.export_dense(tmp_path / "out", tmp_path / "dense")) == keys(tmp_path / "plain")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert keys(armor.export_dense(hf, tmp_path / "dense2")) == keys(tmp_path / "plain")

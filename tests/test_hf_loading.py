@@ -20,6 +20,7 @@ import armor.runtime.packing as runtime_packing
 from armor.data import default_text_path
 from armor.eval.perplexity import perplexity
 from armor.models import find_prunable_layers, set_module
+from armor.report import folder_footprint
 from armor.runtime import ArmorLinear, SparseLinear, module_from_result
 from armor.solvers import prune_layer
 from armor.storage import (
@@ -32,9 +33,10 @@ from armor.storage import (
     read_armor_config,
     save_pruned,
 )
+from armor.storage.guard import is_guard
 from armor.storage.hf_quantizer import ArmorConfig
 from armor.text import calibration_ids, read_documents
-from conftest import make_char_tokenizer, make_tiny_model
+from conftest import class_load_without_armor, make_char_tokenizer, make_tiny_model
 
 VOCAB = len(make_char_tokenizer())
 
@@ -96,9 +98,11 @@ def test_folder_is_a_plain_hf_folder(folder):
     assert set(quant["layers"]) == set(find_prunable_layers(tiny_llama()))
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
+        guard = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
     name = "model.layers.0.self_attn.q_proj"
     assert {f"{name}.values", f"{name}.indices"} <= keys
-    assert f"{name}.weight" not in keys
+    # no dense weight: the guard at its key is empty (see test_guard_adds_no_stored_bytes)
+    assert guard.dtype == torch.uint8 and tuple(guard.shape) == (0,)
     assert "lm_head.weight" not in keys  # tied to the embeddings: stored once, as save_pretrained does
 
 
@@ -407,3 +411,124 @@ def _export_free_copy(path: Path, tmp_path: Path) -> Path:
     out = tmp_path / "again"
     save_pruned(load_pruned(path), out)
     return out
+
+
+def strip_guards(src: Path, dst: Path) -> Path:
+    """A copy of the pruned folder ``src`` as armor wrote it before the guard tensors: without them."""
+    out = copy_folder(src, dst)
+    weights = out / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(weights))
+    kept = {k: v for k, v in state.items() if not is_guard(v)}
+    assert len(kept) == len(state) - len(read_armor_config(src)["layers"])
+    save_file(kept, str(weights), metadata=meta)
+    return out
+
+
+def test_architecture_class_without_armor_refuses_a_pruned_folder(folder, tmp_path):
+    """Before: LlamaForCausalLM.from_pretrained(folder) in a process without armor never read model_type, printed a
+    MISSING / UNEXPECTED report and returned random weights in every pruned layer."""
+    path, ref, _ = folder
+    by_hf, by_armor = tmp_path / "by_hf", tmp_path / "by_armor"
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(by_hf)  # re-saved by transformers, either door
+    load_pruned(path).save_pretrained(by_armor)
+    targets = [path, by_hf, by_armor, _export_free_copy(path, tmp_path)]
+    tiny_llama().save_pretrained(tmp_path / "dense")  # and a run streamed from a checkpoint (the streamed writer)
+    streamed = armor.prune(str(tmp_path / "dense"), IDS, "magnitude", output=tmp_path / "streamed")
+    old = strip_guards(path, tmp_path / "old")  # the folder without its guards: what the guards prevent
+    verdicts, reports = class_load_without_armor("LlamaForCausalLM", *targets, tmp_path / "streamed", old)
+    for target in [*targets, tmp_path / "streamed"]:
+        assert verdicts[str(target)].startswith("REFUSED") and "ignore_mismatched_sizes" in verdicts[str(target)]
+    # the load report names the guards (its layer indices collapsed: model.layers.{0, 1}.self_attn.q_proj.weight)
+    assert "self_attn.q_proj.weight" in reports and "MISMATCH" in reports and "ckpt: torch.Size([0])" in reports
+    assert verdicts[str(old)] == "LOADED"
+    for target in targets:  # and each still loads both ways with armor, same logits
+        torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(target)), ref, rtol=0, atol=0)
+        torch.testing.assert_close(logits(load_pruned(target)), ref, rtol=0, atol=0)
+    assert streamed.model is None  # a streamed run: its folder came from save_pruned_streamed
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")), logits(load_pruned(tmp_path / "streamed")),
+        rtol=0, atol=0,
+    )
+
+
+def test_guards_load_silently_and_are_written_again(folder, tmp_path):
+    path, ref, _ = folder
+    guards = {f"{name}.weight" for name in read_armor_config(path)["layers"]}
+    hf, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"], info
+    for model in (hf, load_pruned(path)):
+        state = model.state_dict()
+        assert guards <= set(state) and all(is_guard(state[k]) for k in guards)
+        for mod in pruned_modules(model).values():  # the modules themselves hold no weight
+            assert not hasattr(mod, "weight") and "weight" not in mod.state_dict()
+        model.load_state_dict(state, strict=True)  # reads its own state back
+        torch.testing.assert_close(logits(model), ref, rtol=0, atol=0)
+    save_pruned(hf, tmp_path / "again")
+    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as f:
+        assert guards <= set(f.keys())
+    # a layer's weight key holds its guard or nothing: anything else is an error naming it, both ways
+    bad = copy_folder(path, tmp_path / "bad")
+    state = load_file(str(bad / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3)
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    for load in (load_pruned, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is \(3,\)"):
+            load(bad)
+
+
+def test_folders_written_before_the_guards_still_load(folder, tmp_path):
+    path, ref, _ = folder
+    old = strip_guards(path, tmp_path / "old")
+    hf, info = AutoModelForCausalLM.from_pretrained(old, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    torch.testing.assert_close(logits(hf), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_pruned(old)), ref, rtol=0, atol=0)
+    hf.save_pretrained(tmp_path / "upgraded")  # saved again, it gets its guards
+    verdicts, _ = class_load_without_armor("LlamaForCausalLM", tmp_path / "upgraded")
+    assert verdicts[str(tmp_path / "upgraded")].startswith("REFUSED")
+
+
+def _header_and_data_bytes(weights: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the bytes of its tensor data (the rest, less the length field)."""
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]), len(data) - 8 - size
+
+
+def test_guard_adds_no_stored_bytes(folder, tmp_path):
+    path, _, _ = folder
+    old = strip_guards(path, tmp_path / "old")
+    new_fp, old_fp = folder_footprint(path), folder_footprint(old)
+    for key in ("linear_bytes", "dense_linear_bytes", "linear_bytes_ratio", "values_kept_ratio", "wrapper_overhead"):
+        assert new_fp[key] == old_fp[key], key
+    # the weights file grows by the guards' header entries only: as much tensor data as without them
+    header, data_bytes = _header_and_data_bytes(path / "model.safetensors")
+    assert data_bytes == _header_and_data_bytes(old / "model.safetensors")[1]
+    guards = [v for k, v in header.items() if k.endswith(".weight") and v["dtype"] == "U8"]
+    assert len(guards) == len(read_armor_config(path)["layers"])
+    assert all(v["shape"] == [0] and v["data_offsets"][0] == v["data_offsets"][1] for v in guards)
+    # and the loaded packed layers count the same bytes as the folder's packed tensors
+    stored = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not is_guard(v)}
+    mods = pruned_modules(load_pruned(path))
+    packed = sum(v.numel() * v.element_size() for k, v in stored.items() if k.rpartition(".")[0] in mods)
+    assert sum(m.stored_nbytes() for m in mods.values()) == packed == new_fp["linear_bytes"]
+
+
+def test_a_freshly_pruned_model_saved_with_save_pretrained_is_a_pruned_folder(tmp_path):
+    """``armor.prune`` returns the model with what a loaded pruned model carries, so ``save_pretrained`` (not only
+    ``armor.save_pruned``) writes a pruned folder: armor loads it through both doors to the same logits, and
+    transformers without armor refuses it by either entry (model_type, guards).  Before, it wrote a plain config
+    and no guards, and ``AutoModelForCausalLM`` loaded random weights into every pruned layer even with armor."""
+    run = armor.prune(tiny_llama(), IDS, "wanda")
+    ref = logits(run.model)
+    run.model.save_pretrained(tmp_path / "fresh")
+    cfg = read_armor_config(tmp_path / "fresh")
+    assert cfg is not None and set(cfg["layers"]) == set(pruned_modules(run.model))
+    assert cfg["method"] == "wanda" and len(cfg["records"]) == len(cfg["layers"])  # the run provenance too
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "fresh")), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "fresh")), ref, rtol=0, atol=0)
+    verdicts, _ = class_load_without_armor("LlamaForCausalLM", tmp_path / "fresh")
+    assert verdicts[str(tmp_path / "fresh")].startswith("REFUSED")
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["model_type"] == "armor"  # Auto* refuse it

@@ -40,7 +40,7 @@ from ..factors import check_wrapper_budget
 from ..models import find_prunable_layers, get_module
 from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
-from ..storage import load_pruned, read_armor_config
+from ..storage import load_pruned, mark_pruned, read_armor_config
 from ..storage.atomic import write_text_atomic
 from ..storage.lock import FolderLock
 from ..storage.resume import (
@@ -623,7 +623,7 @@ def _already_done(source: ModelSource, s: PruneSettings, resolved: dict[str, Any
         saved = load_pruned(out)
         for name in plan.layers:
             source.place(name, get_module(saved, name))
-    model = None if source.streamed else source.model
+    model = None if source.streamed else mark_pruned(source.model, section)
     return PruneRun(s.method, resolved, records, 0.0, s.mode, len(records), out, model, section, already_done=True)
 
 
@@ -702,9 +702,9 @@ def _plan_run_save(source: ModelSource, s: PruneSettings, resolved: dict[str, An
         source.save(out, run.tracker.specs, run.tracker.dtypes, info, tokenizer)
         if not s.keep_layer_files:
             shutil.rmtree(out / "layers", ignore_errors=True)
-    return PruneRun(
+    return PruneRun(  # an in-memory model carries the pruned-folder markings: its save_pretrained writes one
         s.method, resolved, records, seconds, s.mode, sum(r.resumed for r in records), out,
-        None if source.streamed else source.model, info,
+        None if source.streamed else mark_pruned(source.model, info), info,
     )
 
 

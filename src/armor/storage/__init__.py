@@ -2,7 +2,8 @@
 
 Pruned folders by job: :mod:`.writer` (the format and its writer), :mod:`.reader` (``armor.load``), :mod:`.legacy`
 (armor 0.1's format), :mod:`.plain` (any model folder, pruned or plain Hugging Face), :mod:`.export`
-(``export_dense``), :mod:`.verify` (what ``armor inspect`` checks), :mod:`.lock` (one writer per output folder).
+(``export_dense``), :mod:`.verify` (what ``armor inspect`` checks), :mod:`.lock` (one writer per output folder),
+:mod:`.guard` (the empty tensors that make transformers without armor raise on a pruned folder).
 """
 
 from ..dtypes import resolve_dtype
@@ -16,6 +17,7 @@ from .resume import LayerRecord, fingerprint, ids_digest, layer_file, layer_fing
 from .writer import (
     WEIGHTS_NAME,
     library_versions,
+    mark_pruned,
     plain_config_dict,
     pruned_modules,
     save_pruned,
@@ -36,6 +38,7 @@ __all__ = [
     "export_dense",
     "is_pruned_folder",
     "library_versions",
+    "mark_pruned",
     "load_model",
     "load_pruned",
     "load_tokenizer",

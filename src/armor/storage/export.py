@@ -38,6 +38,9 @@ def export_dense(path_or_model: str | Path | nn.Module, out_dir: str | Path, tok
     config = model.config
     saved_attrs = {k: config.__dict__.pop(k) for k in ("armor", "quantization_config") if k in config.__dict__}
     saved_quantizer = model.__dict__.pop("hf_quantizer", None)  # else save_pretrained writes a quantized config
+    # The loaders record that a pruned folder needed no weight conversions; without that record, save_pretrained
+    # writes the dense model in the architecture's checkpoint layout (e.g. Mixtral's per-expert w1/w2/w3).
+    saved_conversions = model.__dict__.pop("_weight_conversions", None)
     unfused: dict[str, LinearExperts] = {}
     try:
         for name, mod in swapped.items():
@@ -61,4 +64,6 @@ def export_dense(path_or_model: str | Path | nn.Module, out_dir: str | Path, tok
         config.__dict__.update(saved_attrs)
         if saved_quantizer is not None:
             model.hf_quantizer = saved_quantizer
+        if saved_conversions is not None:
+            model._weight_conversions = saved_conversions
     return out

@@ -23,7 +23,9 @@ folder's ``config.json`` says ``"model_type": "armor"`` (the architecture's own 
 refuse the folder ("model type `armor` ... does not recognize this architecture"); with it imported,
 :class:`ArmorModelConfig` (registered under that type) hands back the base architecture's config with the
 quantisation section, and loading proceeds as above.  A model loaded either way keeps writing ``"armor"`` when it is
-saved again (:func:`mark_armored`), so a re-saved folder is refused the same way.
+saved again (:func:`mark_armored`), so a re-saved folder is refused the same way.  An architecture class called
+directly (``LlamaForCausalLM.from_pretrained``) never reads ``model_type``; the guard tensors stored at each packed
+layer's ``weight`` key make it raise (:mod:`armor.storage.guard`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..models import get_module, set_module, unfuse_experts
 from ..runtime import empty_module_from_spec
 from .checkpoint import open_safetensors
+from .guard import expect_guards, guard_key, keep_guards
 
 __all__ = [
     "QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules", "check_weight_files",
@@ -178,10 +181,14 @@ def check_packed_tensors(model: nn.Module, layers: Iterable[str], stored: Mappin
     """Every tensor of every packed layer is stored with the shape its spec gives; else a ValueError naming them.
 
     ``from_pretrained`` would otherwise leave a missing tensor as uninitialised memory (NaN logits) with a
-    warning only.
+    warning only.  A layer's ``weight`` key may hold its guard (shape ``(0,)``, :mod:`armor.storage.guard`), nothing
+    else.
     """
     problems = []
     for name in layers:
+        guard = stored.get(guard_key(name))
+        if guard is not None and tuple(guard) != (0,):
+            problems.append(f"{guard_key(name)} is {tuple(guard)} in the weights, a pruned layer stores no weight")
         for key, t in get_module(model, name).state_dict(keep_vars=True).items():
             full = f"{name}.{key}"
             if full not in stored:
@@ -218,6 +225,7 @@ class ArmorHfQuantizer(HfQuantizer):
         install_packed_modules(model, quant.layers, layer_dtypes, "meta", quant.unfused_experts)
         if any(str(f).endswith(".safetensors") for f in files):
             check_packed_tensors(model, quant.layers, stored)
+        expect_guards(model, quant.layers, quant.unfused_experts)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -226,6 +234,7 @@ class ArmorHfQuantizer(HfQuantizer):
         for name in self.quantization_config.layers:
             get_module(model, name).requires_grad_(False)
         mark_armored(model.config)
+        keep_guards(model)
         return model
 
     def is_serializable(self) -> bool:

@@ -113,6 +113,9 @@ def _load_v2(path: Path, quant: dict[str, Any], dtype: torch.dtype | None) -> nn
     # (and one that transformers without armor refuses: mark_armored).
     model.config.quantization_config = armor_cfg
     mark_armored(model.config)
+    # from_pretrained records the weight conversions it applied (none for a pruned folder); without that record,
+    # save_pretrained applies the architecture's default ones in reverse and renames the per-expert keys.
+    model._weight_conversions = []
     return model
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, open_safetensors
+from .guard import keep_guards
 from .writer import pruned_modules
 
 __all__ = ["read_weights", "fill_skeleton"]
@@ -38,7 +39,8 @@ def fill_skeleton(
 ) -> None:
     """Load ``state`` into the skeleton ``model`` (floating-point tensors cast to ``dtype`` when given; computed
     buffers such as rotary frequencies keep theirs, as from_pretrained does); tied parameters the file stores once
-    are tied again."""
+    are tied again.  The model skips the folder's guard tensors and writes them again when saved (:mod:`.guard`)."""
+    keep_guards(model)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.config.dtype = dtype

@@ -6,9 +6,10 @@ Face model folder that ``AutoModelForCausalLM.from_pretrained`` loads once ``arm
 
 * ``model.safetensors``: the model's state dict under its own keys; a pruned layer ``<name>`` contributes its
   packed tensors ``<name>.values``, ``<name>.indices`` (uint8), ``<name>.a_blocks`` / ``<name>.b_blocks``
-  (ARMOR only) and ``<name>.bias``.  Tied parameters (``lm_head.weight`` tied to the embeddings) are stored once,
-  as ``save_pretrained`` does; the file's metadata records ``{"format": "pt", "armor_format": ..., "armor_aliases":
-  {dropped key: kept key}}``.
+  (ARMOR only) and ``<name>.bias``, plus its guard ``<name>.weight``: an empty uint8 tensor (no data) that makes an
+  architecture class called directly without armor raise instead of loading random weights (:mod:`.guard`).
+  Tied parameters (``lm_head.weight`` tied to the embeddings) are stored once, as ``save_pretrained`` does; the
+  file's metadata records ``{"format": "pt", "armor_format": ..., "armor_aliases": {dropped key: kept key}}``.
 * ``config.json``: the model's config with ``"model_type": "armor"`` (so that transformers without armor refuses
   the folder) plus ``quantization_config = {"quant_method": "armor", "format": "armor-model-v2",
   "base_model_type": ..., "layers": {name: spec}, "layer_dtypes": {name: dtype}, "versions": {...},
@@ -41,7 +42,8 @@ from ..runtime import empty_module_from_spec
 from ..version import __version__
 from .atomic import write_json_atomic, write_safetensors_streamed
 from .checkpoint import ShardReader, meta_skeleton, open_safetensors, release_memory
-from .hf_quantizer import MODEL_FORMAT, MODEL_TYPE, QUANT_METHOD, ArmorConfig
+from .guard import guard_keys, guard_tensor, keep_guards
+from .hf_quantizer import MODEL_FORMAT, MODEL_TYPE, QUANT_METHOD, ArmorConfig, mark_armored
 from .resume import layer_file
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "TensorEntry",
     "save_pruned",
     "save_pruned_streamed",
+    "mark_pruned",
     "write_folder",
     "pruned_modules",
     "plain_config_dict",
@@ -117,8 +120,12 @@ def write_folder(
     run's provenance, ``specs`` / ``dtypes`` the pruned layers' module specs and dtype names.  Weights are written
     one tensor at a time, then generation config and tokenizer, then ``config.json`` (last: a folder without it is
     never taken for a finished one).  ``unfused_experts`` names the mixture-of-experts modules stored as
-    per-expert layers (:class:`armor.models.LinearExperts`).
+    per-expert layers (:class:`armor.models.LinearExperts`).  The guard tensors (:mod:`.guard`) are added where
+    ``entries`` lack them.
     """
+    present = {key for key, *_ in entries}
+    guards = [key for key in guard_keys(specs, unfused_experts) if key not in present]
+    entries = [*entries, *((key, (0,), torch.uint8, guard_tensor) for key in guards)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)
@@ -197,6 +204,28 @@ def save_pruned(
         out_dir, entries, aliases, plain_config_dict(model.config), info, specs, dtypes,
         getattr(model, "generation_config", None), tokenizer, unfused_experts=experts,
     )
+
+
+def mark_pruned(model: nn.Module, run_info: Mapping[str, Any] | None = None) -> nn.Module:
+    """Give an in-memory pruned ``model`` what a model loaded from a pruned folder carries: the armor quantisation
+    section on its config (serialised with ``model_type: armor``, :func:`mark_armored`) and the guards in its
+    ``state_dict()`` (:func:`armor.storage.guard.keep_guards`).  ``save_pretrained`` of it then writes a pruned
+    folder that armor loads and transformers without armor refuses, instead of a plain folder whose pruned layers
+    would load as random weights.  A model without pruned layers is returned as it is."""
+    mods = pruned_modules(model)
+    if not mods:
+        return model
+    model.config.quantization_config = ArmorConfig(
+        layers={name: mod.spec() for name, mod in mods.items()},
+        layer_dtypes={name: str(mod.dtype).removeprefix("torch.") for name, mod in mods.items()},
+        versions=library_versions(), run=_json_safe(dict(run_info or {})),
+        unfused_experts=[name for name, mod in model.named_modules() if isinstance(mod, LinearExperts)],
+        base_model_type=model.config.model_type,
+    )  # fmt: skip
+    mark_armored(model.config)
+    keep_guards(model)
+    model._weight_conversions = []  # as the loaders record: save_pretrained must not rename per-expert keys
+    return model
 
 
 def save_pruned_streamed(
