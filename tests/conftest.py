@@ -79,11 +79,14 @@ assert "armor" not in sys.modules, "armor was imported"
 def class_load_without_armor(cls: str, *folders: Path) -> tuple[dict[str, str], str]:
     """``transformers.<cls>.from_pretrained`` of each folder in one process that never imports armor: ``REFUSED``
     (with the RuntimeError's first line) or ``LOADED`` per folder, and the process's stderr (the load reports)."""
+    import os
     import subprocess
     import sys
 
+    # transformers' own verbosity: an in-process CLI test earlier in the session sets TRANSFORMERS_VERBOSITY=error
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning"}
     proc = subprocess.run(
-        [sys.executable, "-c", _CLASS_WITHOUT_ARMOR, cls, *map(str, folders)], capture_output=True, text=True
+        [sys.executable, "-c", _CLASS_WITHOUT_ARMOR, cls, *map(str, folders)], capture_output=True, text=True, env=env
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line.split("\t", 2) for line in proc.stdout.splitlines() if line.startswith(("REFUSED", "LOADED"))]
