@@ -832,6 +832,40 @@ def test_kernel_tiling_table_is_the_committed_sweeps_best():
     assert {t.expand for t in tune._first_tiles(64)} == {"gather"}
 
 
+def test_tile_sweep_refines_every_form_and_picks_the_fastest(monkeypatch):
+    """benchmarks/gpu_tune.py's staging without a GPU (its timing replaced by a made-up speed per tiling): stage 1
+    per form, then warps x stages and splits around each form's best; the table it would commit names the
+    fastest tiling per token count, and the ranking prints."""
+    import importlib.util
+    from pathlib import Path
+
+    from armor.runtime.gpu_kernels import NMTile
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_tune.py"
+    spec = importlib.util.spec_from_file_location("gpu_tune", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+
+    def speed(tile: NMTile) -> float:  # the gather form, 8 warps, split 4 wins; every other choice costs
+        return 1.0 + (tile.expand == "xgather") + (tile.warps == 8) + (tile.split == 4) - tile.rows / 1000
+
+    def fake_time(kernel, layer, tokens, tiles, dense):
+        return [{"kernel": kernel, "shape": layer["shape"], "tokens": tokens, "tile": list(t), "ms": 1 / speed(t),
+                 "dense_ms": 1.0, "x_dense": speed(t), "rel_error": 0.0} for t in tiles]  # fmt: skip
+
+    monkeypatch.setattr(tune, "_nm_layers", lambda dtype: [{"shape": "a"}, {"shape": "b"}])
+    monkeypatch.setattr(tune, "_time", fake_time)
+    rows = tune.sweep_nm(torch.float16)
+    tried = {(r["tokens"], tune.nm_tile_of_row(r["tile"])) for r in rows}
+    for form in ("join", "xselect", "xgather"):  # each one-token form got its warps and splits refined
+        assert any(t == 1 and tile.expand == form and tile.split == 8 for t, tile in tried)
+    nm, _ = tune.best_tiles({"rows": rows})
+    assert nm[1] == NMTile(16, 64, 8, 2, "xgather", 4)
+    assert nm[64].expand == "gather" and nm[16].expand == "join"  # the activation forms are one-token forms
+    table = tune.ranking(rows, "nm", tune.NM_TOKENS, "(tiling)")
+    assert "| 1 | (16, 64, 8, 2, 'xgather', 4) |" in table
+
+
 @needs_numba
 @pytest.mark.parametrize("in_f", [40, 288, 2800])  # kept 20 / 144 / 1400: no, some and a 24-entry tail of 32s
 @pytest.mark.parametrize("tokens", [1, 3, 6])
