@@ -129,7 +129,8 @@ def test_triton_nm_matmul_other_patterns_take_the_general_forms(n, m, expand, to
 @pytest.mark.parametrize(
     "tile,match",
     [(NMTile(16, 64, expand="dense"), "expand must be one of"), (NMTile(16, 48, expand="xgather"), "power of two"),
-     (NMTile(16, 64, split=0), "split >= 1"), (NMTile(16, 4, expand="join"), "multiple of 8")],
+     (NMTile(16, 64, split=0), "split >= 1"), (NMTile(16, 4, expand="join"), "multiple of 8"),
+     (NMTile(16, 4, expand="xgather"), "8 kept entries")],
 )  # fmt: skip
 def test_triton_nm_matmul_refuses_a_bad_tiling(tile, match):
     values, idx = _packed(8, 64, 2, 4, torch.float32)

@@ -178,19 +178,25 @@ if triton is not None:
     @triton.jit
     def _kept_x_gather(
         x_row, values_ptr, idx_ptr, rows64, row_ok, k0, kept, sxk, svo, svk, sio, sik,
-        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, EVEN: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """As :func:`_kept_x_24` for any n:m, ``(rows, BLOCK_K)``: each kept entry loads the activation at its
         own column."""
+        # kept entries as (rows, index bytes, entries per byte): each index byte is loaded once
         per_byte: tl.constexpr = 8 // BITS
-        k = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & _within(k, kept, EVEN)[None, :]
-        v = tl.load(values_ptr + rows64[:, None] * svo + k[None, :] * svk, mask=ok, other=0.0).to(tl.float32)
-        ku = k.to(tl.uint32)  # unsigned: the divisions and remainders below compile to shifts and masks
-        byte = tl.load(idx_ptr + rows64[:, None] * sio + (ku // per_byte)[None, :] * sik, mask=ok, other=0)
-        pos = (byte.to(tl.uint32) >> ((ku % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
-        col = ((ku // N) * M)[None, :] + pos
-        return tl.load(x_row + col * sxk, mask=ok, other=0.0).to(tl.float32) * v
+        KB: tl.constexpr = BLOCK_K // per_byte
+        kb = k0 // per_byte + tl.arange(0, KB)
+        j = tl.arange(0, per_byte)
+        k = kb[:, None] * per_byte + j[None, :]  # (KB, per_byte) kept-entry index
+        ok = row_ok[:, None, None] & _within(k, kept, EVEN)[None, :, :]
+        v = tl.load(values_ptr + rows64[:, None, None] * svo + k[None, :, :] * svk, mask=ok, other=0.0)
+        byte_ok = row_ok[:, None] & _within(kb, tl.cdiv(kept, per_byte), EVEN)[None, :]
+        byte = tl.load(idx_ptr + rows64[:, None] * sio + kb[None, :] * sik, mask=byte_ok, other=0)
+        pos = (byte.to(tl.int32)[:, :, None] >> (j * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        col = ((k // N) * M)[None, :, :] + pos
+        prod = tl.load(x_row + col * sxk, mask=ok, other=0.0).to(tl.float32) * v.to(tl.float32)
+        return tl.reshape(prod, (BLOCK_O, BLOCK_K), can_reorder=True)  # summed by the caller: any order will do
 
     @triton.jit
     def _weight_tile(
@@ -222,7 +228,7 @@ if triton is not None:
                              EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
         elif EXPAND == 3:
             out = _kept_x_gather(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, kept, sxk, svo, svk, sio, sik,
-                                 N, M, BITS, EVEN, BLOCK_K)  # fmt: skip
+                                 N, M, BITS, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
         else:
             w = _weight_tile(values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
                              N, M, BITS, EXPAND, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
@@ -421,6 +427,8 @@ def _expand_code(tile: NMTile, n: int, m: int, block_t: int) -> int:
         raise ValueError(f"{tile}: the 2:4 expansion takes whole index bytes, a multiple of 8 columns")
     two_four = (n, m) == (2, 4)
     if block_t == 1 and tile.expand in ("xselect", "xgather"):
+        if tile.columns < 8:
+            raise ValueError(f"{tile}: the activation forms take 8 kept entries per step at least (2 index bytes)")
         return 2 if two_four and tile.expand == "xselect" else 3
     if tile.expand in ("join", "xselect") and two_four and block_t <= 16 and tile.columns % 8 == 0:
         return 0
