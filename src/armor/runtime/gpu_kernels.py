@@ -178,11 +178,10 @@ if triton is not None:
     @triton.jit
     def _kept_x_gather(
         x_row, values_ptr, idx_ptr, rows64, row_ok, k0, kept, sxk, svo, svk, sio, sik,
-        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, EVEN: tl.constexpr, BLOCK_O: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """As :func:`_kept_x_24` for any n:m, ``(rows, BLOCK_K)``: each kept entry loads the activation at its
-        own column."""
+        """As :func:`_kept_x_24` for any n:m, ``(rows, index bytes)``: each kept entry loads the activation at
+        its own column; the products of one index byte's entries come summed."""
         # kept entries as (rows, index bytes, entries per byte): each index byte is loaded once
         per_byte: tl.constexpr = 8 // BITS
         KB: tl.constexpr = BLOCK_K // per_byte
@@ -196,7 +195,7 @@ if triton is not None:
         pos = (byte.to(tl.int32)[:, :, None] >> (j * BITS)[None, None, :]) & ((1 << BITS) - 1)
         col = ((k // N) * M)[None, :, :] + pos
         prod = tl.load(x_row + col * sxk, mask=ok, other=0.0).to(tl.float32) * v.to(tl.float32)
-        return tl.reshape(prod, (BLOCK_O, BLOCK_K), can_reorder=True)  # summed by the caller: any order will do
+        return tl.sum(prod, axis=2)  # (rows, index bytes): a byte's entries sit in one thread, no shuffle
 
     @triton.jit
     def _weight_tile(
@@ -228,7 +227,7 @@ if triton is not None:
                              EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
         elif EXPAND == 3:
             out = _kept_x_gather(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, kept, sxk, svo, svk, sio, sik,
-                                 N, M, BITS, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
+                                 N, M, BITS, EVEN, BLOCK_K)  # fmt: skip
         else:
             w = _weight_tile(values_ptr, idx_ptr, rows64, row_ok, c0, in_features, svo, svk, sio, sik,
                              N, M, BITS, EXPAND, EVEN, BLOCK_O, BLOCK_K)  # fmt: skip
@@ -261,7 +260,8 @@ if triton is not None:
             # one token: elementwise products accumulate across the steps and are summed across lanes once at
             # the end (a sum per step costs a shuffle tree per step)
             x_row = x_ptr + tl.program_id(1).to(tl.int64) * sxt
-            UNITS: tl.constexpr = BLOCK_K // 2 if EXPAND == 2 else BLOCK_K
+            # columns of one step's products: groups (xselect), index bytes (xgather) or dense columns
+            UNITS: tl.constexpr = BLOCK_K // 2 if EXPAND == 2 else (BLOCK_K * BITS // 8 if EXPAND == 3 else BLOCK_K)
             part = tl.zeros((BLOCK_O, UNITS), dtype=tl.float32)
             for c0 in range(lo, hi, BLOCK_K):
                 part += _one_token_products(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, in_features, kept, sxk,
@@ -492,7 +492,8 @@ def nm_kernel_constants(
     expand = _expand_code(tile, n, m, block_t)
     kept = in_features // m * n
     width = kept if expand >= 2 else in_features  # what one loop step walks: kept entries or dense columns
-    units = tile.columns // 2 if expand == 2 else tile.columns
+    per_step = {2: tile.columns // 2, 3: tile.columns * index_bits(m) // 8}  # products kept per row: see the kernel
+    units = per_step.get(expand, tile.columns)
     return {
         "N": n, "M": m, "BITS": index_bits(m), "EXPAND": expand, "SPLIT": tile.split,
         # whole row tiles and whole steps (the 7B shapes): the one-token loads need no bounds masks
