@@ -64,10 +64,10 @@ def compile_tile(tile: NMTile, arch: int, tokens: int = 1, shape: tuple[int, int
     block_t = 1 if tokens == 1 else max(16, triton.next_power_of_2(tokens))
     constexprs: dict[str, Any] = gk.nm_kernel_constants(tile, 2, 4, block_t, out_f, in_f)
     constexprs.update(HAS_BIAS=False, NATIVE=dtype != "fp32")
-    names = gk._nm_matmul_kernel.arg_names
+    runtime = _launch_args(tokens, out_f, in_f, tile.split, dtype)
     signature, attrs = {}, {}
-    for i, name in enumerate(names):
-        value = constexprs.get(name, _launch_args(tokens, out_f, in_f, tile.split, dtype).get(name))
+    for i, name in enumerate(gk._nm_matmul_kernel.arg_names):
+        value = constexprs.get(name, runtime.get(name))
         if name in constexprs or value == 1:  # the JIT folds integer arguments equal to 1 into constants
             signature[name] = "constexpr"
             constexprs[name] = value

@@ -242,8 +242,8 @@ if triton is not None:
         n_tok, out_features, in_features, kept,
         sxt, sxk, svo, svk, sio, sik, sos, sot, soo,
         N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
-        EXPAND: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, DEFER: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+        EXPAND: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, DEFER: tl.constexpr, UNITS: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -260,8 +260,6 @@ if triton is not None:
             # one token: elementwise products accumulate across the steps and are summed across lanes once at
             # the end (a sum per step costs a shuffle tree per step)
             x_row = x_ptr + tl.program_id(1).to(tl.int64) * sxt
-            # columns of one step's products: groups (xselect), index bytes (xgather) or dense columns
-            UNITS: tl.constexpr = BLOCK_K // 2 if EXPAND == 2 else (BLOCK_K * BITS // 8 if EXPAND == 3 else BLOCK_K)
             part = tl.zeros((BLOCK_O, UNITS), dtype=tl.float32)
             for c0 in range(lo, hi, BLOCK_K):
                 part += _one_token_products(x_row, values_ptr, idx_ptr, rows64, row_ok, c0, in_features, kept, sxk,
@@ -492,10 +490,10 @@ def nm_kernel_constants(
     expand = _expand_code(tile, n, m, block_t)
     kept = in_features // m * n
     width = kept if expand >= 2 else in_features  # what one loop step walks: kept entries or dense columns
-    per_step = {2: tile.columns // 2, 3: tile.columns * index_bits(m) // 8}  # products kept per row: see the kernel
-    units = per_step.get(expand, tile.columns)
+    # columns of one one-token step's products per row: groups (xselect), index bytes (xgather), dense columns
+    units = {2: tile.columns // 2, 3: tile.columns * index_bits(m) // 8}.get(expand, tile.columns)
     return {
-        "N": n, "M": m, "BITS": index_bits(m), "EXPAND": expand, "SPLIT": tile.split,
+        "N": n, "M": m, "BITS": index_bits(m), "EXPAND": expand, "SPLIT": tile.split, "UNITS": units,
         # whole row tiles and whole steps (the 7B shapes): the one-token loads need no bounds masks
         "EVEN": block_t == 1 and out_features % tile.rows == 0 and width % tile.columns == 0,
         # one token: a step's products stay in registers across the loop while they need <= 64 per thread
@@ -536,9 +534,9 @@ def nm_matmul_triton(
     if split == 1:
         return out[0]
     y = torch.empty(x.shape[0], out_features, dtype=dtype, device=x.device)
-    n = y.numel()
-    _split_sum_kernel[(triton.cdiv(n, _SUM_BLOCK),)](
-        out, out if bias is None else bias, y, n, out_features, out.stride(0),
+    total = y.numel()
+    _split_sum_kernel[(triton.cdiv(total, _SUM_BLOCK),)](
+        out, out if bias is None else bias, y, total, out_features, out.stride(0),
         HAS_BIAS=bias is not None, SPLIT=split, BLOCK=_SUM_BLOCK,
     )  # fmt: skip
     return y

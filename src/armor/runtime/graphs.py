@@ -155,8 +155,8 @@ def greedy_decode(model: nn.Module, input_ids: Tensor, new_tokens: int, capture:
     """``input_ids`` ``(B, S)`` followed by ``new_tokens`` greedy tokens ``(B, S + new_tokens)``, the same tokens
     as ``model.generate(input_ids, do_sample=False)`` without padding or end-of-sequence stops.  ``capture``
     (default: on CUDA when the cache allows, see :func:`start_decoding`) replays each one-token step from a CUDA
-    graph; otherwise the step runs eagerly.  No host
-    synchronisation between steps: the tokens are gathered on the device and returned at the end."""
+    graph; otherwise the step runs eagerly.  No host synchronisation between steps: the tokens are gathered on
+    the device and returned at the end."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     step, token, position = start_decoding(model, input_ids, new_tokens, capture if new_tokens > 1 else False)

@@ -26,11 +26,10 @@ from .hf_quantizer import (
     ArmorConfig,
     check_packed_tensors,
     install_packed_modules,
-    mark_armored,
 )
 from .legacy import LEGACY_MODEL_FORMAT, LEGACY_WEIGHTS_NAME, load_v1
 from .weights import fill_skeleton, read_weights
-from .writer import WEIGHTS_NAME
+from .writer import WEIGHTS_NAME, carry_armor_config
 
 __all__ = [
     "read_armor_config", "is_pruned_folder", "load_pruned", "read_weights", "fill_skeleton", "read_config_json",
@@ -109,14 +108,8 @@ def _load_v2(path: Path, quant: dict[str, Any], dtype: torch.dtype | None) -> nn
     state, aliases = read_weights(weights, MODEL_FORMAT, "armor_format")
     check_packed_tensors(model, armor_cfg.layers, {k: tuple(v.shape) for k, v in state.items()})
     fill_skeleton(model, state, aliases, weights, dtype)
-    # Kept on the config, as from_pretrained keeps it: save_pretrained of this model writes a loadable folder
-    # (and one that transformers without armor refuses: mark_armored).
-    model.config.quantization_config = armor_cfg
-    mark_armored(model.config)
-    # from_pretrained records the weight conversions it applied (none for a pruned folder); without that record,
-    # save_pretrained applies the architecture's default ones in reverse and renames the per-expert keys.
-    model._weight_conversions = []
-    return model
+    # kept on the config, as from_pretrained keeps it: save_pretrained of this model writes a loadable folder
+    return carry_armor_config(model, armor_cfg)
 
 
 def load_pruned(

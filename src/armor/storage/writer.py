@@ -52,6 +52,7 @@ __all__ = [
     "save_pruned",
     "save_pruned_streamed",
     "mark_pruned",
+    "carry_armor_config",
     "write_folder",
     "pruned_modules",
     "plain_config_dict",
@@ -140,10 +141,7 @@ def write_folder(
             pass
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    quant = ArmorConfig(
-        layers=specs, layer_dtypes=dtypes, versions=library_versions(), run=_json_safe(dict(section)),
-        unfused_experts=unfused_experts, base_model_type=config.get("model_type"),
-    )
+    quant = _armor_config(specs, dtypes, section, unfused_experts, config.get("model_type"))
     cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "armor", "sparsity_config")}
     if cfg.get("dtype") is None:
         # from_pretrained's default dtype="auto" reads it here; without it, transformers opens the weights
@@ -196,36 +194,55 @@ def save_pruned(
         )
     tensors, aliases = _dedupe(model.state_dict())
     entries = [(k, tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()]
-    specs = {name: mod.spec() for name, mod in mods.items()}
-    dtypes = {name: str(mod.dtype).removeprefix("torch.") for name, mod in mods.items()}
+    specs, dtypes, experts = _packed_layout(model, mods)
     info = dict(run_info) if run_info is not None else _provenance(model)
-    experts = [name for name, mod in model.named_modules() if isinstance(mod, LinearExperts)]
     return write_folder(
         out_dir, entries, aliases, plain_config_dict(model.config), info, specs, dtypes,
         getattr(model, "generation_config", None), tokenizer, unfused_experts=experts,
     )
 
 
+def _packed_layout(model: nn.Module, mods: Mapping[str, nn.Module]) -> tuple[dict, dict, list[str]]:
+    """What a folder records about ``model``'s packed layers ``mods``: their specs, their dtype names and the
+    mixture-of-experts modules stored as per-expert layers."""
+    specs = {name: mod.spec() for name, mod in mods.items()}
+    dtypes = {name: str(mod.dtype).removeprefix("torch.") for name, mod in mods.items()}
+    experts = [name for name, mod in model.named_modules() if isinstance(mod, LinearExperts)]
+    return specs, dtypes, experts
+
+
+def _armor_config(specs: Mapping, dtypes: Mapping, run: Mapping[str, Any], experts: Sequence[str],
+                  base_model_type: str | None) -> ArmorConfig:  # fmt: skip
+    """The quantisation section of a folder with these packed layers, stamped with this run and these versions."""
+    return ArmorConfig(
+        layers=specs, layer_dtypes=dtypes, versions=library_versions(), run=_json_safe(dict(run)),
+        unfused_experts=experts, base_model_type=base_model_type,
+    )  # fmt: skip
+
+
+def carry_armor_config(model: nn.Module, quant: ArmorConfig) -> nn.Module:
+    """Make ``model`` carry a pruned folder's section as both loaders leave it: on its config (serialised with
+    ``model_type: armor``, :func:`mark_armored`), the guards in its ``state_dict()``
+    (:func:`armor.storage.guard.keep_guards`) and no weight conversions (from_pretrained records none for a
+    pruned folder; without that record, save_pretrained would rename the per-expert keys).  ``save_pretrained``
+    of it then writes a pruned folder."""
+    model.config.quantization_config = quant
+    mark_armored(model.config)
+    keep_guards(model)
+    model._weight_conversions = []
+    return model
+
+
 def mark_pruned(model: nn.Module, run_info: Mapping[str, Any] | None = None) -> nn.Module:
-    """Give an in-memory pruned ``model`` what a model loaded from a pruned folder carries: the armor quantisation
-    section on its config (serialised with ``model_type: armor``, :func:`mark_armored`) and the guards in its
-    ``state_dict()`` (:func:`armor.storage.guard.keep_guards`).  ``save_pretrained`` of it then writes a pruned
-    folder that armor loads and transformers without armor refuses, instead of a plain folder whose pruned layers
-    would load as random weights.  A model without pruned layers is returned as it is."""
+    """Give an in-memory pruned ``model`` what a model loaded from a pruned folder carries
+    (:func:`carry_armor_config`), so that its ``save_pretrained`` writes a pruned folder that armor loads and
+    transformers without armor refuses, instead of a plain folder whose pruned layers would load as random
+    weights.  A model without pruned layers is returned as it is."""
     mods = pruned_modules(model)
     if not mods:
         return model
-    model.config.quantization_config = ArmorConfig(
-        layers={name: mod.spec() for name, mod in mods.items()},
-        layer_dtypes={name: str(mod.dtype).removeprefix("torch.") for name, mod in mods.items()},
-        versions=library_versions(), run=_json_safe(dict(run_info or {})),
-        unfused_experts=[name for name, mod in model.named_modules() if isinstance(mod, LinearExperts)],
-        base_model_type=model.config.model_type,
-    )  # fmt: skip
-    mark_armored(model.config)
-    keep_guards(model)
-    model._weight_conversions = []  # as the loaders record: save_pretrained must not rename per-expert keys
-    return model
+    specs, dtypes, experts = _packed_layout(model, mods)
+    return carry_armor_config(model, _armor_config(specs, dtypes, run_info or {}, experts, model.config.model_type))
 
 
 def save_pruned_streamed(
