@@ -83,7 +83,7 @@ def class_load_without_armor(cls: str, *folders: Path) -> tuple[dict[str, str], 
     import subprocess
     import sys
 
-    # transformers' own verbosity: an in-process CLI test earlier in the session sets TRANSFORMERS_VERBOSITY=error
+    # the load reports this reads are warnings: whatever verbosity the caller's environment asks for
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning"}
     proc = subprocess.run(
         [sys.executable, "-c", _CLASS_WITHOUT_ARMOR, cls, *map(str, folders)], capture_output=True, text=True, env=env

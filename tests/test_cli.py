@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,26 @@ def test_corrupt_weights_are_a_clear_error(capsys, tiny_model_dir, tiny_text, tm
     rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o2", "--method", "nowag", "--compare",
                                       "none", "--streaming"))
     assert rc == 2 and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_an_in_process_command_leaves_the_callers_transformers_settings(capsys, tiny_model_dir, monkeypatch):
+    """The command silences transformers while it runs (its own workers included), then puts back what the caller
+    had: an application that calls ``main()`` keeps its own verbosity, progress bars and environment."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        rc, _, err = _cli(capsys, "inspect", tiny_model_dir)
+        assert rc == 2 and "not an armor-pruned model" in err
+        assert "TRANSFORMERS_VERBOSITY" not in os.environ
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+        monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "debug")
+        _cli(capsys, "inspect", tiny_model_dir)
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "debug"
+    finally:
+        hf_logging.set_verbosity_warning()
 
 
 def test_help_has_no_doubled_none_and_lists_methods(capsys):

@@ -7,12 +7,13 @@ Each subcommand lives in its own module with ``register(subparsers)`` and ``run(
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from safetensors import SafetensorError
 
@@ -35,13 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_transformers() -> None:
-    # transformers' own progress bars and warnings are noise next to ours
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars and warnings are noise next to ours: silence them for the command (and the
+    worker processes it starts), then put back what the caller had, so an in-process ``main()`` leaks nothing."""
     from transformers.utils import logging as hf_logging
 
+    env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = env
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 #: Lines of a multi-line error shown (torch's state-dict errors list every mismatched tensor).
@@ -73,10 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.WARNING, format="armor: %(levelname)s: %(message)s")
-    _quiet_transformers()
     start = time.perf_counter()
     try:
-        rc = args.func(args)
+        with _quiet_transformers():
+            rc = args.func(args)
     except KeyboardInterrupt:
         print("armor: interrupted (finished layers are kept; rerun the same command to resume)", file=sys.stderr)
         return 130
