@@ -8,6 +8,7 @@ the solvers and exercise arbitrary (not near-identity) wrappers.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -888,3 +889,46 @@ def test_packed_bf16_dot_product_path_equals_reference(in_f, tokens, monkeypatch
     ref = x.double() @ unpack_nm(values, idx, in_f).double().T
     assert calls == [1] and y.dtype == torch.float32
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+
+@needs_numba
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file locks")
+def test_numba_cache_saves_exclusively_and_loads_shared(tmp_path):
+    """numba's cache index is read, extended and rewritten unlocked, so two processes compiling at once could point
+    one signature at the other's machine code.  Every kernel's cache saves under an exclusive lock on a file in
+    the cache folder and loads under a shared one: a save waits for any holder, a load only for a saver."""
+    import fcntl
+    import threading
+    from types import SimpleNamespace
+
+    import numba
+
+    import armor.runtime.kernels as kernels
+
+    dispatchers = [v for v in vars(kernels).values() if isinstance(v, numba.core.dispatcher.Dispatcher)]
+    assert len(dispatchers) >= 10
+    assert all(hasattr(d._cache.save_overload, "__wrapped__") for d in dispatchers)
+    assert all(hasattr(d._cache.load_overload, "__wrapped__") for d in dispatchers)
+
+    calls: list[str] = []
+    cache = SimpleNamespace(_cache_path=str(tmp_path), save_overload=lambda: calls.append("save"),
+                            load_overload=lambda: calls.append("load"))
+    kernels._serialise_cache_io([SimpleNamespace(_cache=cache)])
+
+    def blocked_by(mode: int, io: str) -> bool:
+        fd = os.open(tmp_path / kernels.CACHE_LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, mode)  # its own open file description: conflicts as another process's would
+            worker = threading.Thread(target=getattr(cache, io))
+            worker.start()
+            worker.join(timeout=0.5)
+            waited = worker.is_alive()
+        finally:
+            os.close(fd)
+        worker.join(timeout=10)
+        assert not worker.is_alive() and calls[-1] == io[:4]
+        return waited
+
+    assert blocked_by(fcntl.LOCK_EX, "save_overload") and blocked_by(fcntl.LOCK_EX, "load_overload")
+    assert blocked_by(fcntl.LOCK_SH, "save_overload") and not blocked_by(fcntl.LOCK_SH, "load_overload")

@@ -50,6 +50,11 @@ try:  # optional dependency: without numba the modules run their pure-PyTorch pa
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
+try:  # advisory file locks for numba's on-disk cache (POSIX); elsewhere the cache runs as numba ships it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 from .packing import index_bits
 
 __all__ = ["numba_available", "kernel_dtypes", "nm_matmul", "armor_matmul", "unpack_dense"]
@@ -81,6 +86,50 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
     if numba is None:
         return ()
     return _KERNEL_DTYPES if _host_converts_half() else _KERNEL_DTYPES[:2]
+
+
+#: lock file in numba's cache folder that every save (exclusive) and load (shared) of these kernels holds
+CACHE_LOCK_NAME = "armor-kernels.lock"
+
+
+def _holding_lock(path: str, mode: int, call):
+    """``call`` wrapped to run under ``flock(path, mode)``; unlocked where the lock file cannot be opened (a cache
+    folder this process cannot write, where numba saves nothing either)."""
+
+    @functools.wraps(call)
+    def locked(*args, **kwargs):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return call(*args, **kwargs)
+        try:
+            fcntl.flock(fd, mode)
+            return call(*args, **kwargs)
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    return locked
+
+
+def _serialise_cache_io(dispatchers) -> None:
+    """Make numba's on-disk cache safe for processes that compile at the same time.
+
+    numba names the file of a new compilation by reading the function's index, taking the first free number and
+    rewriting the index, without a lock: two processes compiling different signatures of one kernel at once can
+    both take the same file, and the index then points one signature at the other's machine code (a crash or
+    wrong sums in a later process).  Here each dispatcher's cache saves under an exclusive lock and loads under a
+    shared one, so an index and its data files always change together.
+    """
+    if fcntl is None:
+        return
+    for dispatcher in dispatchers:
+        cache = getattr(dispatcher, "_cache", None)
+        folder = getattr(cache, "_cache_path", None)
+        if folder is None or not hasattr(cache, "save_overload") or not hasattr(cache, "load_overload"):
+            continue  # caching off, or a numba whose cache has another shape
+        path = os.path.join(folder, CACHE_LOCK_NAME)
+        cache.save_overload = _holding_lock(path, fcntl.LOCK_EX, cache.save_overload)
+        cache.load_overload = _holding_lock(path, fcntl.LOCK_SH, cache.load_overload)
 
 
 if numba is not None:
@@ -492,6 +541,8 @@ if numba is not None:
         out = np.empty_like(z)
         _block_diag_into(a_blocks, z, out, parallel)
         return out
+
+    _serialise_cache_io(v for v in list(globals().values()) if isinstance(v, numba.core.dispatcher.Dispatcher))
 
 
 def _raw_numpy(t: Tensor):
