@@ -10,15 +10,15 @@ import torch
 
 import armor
 from armor.solvers import get_method
+from armor.solvers.armor import FaithfulSettings
 from armor.solvers.armor_fast import SweepSettings
-from armor.solvers.options import SWEEP_OPTIONS
 
 
 @pytest.mark.parametrize("name", list(armor.METHODS))
 def test_registry_matches_the_solver_signatures(name):
     """Every registered option reaches the solver with the registry's default, and the solver takes nothing else
     (bar the pattern, the progress callback and the full Hessian): nothing is described in two places
-    differently.  The sweep solvers take ``**options`` and build :class:`SweepSettings` from the same table."""
+    differently.  The ARMOR solvers take ``**options`` and build their settings object from the same table."""
     method = armor.METHODS[name]
     params = inspect.signature(method.solve).parameters
     solver_opts = {
@@ -26,14 +26,15 @@ def test_registry_matches_the_solver_signatures(name):
         if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and k not in ("n", "m", "callback", "hessian")
     }
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        assert solver_opts == {} and method.options is SWEEP_OPTIONS
-        fields = [f.name for f in dataclasses.fields(SweepSettings)]
+        settings = {"armor": FaithfulSettings, "armor-fast": SweepSettings, "armor-bh": SweepSettings}[name]
+        assert solver_opts == {} and method.options is settings.TABLE
+        fields = [f.name for f in dataclasses.fields(settings)]
         assert fields == [o.name for o in method.options]
-        assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(SweepSettings))  # no second default
-        assert dataclasses.asdict(SweepSettings.from_options()) == method.resolve()
-        assert SweepSettings.from_options(sweeps="3").sweeps == 3
-        with pytest.raises(TypeError, match="unknown sweep option"):
-            SweepSettings.from_options(seed=0)
+        assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(settings))  # no second default
+        assert dataclasses.asdict(settings.from_options()) == method.resolve()
+        assert settings.from_options(patience="3").patience == 3
+        with pytest.raises(TypeError, match="takes no option 'colour'"):
+            settings.from_options(colour=0)
     else:
         assert {o.name: o.default for o in method.options} == solver_opts
 

@@ -21,13 +21,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..factors import DEFAULT_WRAPPER_BUDGET, choose_block_size, identity_blocks, resolve_block_sizes, wrapper_overhead
+from ..factors import choose_block_size, identity_blocks, wrapper_overhead
 from ..result import PruneResult
 from ..sparsity import nm_supports
+from .options import FAITHFUL_OPTIONS, Option, WrapperSettings
 
 __all__ = [
     "ArmorProblem",
@@ -374,6 +376,21 @@ def finish_result(
     )
 
 
+@dataclass(frozen=True)
+class FaithfulSettings(WrapperSettings):
+    """The paper's schedule's options (:data:`~armor.solvers.options.FAITHFUL_OPTIONS`, where their defaults and
+    meanings are), one value each; build it with :meth:`from_options`."""
+
+    TABLE: ClassVar[tuple[Option, ...]] = FAITHFUL_OPTIONS
+    OWNER: ClassVar[str] = "method 'armor'"
+
+    iterations: int
+    lr: float
+    patience: int
+    rtol: float
+    seed: int
+
+
 def armor_faithful(
     wn: Tensor,
     h: Tensor,
@@ -383,14 +400,8 @@ def armor_faithful(
     *,
     n: int = 2,
     m: int = 4,
-    block_size: int | None = None,
-    wrapper_budget: float = DEFAULT_WRAPPER_BUDGET,
-    iterations: int = 20_000,
-    lr: float = 1e-4,
-    patience: int = 100,
-    rtol: float = 1e-6,
-    seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    **options: Any,
 ) -> PruneResult:
     """The paper's schedule on the normalised weight ``wn`` from the NoWag-P ``mask``.
 
@@ -399,27 +410,29 @@ def armor_faithful(
     iteration, i.e. one Adam step old, which saves a second backward pass).  Stops after ``iterations`` or when
     the best loss has not improved by a relative ``rtol`` for ``patience`` iterations (``patience=0`` never stops
     early).  Returns the best state seen.  ``callback(iteration, best_loss)`` is called every iteration.
-    Wrapper blocks: see :func:`armor.factors.resolve_block_sizes` (``block_size`` wins over ``wrapper_budget``).
+    ``options``: :class:`FaithfulSettings` (wrapper blocks: ``block_size`` when given, else the largest within
+    ``wrapper_budget``).
     """
-    bo, bi = resolve_block_sizes(wn.shape[0], wn.shape[1], block_size, wrapper_budget, m)
+    settings = FaithfulSettings.from_options(**options)
+    bo, bi = settings.block_sizes(wn.shape[0], wn.shape[1], m)
     problem = ArmorProblem(wn, h, bo, bi, n, m)
-    gen = torch.Generator(device=wn.device).manual_seed(seed)
+    gen = torch.Generator(device=wn.device).manual_seed(settings.seed)
     state = problem.initial_state(mask)
     e = problem.residual(state)
     loss = problem.loss_of_residual(e)
     best, best_loss = state.clone(), loss
     history, raw_history = [loss], [loss]
     moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in (state.a, state.b, state.core)]
-    stopper = _Stopper(loss, patience, rtol)
+    stopper = _Stopper(loss, settings.patience, settings.rtol)
     stopped_early, it = False, 0
     t0 = time.perf_counter()
-    for it in range(1, iterations + 1):
+    for it in range(1, settings.iterations + 1):
         grad_a, grad_b, grad_core = problem.gradients(state, e)
         group_scores = grad_core.abs().reshape(problem.rows, problem.cols // m, m).sum(-1)
         grad_core.mul_(state.mask)  # pruned entries of W' get no gradient
         params = (state.a, state.b, state.core)
         for param, grad, (m1, m2) in zip(params, (grad_a, grad_b, grad_core), moments, strict=True):
-            _adam_update(param, grad, m1, m2, it, lr)
+            _adam_update(param, grad, m1, m2, it, settings.lr)
         state.core.mul_(state.mask)  # stale Adam moments must not revive pruned entries
         e = problem.residual(state)
         sparse_core_step(problem, state, e, group_scores, gen)
@@ -436,9 +449,9 @@ def armor_faithful(
             break
     extras = {
         "mode": "faithful",
-        "lr": lr,
-        "seed": seed,
+        "lr": settings.lr,
+        "seed": settings.seed,
         "solve_seconds": time.perf_counter() - t0,
-        **({} if block_size is not None else {"wrapper_budget": wrapper_budget}),
+        **settings.extras(),
     }
     return finish_result("armor", problem, best, best_loss, r, c, history, raw_history, it, stopped_early, extras)

@@ -25,16 +25,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..factors import resolve_block_sizes
 from ..result import PruneResult
 from ..sparsity import nm_supports
 from .armor import ArmorProblem, ArmorState, finish_result, tile_losses
-from .options import SWEEP_OPTIONS
+from .options import SWEEP_OPTIONS, Option, WrapperSettings
 
 __all__ = [
     "armor_fast",
@@ -242,12 +241,13 @@ def greedy_mask_step(problem: ArmorProblem, state: ArmorState, e: Tensor, per_ti
 
 
 @dataclass(frozen=True)
-class SweepSettings:
+class SweepSettings(WrapperSettings):
     """The sweeps' options (:data:`~armor.solvers.options.SWEEP_OPTIONS`, where their defaults and meanings are),
     one value each; build it with :meth:`from_options`."""
 
-    block_size: int | None
-    wrapper_budget: float
+    TABLE: ClassVar[tuple[Option, ...]] = SWEEP_OPTIONS
+    OWNER: ClassVar[str] = "the sweeps (armor-fast, armor-bh)"
+
     sweeps: int
     cg_steps: int
     mask_steps: int
@@ -256,24 +256,6 @@ class SweepSettings:
     patience: int
     rtol: float
     max_seconds: float | None
-
-    @classmethod
-    def from_options(cls, **options: Any) -> SweepSettings:
-        """The given options (checked and converted), the table's defaults for the rest; an unknown name is a
-        TypeError naming the accepted ones."""
-        unknown = set(options) - {o.name for o in SWEEP_OPTIONS}
-        if unknown:
-            accepted = ", ".join(o.name for o in SWEEP_OPTIONS)
-            raise TypeError(f"unknown sweep option(s) {', '.join(sorted(unknown))} (accepted: {accepted})")
-        return cls(**{o.name: o.convert(options[o.name]) if o.name in options else o.default for o in SWEEP_OPTIONS})
-
-    def block_sizes(self, out_features: int, in_features: int, m: int) -> tuple[int, int]:
-        """The wrapper blocks ``(bo, bi)`` for a layer (:func:`armor.factors.resolve_block_sizes`)."""
-        return resolve_block_sizes(out_features, in_features, self.block_size, self.wrapper_budget, m)
-
-    def extras(self) -> dict[str, Any]:
-        """What a result records about the block choice: the budget when it chose the blocks."""
-        return {} if self.block_size is not None else {"wrapper_budget": self.wrapper_budget}
 
 
 def armor_fast(

@@ -1,17 +1,22 @@
 """Method options: :class:`Option` (name, type, default, meaning) and the option tables shared by several methods.
 
-The registry (:mod:`armor.solvers.registry`) lists each method's options; the solvers that share a table build
-their settings object from it (:class:`armor.solvers.armor_fast.SweepSettings`), so a default is written once.
+The registry (:mod:`armor.solvers.registry`) lists each method's options; the ARMOR solvers build their settings
+object from the same table (a :class:`WrapperSettings` subclass: :class:`armor.solvers.armor_fast.SweepSettings`,
+:class:`armor.solvers.armor.FaithfulSettings`), so a default is written once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ..factors import DEFAULT_WRAPPER_BUDGET
+from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes
 
-__all__ = ["Option", "ARMOR_COMMON", "SWEEP_OPTIONS"]
+__all__ = [
+    "Option", "ARMOR_COMMON", "SWEEP_OPTIONS", "FAITHFUL_OPTIONS", "WrapperSettings", "resolve_options",
+    "unknown_options",
+]
 
 #: How an error message names an option's type.
 _KIND = {int: "an integer", float: "a number", str: "a string"}
@@ -105,3 +110,56 @@ SWEEP_OPTIONS = (
     Option("rtol", float, 1e-4, "relative gain per sweep that counts as progress", minimum=0),
     Option("max_seconds", float, None, "time cap per layer in seconds", True, minimum=0, exclusive_minimum=True),
 )
+
+#: the paper's schedule (``armor``): Adam steps and group sampling.
+FAITHFUL_OPTIONS = (
+    *ARMOR_COMMON,
+    Option("iterations", int, 20_000, "iterations (one Adam step + one sparse-core step each)", minimum=1),
+    Option("lr", float, 1e-4, "Adam learning rate", minimum=0, exclusive_minimum=True),
+    Option("patience", int, 100, "stop after this many iterations without a relative gain of rtol (0: never)",
+           minimum=0),
+    Option("rtol", float, 1e-6, "relative gain that counts as progress", minimum=0),
+    Option("seed", int, 0, "seed of the group sampling"),
+)
+
+
+def unknown_options(table: tuple[Option, ...], names: list[str], owner: str) -> TypeError:
+    """The error for option ``names`` that ``table`` lacks: it names ``owner`` and the accepted options."""
+    accepted = ", ".join(o.name for o in table) or "none"
+    return TypeError(f"{owner} takes no option {', '.join(map(repr, names))} (its options: {accepted})")
+
+
+def resolve_options(table: tuple[Option, ...], given: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """Every option of ``table`` with its value: the given ones (checked and converted), the table's defaults for
+    the rest.  A name the table lacks is a TypeError naming ``owner`` and the accepted options."""
+    unknown = [name for name in given if name not in {o.name for o in table}]
+    if unknown:
+        raise unknown_options(table, unknown, owner)
+    return {o.name: o.convert(given[o.name]) if o.name in given else o.default for o in table}
+
+
+@dataclass(frozen=True)
+class WrapperSettings:
+    """An ARMOR solver's options, one value each, built from its table (``TABLE``, where the defaults and meanings
+    are) with :meth:`from_options`.  The fields are the table's names in its order; this base holds the
+    wrapper-block choice that every ARMOR solver shares."""
+
+    TABLE: ClassVar[tuple[Option, ...]] = ARMOR_COMMON
+    OWNER: ClassVar[str] = "an ARMOR solver"
+
+    block_size: int | None
+    wrapper_budget: float
+
+    @classmethod
+    def from_options(cls, **options: Any) -> WrapperSettings:
+        """The given options (checked and converted), the table's defaults for the rest; an unknown name is a
+        TypeError naming the accepted ones."""
+        return cls(**resolve_options(cls.TABLE, options, cls.OWNER))
+
+    def block_sizes(self, out_features: int, in_features: int, m: int) -> tuple[int, int]:
+        """The wrapper blocks ``(bo, bi)`` for a layer (:func:`armor.factors.resolve_block_sizes`)."""
+        return resolve_block_sizes(out_features, in_features, self.block_size, self.wrapper_budget, m)
+
+    def extras(self) -> dict[str, Any]:
+        """What a result records about the block choice: the budget when it chose the blocks."""
+        return {} if self.block_size is not None else {"wrapper_budget": self.wrapper_budget}

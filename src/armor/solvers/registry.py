@@ -14,7 +14,7 @@ from . import baselines
 from .armor import armor_faithful
 from .armor_blockhess import armor_blockhess
 from .armor_fast import armor_fast
-from .options import ARMOR_COMMON, SWEEP_OPTIONS, Option
+from .options import FAITHFUL_OPTIONS, SWEEP_OPTIONS, Option, resolve_options, unknown_options
 
 __all__ = ["Option", "Method", "METHODS", "get_method"]
 
@@ -44,18 +44,14 @@ class Method:
         for opt in self.options:
             if opt.name == name:
                 return opt
-        accepted = ", ".join(o.name for o in self.options) or "none"
-        raise TypeError(f"method {self.name!r} takes no option {name!r} (its options: {accepted})")
+        raise unknown_options(self.options, [name], f"method {self.name!r}")
 
     def resolve(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every option of the method with its value: the given ones (checked and converted), else the defaults.
 
         Unknown options are a TypeError naming the accepted ones.
         """
-        given = dict(options or {})
-        for name in given:
-            self.option(name)
-        return {o.name: o.convert(given[o.name]) if o.name in given else o.default for o in self.options}
+        return resolve_options(self.options, options or {}, f"method {self.name!r}")
 
     @property
     def stats_kind(self) -> str:
@@ -90,17 +86,7 @@ METHODS: dict[str, Method] = {
             "diagonal",
             "the paper's schedule: joint Adam step on A, B and the core, then one exact sparse-core step per tile",
             armor_faithful,
-            (
-                *ARMOR_COMMON,
-                Option("iterations", int, 20_000, "iterations (one Adam step + one sparse-core step each)", minimum=1),
-                Option("lr", float, 1e-4, "Adam learning rate", minimum=0, exclusive_minimum=True),
-                Option(
-                    "patience", int, 100, "stop after this many iterations without a relative gain of rtol (0: never)",
-                    minimum=0,
-                ),
-                Option("rtol", float, 1e-6, "relative gain that counts as progress", minimum=0),
-                Option("seed", int, 0, "seed of the group sampling"),
-            ),
+            FAITHFUL_OPTIONS,
             wrappers=True,
         ),
         Method(
