@@ -7,6 +7,8 @@
 #   tune.md/.json   benchmarks/gpu_tune.py (the packed kernel's tile sweep)
 #   layers.md/.json, models.md/.json   benchmarks/gpu_runtime.py (the tables of RESULTS_runtime.md)
 # Usage: bash benchmarks/gpu_session.sh [step ...]   (steps: env graphtest tune layers models tests; all)
+# The default limits add up to 560 s, so that every step fits one device call (at most 600 s); each can be set
+# (TUNE_LIMIT=300 ...). The tile sweep stops timing 30 s before its limit and keeps what it measured.
 set -u
 RES=${RES:-gpu_out}
 mkdir -p "$RES"
@@ -30,32 +32,33 @@ for step in "${steps[@]}"; do
     [ -s "$RES/tune.json" ] && TILES="--tiles $RES/tune.json"
     case $step in
     env)
-        run_step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total \
+        run_step env "${ENV_LIMIT:-30}" bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total \
             --format=csv > '$RES/env.txt'; $PY -c 'import torch, triton, transformers; \
             print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, \
             torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).L2_cache_size)' >> '$RES/env.txt' 2>&1"
         ;;
     tests)
-        run_step tests "${TESTS_LIMIT:-170}" bash -c "$PY -m pytest -q -p no:cacheprovider -rfE \
+        run_step tests "${TESTS_LIMIT:-75}" bash -c "$PY -m pytest -q -p no:cacheprovider -rfE \
             tests/test_runtime_cuda.py tests/test_triton_kernels.py > '$RES/pytest.log' 2>&1"
         tail -3 "$RES/pytest.log"
         ;;
     graphtest)
-        run_step graphtest "${GRAPHTEST_LIMIT:-60}" bash -c "CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovider \
+        run_step graphtest "${GRAPHTEST_LIMIT:-45}" bash -c "CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovider \
             -rfE -x tests/test_runtime_cuda.py -k captured > '$RES/graphtest.log' 2>&1"
         tail -3 "$RES/graphtest.log"
         ;;
     tune)
-        run_step tune "${TUNE_LIMIT:-200}" bash -c "$PY benchmarks/gpu_tune.py --out '$RES/tune.json' \
+        limit=${TUNE_LIMIT:-150}
+        run_step tune "$limit" bash -c "$PY benchmarks/gpu_tune.py --seconds $((limit - 30)) --out '$RES/tune.json' \
             > '$RES/tune.md' 2> '$RES/tune.err'"
         ;;
     layers)
-        run_step layers "${LAYERS_LIMIT:-300}" bash -c "$PY benchmarks/gpu_runtime.py --layers-only $TILES \
+        run_step layers "${LAYERS_LIMIT:-140}" bash -c "$PY benchmarks/gpu_runtime.py --layers-only $TILES \
             --timings graph --out '$RES/layers.json' > '$RES/layers.md' 2> '$RES/layers.err'"
         ;;
     models)
         # MODELS_BLOCKING=1 runs it with CUDA_LAUNCH_BLOCKING=1 (a device assert then names the launching op)
-        run_step models "${MODELS_LIMIT:-200}" bash -c "CUDA_LAUNCH_BLOCKING=${MODELS_BLOCKING:-0} $PY benchmarks/gpu_runtime.py --models-only $TILES \
+        run_step models "${MODELS_LIMIT:-120}" bash -c "CUDA_LAUNCH_BLOCKING=${MODELS_BLOCKING:-0} $PY benchmarks/gpu_runtime.py --models-only $TILES \
             --steps "${MODEL_STEPS:-64}" --out '$RES/models.json' > '$RES/models.md' 2> '$RES/models.err'"
         ;;
     *) echo "unknown step $step" >&2 ;;

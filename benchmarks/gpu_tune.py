@@ -11,7 +11,8 @@ splits its input across 2, 4 and 8 programs per row tile.  Block-diagonal wrappe
 ARMOR's default blocks of 128 on 4096 and 11008 features) at 1 and 64 tokens: output x input features per
 program.  Every call is timed by ``triton.testing.do_bench`` (median, the L2 cache flushed before each call)
 against dense ``F.linear`` of the same layer timed the same way; each tiling is ranked by the geometric mean
-of its speed-up.
+of its speed-up.  ``--seconds`` caps the whole sweep: once spent, no further tiling is timed, the tables rank
+what was measured, and ``--out`` (written after every token count) keeps it for ``--tiles`` of the benchmarks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import itertools
 import json
 import math
 import sys
+import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -35,6 +38,8 @@ BD_TOKENS = (1, 64)
 ROWS, COLUMNS, WARPS, STAGES, SPLITS = (16, 32, 64), (128, 256, 512), (2, 4, 8), (2, 4), (2, 4, 8)
 X_COLUMNS = (64, 128, 256)  # kept entries per step of the activation-select forms
 BD_ROWS, BD_COLUMNS = (16, 32, 64), (32, 64, 128)
+#: ``time.monotonic()`` after which no further tiling is timed (``--seconds``)
+deadline = math.inf
 
 
 def _median_ms(fn) -> float:
@@ -77,6 +82,19 @@ def _time(kernel: str, layer: dict, tokens: int, tiles: list, dense: dict) -> li
     return rows
 
 
+def _time_all(kernel: str, layers: list[dict], tokens: int, tiles: list, dense: dict) -> list[dict]:
+    """:func:`_time` of every tiling on every layer, each tiling on all layers before the next, so that a sweep
+    cut short by :data:`deadline` still ranks whole tilings; none is started after it."""
+    rows = []
+    for i, tile in enumerate(tiles):
+        if time.monotonic() > deadline:
+            print(f"time budget spent: {len(tiles) - i} {kernel} tilings at {tokens} tokens not timed",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            break
+        rows += [row for layer in layers for row in _time(kernel, layer, tokens, [tile], dense)]
+    return rows
+
+
 def _ranked(rows: list[dict], kernel: str, tokens: int) -> list[tuple[float, tuple, dict]]:
     """(geometric mean of x dense over the shapes, tiling, rows by shape), best first; complete tilings only."""
     mine = [r for r in rows if r["kernel"] == kernel and r["tokens"] == tokens]
@@ -112,24 +130,27 @@ def _best_per_form(rows: list[dict], tokens: int) -> list[NMTile]:
     return list(best.values())
 
 
-def sweep_nm(dtype: torch.dtype) -> list[dict]:
-    """Stage 1 (:func:`_first_tiles`), then around each form's best: stage 2 warps x stages, stage 3 splits."""
+def sweep_nm(dtype: torch.dtype, checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Stage 1 (:func:`_first_tiles`), then around each form's best: stage 2 warps x stages, stage 3 splits;
+    ``checkpoint(rows)`` after each token count."""
     layers, dense, rows = _nm_layers(dtype), {}, []
     for tokens in NM_TOKENS:
         tried = _first_tiles(tokens)
-        rows += [row for layer in layers for row in _time("nm", layer, tokens, tried, dense)]
+        rows += _time_all("nm", layers, tokens, tried, dense)
         for vary in (
             lambda t: [t._replace(warps=nw, stages=ns) for nw, ns in itertools.product(WARPS, STAGES)],
             lambda t: [t._replace(split=k) for k in SPLITS],
         ):
             todo = [t for best in _best_per_form(rows, tokens) for t in vary(best) if t not in tried]
-            rows += [row for layer in layers for row in _time("nm", layer, tokens, todo, dense)]
+            rows += _time_all("nm", layers, tokens, todo, dense)
             tried += todo
         print(f"nm {tokens} tokens: done", file=sys.stderr, flush=True)
+        if checkpoint is not None:
+            checkpoint(rows)
     return rows
 
 
-def sweep_bd(dtype: torch.dtype) -> list[dict]:
+def sweep_bd(dtype: torch.dtype, checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     dense, rows = {}, []
     gen = torch.Generator(device="cuda").manual_seed(0)
     layers = []
@@ -139,8 +160,10 @@ def sweep_bd(dtype: torch.dtype) -> list[dict]:
         layers.append({"shape": f"{features} in blocks of 128", "blocks": blocks, "w": w, "in": features})
     tiles = [BDTile(r, c, 4) for r, c in itertools.product(BD_ROWS, BD_COLUMNS)]
     for tokens in BD_TOKENS:
-        rows += [row for layer in layers for row in _time("bd", layer, tokens, tiles, dense)]
+        rows += _time_all("bd", layers, tokens, tiles, dense)
         print(f"bd {tokens} tokens: done", file=sys.stderr, flush=True)
+        if checkpoint is not None:
+            checkpoint(rows)
     return rows
 
 
@@ -179,17 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="also write every row as JSON here")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--seconds", type=float, default=math.inf, help="time budget: no tiling is timed after it")
     args = p.parse_args(argv)
+    global deadline
+    deadline = time.monotonic() + args.seconds
     dtype = getattr(torch, args.dtype)
     result = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": []}
     for sweep in (sweep_nm, sweep_bd):
+        done = list(result["rows"])
+
+        def checkpoint(rows: list[dict], done: list[dict] = done) -> None:
+            result["rows"] = done + rows
+            if args.out:  # a run stopped later keeps what it measured
+                with open(args.out, "w") as fh:
+                    json.dump(result, fh, indent=1)
+
         try:
-            result["rows"] += sweep(dtype)
+            checkpoint(sweep(dtype, checkpoint))
         except Exception as exc:  # noqa: BLE001 - keep the other sweep's rows
             print(f"{sweep.__name__} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if args.out:  # after each sweep: a run stopped later keeps what it measured
-            with open(args.out, "w") as fh:
-                json.dump(result, fh, indent=1)
     command = " ".join(["python benchmarks/gpu_tune.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"# Triton kernel tile sweep: {result['device']}, {args.dtype}\n\n`{command}`\n")
     nm_head = "(rows, columns, warps, stages, form, split)"

@@ -866,6 +866,16 @@ def test_tile_sweep_refines_every_form_and_picks_the_fastest(monkeypatch):
     table = tune.ranking(rows, "nm", tune.NM_TOKENS, "(tiling)")
     assert "| 1 | (16, 64, 8, 2, 'xgather', 4) |" in table
 
+    # a spent time budget: the sweep stops timing, and each token count's checkpoint keeps whole tilings
+    clock = iter(range(10_000))
+    monkeypatch.setattr(tune.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(tune, "deadline", 4.5)  # the clock reads 0, 1, ...: room for 5 tilings
+    saved: list[list[dict]] = []
+    rows = tune.sweep_nm(torch.float16, checkpoint=lambda r: saved.append(list(r)))
+    assert len(saved) == len(tune.NM_TOKENS) and saved[-1] == rows
+    assert len({tuple(r["tile"]) for r in rows}) == 5 and len(rows) == 10  # each on both shapes
+    assert {r["tokens"] for r in rows} == {1}
+
 
 @needs_numba
 @pytest.mark.parametrize("in_f", [40, 288, 2800])  # kept 20 / 144 / 1400: no, some and a 24-entry tail of 32s
