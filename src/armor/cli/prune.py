@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..eval import perplexity_windows
 from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overhead
-from ..models import find_prunable_layers
+from ..models import check_token_ids, find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
 from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, SCHEDULES, ReconstructSettings
@@ -487,7 +487,10 @@ def _load(args: argparse.Namespace) -> _Job:
     warn_block_sizes(layers, methods, options, args.n, args.m)
     tokenizer = load_tokenizer(model_path)
     ids, calib_source = _calibration(args, tokenizer)
+    check_token_ids(ids, skeleton, f"calibration text ({calib_source})")
     evaluator = None if evaluation is None else _Evaluator.prepare(evaluation, tokenizer, dtype, device)
+    if evaluator is not None:
+        check_token_ids(evaluator.tokens, skeleton, f"evaluation text ({evaluator.source})")
     recon = reconstruct_settings(args)
     return _Job(
         args, methods, options, model_path, out, tokenizer, ids, calib_source, evaluator, recon, dtype, device

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, BlockCalls, StatsHooks, capture_block_inputs, run_block
 from ..factors import check_wrapper_budget
-from ..models import find_prunable_layers, get_module
+from ..models import check_token_ids, find_prunable_layers, get_module
 from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
 from ..storage import load_pruned, mark_pruned, read_armor_config
@@ -662,6 +662,7 @@ def prune(
     check_wrapper_budget(resolved, s.n, s.m)
     calibration = _check_calibration(calibration)
     source = _open_source(model, s, output)
+    check_token_ids(calibration, source.model, "calibration")
     if s.reconstruct is not None:  # "auto" settled for this device before it is fingerprinted and recorded
         s = dataclasses.replace(s, reconstruct=s.reconstruct.for_device(source.device))
     out = Path(output) if output is not None else None
