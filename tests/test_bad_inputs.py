@@ -40,3 +40,31 @@ def test_tokenizer_with_more_tokens_than_the_model_is_an_error_naming_the_text(c
     ids[0, 0] = -1
     with pytest.raises(ValueError, match="calibration holds token id -1, outside"):
         armor.prune(make_tiny_model(len(char_tokenizer)), ids, "magnitude")
+
+
+def test_config_that_ties_a_head_stored_apart_loads_as_transformers_loads_it(char_tokenizer, tmp_path, caplog):
+    """A config saying tie_word_embeddings while the weights hold a distinct lm_head.weight: transformers loads the
+    two apart. Before: armor.load tied the head to the embeddings (a different model, in silence), and a streamed
+    run evaluated and saved the tied model."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "tie-flag"
+    make_tiny_model(len(char_tokenizer), tie=False).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    dense = AutoModelForCausalLM.from_pretrained(folder)
+    assert dense.lm_head.weight is not dense.model.embed_tokens.weight  # transformers keeps them apart
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    run = armor.prune(dense, ids, "magnitude", output=tmp_path / "memory")
+    streamed = armor.prune(folder, ids, "magnitude", output=tmp_path / "streamed")
+    assert streamed.mean_losses() == run.mean_losses()
+    x = ids[:1, :32]
+    want = run.model(x).logits
+    for out in ("memory", "streamed"):
+        with caplog.at_level("WARNING"):
+            loaded = armor.load(tmp_path / out)
+        assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+        assert (loaded(x).logits - want).abs().max() < 1e-5, out
+    assert "ties model.embed_tokens.weight to lm_head.weight, but the weights hold both" in caplog.text

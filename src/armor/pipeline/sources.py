@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..models import find_decoder_layers, get_module, model_device, set_module, stacked_experts, unfuse_experts
 from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
-from ..storage.checkpoint import check_shapes, materialise, release
+from ..storage.checkpoint import check_shapes, materialise, release, untie_distinct_head
 from ..storage.hf_quantizer import install_packed_modules
 from ..storage.resume import ModelDigests
 
@@ -141,6 +141,7 @@ class CheckpointSource:
             )
         self.reader = ShardReader(self.path)
         check_shapes(self.model, self.reader)  # a config that does not belong to these weights fails now
+        untie_distinct_head(self.model, self.reader, self.path)  # as from_pretrained loads it
         self.dtype = dtype if dtype is not None or self.pruned else torch.float32
         self.device = torch.device(device)
         head = self.model.get_output_embeddings()
