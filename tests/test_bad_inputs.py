@@ -68,3 +68,22 @@ def test_config_that_ties_a_head_stored_apart_loads_as_transformers_loads_it(cha
         assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
         assert (loaded(x).logits - want).abs().max() < 1e-5, out
     assert "ties model.embed_tokens.weight to lm_head.weight, but the weights hold both" in caplog.text
+
+
+def test_pattern_and_dtype_the_packed_layers_cannot_take_fail_before_anything_is_written(capsys, char_tokenizer,
+                                                                                       tiny_model_dir, tiny_text,
+                                                                                       tmp_path):
+    """Before: --m 128 (or m=32 in Python) ran calibration and pruned a layer, then failed in the packing with a
+    message naming no input, leaving the output folder with a run marker and records.jsonl; a dtype given as a
+    string failed with "Invalid device string: 'float16'"."""
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "--n", 1, "--m", 128))
+    assert rc == 2 and "--m must be at most 16" in err and "got 128" in err
+    assert not (tmp_path / "o").exists()
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    with pytest.raises(ValueError, match="group size m must be in 2..16 for packed storage, got 32"):
+        armor.prune(tiny_model_dir, ids, "magnitude", n=2, m=32, output=tmp_path / "lib")
+    with pytest.raises(ValueError, match="n:m pattern needs integers 0 < n < m, got n=3, m=2"):
+        armor.prune(tiny_model_dir, ids, "magnitude", n=3, m=2, output=tmp_path / "lib")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype .* got 'float16'"):
+        armor.prune(tiny_model_dir, ids, "magnitude", dtype="float16", output=tmp_path / "lib")
+    assert not (tmp_path / "lib").exists()

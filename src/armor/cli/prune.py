@@ -309,6 +309,8 @@ def _check_args(args: argparse.Namespace) -> EvalSettings | None:
         check_positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.n >= args.m:
         raise CliError(f"--n must be smaller than --m (n:m keeps n of every m values), got {args.n}:{args.m}")
+    if args.m > 16:
+        raise CliError(f"--m must be at most 16 (packed layers store group sizes 2..16), got {args.m}")
     evaluation = EvalSettings.from_args(args, perplexity=not args.no_eval, progress=not args.quiet)
     if args.streaming and not args.no_eval and (args.protocol != "armor" or evaluation.tasks):
         raise CliError(

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..calibration import ActivationStore, BlockCalls, StatsHooks, capture_block_inputs, run_block
 from ..factors import check_wrapper_budget
 from ..models import check_token_ids, find_prunable_layers, get_module
+from ..runtime.packing import index_bits
 from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
 from ..storage import load_pruned, mark_pruned, read_armor_config
@@ -115,6 +116,11 @@ class PruneSettings:
             raise ValueError(f"calibration mode must be one of {', '.join(CALIBRATION_MODES)}, got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise ValueError(f"an n:m pattern needs integers 0 < n < m, got n={self.n!r}, m={self.m!r}")
+        index_bits(self.m)  # the packed layers store group sizes 2..16: fail before anything is pruned
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float16) or None, got {self.dtype!r}")
         if self.reconstruct is not None:
             if not isinstance(self.reconstruct, ReconstructSettings):
                 raise TypeError(f"reconstruct must be a ReconstructSettings or None, got {self.reconstruct!r}")
