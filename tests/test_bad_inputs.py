@@ -87,3 +87,23 @@ def test_pattern_and_dtype_the_packed_layers_cannot_take_fail_before_anything_is
     with pytest.raises(TypeError, match="dtype must be a torch.dtype .* got 'float16'"):
         armor.prune(tiny_model_dir, ids, "magnitude", dtype="float16", output=tmp_path / "lib")
     assert not (tmp_path / "lib").exists()
+
+
+def test_a_pruned_folder_given_as_the_model_to_prune_is_refused_naming_it(capsys, char_tokenizer, tiny_model_dir,
+                                                                         tiny_text, tmp_path):
+    """Before: the CLI wrote a run marker, then failed with "could not find the decoder blocks" (in memory) or
+    "cannot store model.embed_tokens.weight of dtype None" (--streaming, a partly pruned folder)."""
+    rc, _, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "first", "--layers", "q_proj"))
+    pruned = tmp_path / "first" / "armor-fast"
+    assert rc == 0
+    for extra in ((), ("--streaming",)):
+        rc, _, err = _cli(capsys, *_small(pruned, tiny_text, tmp_path / "again", *extra))
+        assert rc == 2 and f"--model {pruned} is already an armor-pruned model" in err
+        assert f"made from {tiny_model_dir}" in err and not (tmp_path / "again").exists()
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    with pytest.raises(ValueError, match="already an armor-pruned model"):
+        armor.prune(pruned, ids, "magnitude", output=tmp_path / "lib")
+    run = armor.prune(make_tiny_model(len(char_tokenizer)), ids, "magnitude")
+    with pytest.raises(ValueError, match="the model is already pruned: its decoder blocks hold no nn.Linear"):
+        armor.prune(run.model, ids, "magnitude")
+

@@ -480,6 +480,10 @@ def _load(args: argparse.Namespace) -> _Job:
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype)
     model_path = model_folder(args.model)
+    if is_pruned_folder(model_path):
+        base = (read_armor_config(model_path) or {}).get("base_model")
+        raise CliError(f"--model {model_path} is already an armor-pruned model; give the dense model to prune"
+                       + (f" (this one was made from {base})" if base else ""))
     out = Path(args.output)
     check_output_folder(out, args.overwrite, methods)
     # the layer selection on a weightless skeleton: a bad pattern fails now, not after the dense evaluation

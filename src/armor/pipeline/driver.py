@@ -600,6 +600,8 @@ def _open_source(model: nn.Module | str | Path, s: PruneSettings, output: str | 
     if isinstance(model, (str, Path)):
         if output is None:
             raise ValueError("pruning a checkpoint folder block by block needs an output folder for the result")
+        if read_armor_config(model) is not None:
+            raise ValueError(f"{model} is already an armor-pruned model; prune the dense model it was made from")
         return CheckpointSource(model, s.dtype, s.device or "cpu")
     return InMemorySource(model)  # type: ignore[arg-type]
 

@@ -22,6 +22,7 @@ from ..storage import ShardReader, meta_skeleton, read_armor_config, release_mem
 from ..storage.checkpoint import check_shapes, materialise, release, untie_distinct_head
 from ..storage.hf_quantizer import install_packed_modules
 from ..storage.resume import ModelDigests
+from ..storage.writer import pruned_modules
 
 __all__ = ["InMemorySource", "CheckpointSource", "ModelSource", "outer_keys"]
 
@@ -58,7 +59,13 @@ class InMemorySource:
         # Mixture-of-experts blocks keep their experts as stacked 3-D parameters: one nn.Linear per expert matrix
         # (same forward, checked) lets each be pruned with the statistics of the tokens routed to it.
         unfuse_experts(model)
-        self.prefix, self.blocks = find_decoder_layers(model)
+        try:
+            self.prefix, self.blocks = find_decoder_layers(model)
+        except ValueError:
+            if pruned_modules(model):
+                raise ValueError("the model is already pruned: its decoder blocks hold no nn.Linear left to prune; "
+                                 "prune the dense model it was made from") from None
+            raise
         self.device = model_device(model)
 
     def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
