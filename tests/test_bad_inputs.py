@@ -107,3 +107,12 @@ def test_a_pruned_folder_given_as_the_model_to_prune_is_refused_naming_it(capsys
     with pytest.raises(ValueError, match="the model is already pruned: its decoder blocks hold no nn.Linear"):
         armor.prune(run.model, ids, "magnitude")
 
+
+def test_eval_seqlen_beyond_the_models_positions_is_an_error_in_armor_eval(capsys, tiny_model_dir, tiny_text):
+    """docs/guarantees.md promised it for --eval-seqlen; armor prune checked it, armor eval exited 0 with a
+    perplexity over positions the model was never trained for."""
+    rc, out, err = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 300)
+    assert rc == 2 and "--eval-seqlen 300 is longer than the model's max_position_embeddings (256)" in err
+    assert "perplexity on" not in out
+    rc, out, _ = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 256)
+    assert rc == 0 and "perplexity on" in out
