@@ -116,3 +116,30 @@ def test_eval_seqlen_beyond_the_models_positions_is_an_error_in_armor_eval(capsy
     assert "perplexity on" not in out
     rc, out, _ = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 256)
     assert rc == 0 and "perplexity on" in out
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"vocab_size": 90}, "model.embed_tokens.weight is (98, 64) in the weights, (90, 64) in the model"),
+        ({"layer_type": "sparse"}, "holds tensors the model does not have: model.layers.0.self_attn.q_proj.a_blocks"),
+    ],
+)
+def test_inspect_refuses_a_folder_whose_other_tensors_do_not_match(capsys, tiny_model_dir, tiny_text, tmp_path,
+                                                                   edit, needle):
+    """Before: armor inspect described (exit 0) folders that armor eval and armor.load refuse: an embedding stored
+    in another shape than config.json gives, or an ARMOR layer's wrappers under a layer the config calls sparse."""
+    import json
+
+    rc, _, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "--block-size", 4))
+    folder = tmp_path / "o" / "armor-fast"
+    cfg = json.loads((folder / "config.json").read_text())
+    if "layer_type" in edit:
+        cfg["quantization_config"]["layers"]["model.layers.0.self_attn.q_proj"]["type"] = edit["layer_type"]
+    else:
+        cfg.update(edit)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = _cli(capsys, "inspect", folder)
+    assert rc == 2 and needle in err
+    rc, _, err = _cli(capsys, "eval", folder, "--eval-text", tiny_text, "--eval-seqlen", 16, "--eval-windows", 1)
+    assert rc == 2  # what inspect now says, the loader says too
