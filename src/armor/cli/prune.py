@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..eval import perplexity_windows
 from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overhead
-from ..models import find_prunable_layers
+from ..models import check_token_ids, find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
 from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, SCHEDULES, ReconstructSettings
@@ -309,6 +309,8 @@ def _check_args(args: argparse.Namespace) -> EvalSettings | None:
         check_positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.n >= args.m:
         raise CliError(f"--n must be smaller than --m (n:m keeps n of every m values), got {args.n}:{args.m}")
+    if args.m > 16:
+        raise CliError(f"--m must be at most 16 (packed layers store group sizes 2..16), got {args.m}")
     evaluation = EvalSettings.from_args(args, perplexity=not args.no_eval, progress=not args.quiet)
     if args.streaming and not args.no_eval and (args.protocol != "armor" or evaluation.tasks):
         raise CliError(
@@ -478,6 +480,10 @@ def _load(args: argparse.Namespace) -> _Job:
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype)
     model_path = model_folder(args.model)
+    if is_pruned_folder(model_path):
+        base = (read_armor_config(model_path) or {}).get("base_model")
+        raise CliError(f"--model {model_path} is already an armor-pruned model; give the dense model to prune"
+                       + (f" (this one was made from {base})" if base else ""))
     out = Path(args.output)
     check_output_folder(out, args.overwrite, methods)
     # the layer selection on a weightless skeleton: a bad pattern fails now, not after the dense evaluation
@@ -487,7 +493,10 @@ def _load(args: argparse.Namespace) -> _Job:
     warn_block_sizes(layers, methods, options, args.n, args.m)
     tokenizer = load_tokenizer(model_path)
     ids, calib_source = _calibration(args, tokenizer)
+    check_token_ids(ids, skeleton, f"calibration text ({calib_source})")
     evaluator = None if evaluation is None else _Evaluator.prepare(evaluation, tokenizer, dtype, device)
+    if evaluator is not None:
+        check_token_ids(evaluator.tokens, skeleton, f"evaluation text ({evaluator.source})")
     recon = reconstruct_settings(args)
     return _Job(
         args, methods, options, model_path, out, tokenizer, ids, calib_source, evaluator, recon, dtype, device

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..models import model_device
+from ..models import check_token_ids, model_device
 from .nll import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, IGNORE_INDEX, sum_token_nll
 from .protocols import PerplexityProtocol, Window, get_protocol, plan_windows
 
@@ -200,6 +200,8 @@ def perplexity(
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
     streams = token_streams(text, proto, tokenizer, model, name)
+    for stream in streams:
+        check_token_ids(stream, model, name)
     planned = [(k, w) for k, s in enumerate(streams) for w in plan_windows(s.numel(), proto)]
     if not planned:
         total = sum(s.numel() for s in streams)

@@ -2,6 +2,7 @@
 
 from .experts import LinearExperts, restack_experts, stacked_experts, unfuse_experts
 from .layers import (
+    check_token_ids,
     find_decoder_layers,
     find_prunable_layers,
     get_module,
@@ -11,6 +12,7 @@ from .layers import (
 )
 
 __all__ = [
+    "check_token_ids",
     "find_decoder_layers",
     "find_prunable_layers",
     "get_module",

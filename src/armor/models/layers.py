@@ -18,7 +18,10 @@ from torch import nn
 
 from .experts import stacked_experts
 
-__all__ = ["find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module", "model_device"]
+__all__ = [
+    "find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module", "model_device",
+    "check_token_ids",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,24 @@ def model_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def check_token_ids(ids: torch.Tensor, model: nn.Module, name: str) -> None:
+    """A ValueError naming ``name`` when a token id is outside the model's input embeddings (a tokenizer with more
+    tokens than the model's vocabulary): the model would fail deep inside its embedding lookup."""
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # not a Hugging Face model: nothing to check against
+        return
+    if not isinstance(rows, int) or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name} holds token id {bad}, outside the model's vocabulary of {rows} embeddings (ids 0..{rows - 1}); "
+            "the tokenizer does not belong to this model"
+        )
 
 
 def get_module(root: nn.Module, name: str) -> nn.Module:

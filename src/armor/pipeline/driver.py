@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, BlockCalls, StatsHooks, capture_block_inputs, run_block
 from ..factors import check_wrapper_budget
-from ..models import find_prunable_layers, get_module
+from ..models import check_token_ids, find_prunable_layers, get_module
+from ..runtime.packing import index_bits
 from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
 from ..storage import load_pruned, mark_pruned, read_armor_config
@@ -115,6 +116,11 @@ class PruneSettings:
             raise ValueError(f"calibration mode must be one of {', '.join(CALIBRATION_MODES)}, got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise ValueError(f"an n:m pattern needs integers 0 < n < m, got n={self.n!r}, m={self.m!r}")
+        index_bits(self.m)  # the packed layers store group sizes 2..16: fail before anything is pruned
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float16) or None, got {self.dtype!r}")
         if self.reconstruct is not None:
             if not isinstance(self.reconstruct, ReconstructSettings):
                 raise TypeError(f"reconstruct must be a ReconstructSettings or None, got {self.reconstruct!r}")
@@ -594,6 +600,8 @@ def _open_source(model: nn.Module | str | Path, s: PruneSettings, output: str | 
     if isinstance(model, (str, Path)):
         if output is None:
             raise ValueError("pruning a checkpoint folder block by block needs an output folder for the result")
+        if read_armor_config(model) is not None:
+            raise ValueError(f"{model} is already an armor-pruned model; prune the dense model it was made from")
         return CheckpointSource(model, s.dtype, s.device or "cpu")
     return InMemorySource(model)  # type: ignore[arg-type]
 
@@ -662,6 +670,7 @@ def prune(
     check_wrapper_budget(resolved, s.n, s.m)
     calibration = _check_calibration(calibration)
     source = _open_source(model, s, output)
+    check_token_ids(calibration, source.model, "calibration")
     if s.reconstruct is not None:  # "auto" settled for this device before it is fingerprinted and recorded
         s = dataclasses.replace(s, reconstruct=s.reconstruct.for_device(source.device))
     out = Path(output) if output is not None else None

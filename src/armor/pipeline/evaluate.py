@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..calibration import ActivationStore, capture_block_inputs, run_block
 from ..eval import PerplexityResult, perplexity, perplexity_windows
+from ..models import check_token_ids
 from .sources import CheckpointSource
 
 __all__ = ["perplexity_blockwise"]
@@ -46,6 +47,7 @@ def perplexity_blockwise(
     start = time.perf_counter()
     windows = perplexity_windows(tokens.reshape(-1).long(), seqlen, max_windows, name=name)
     source = CheckpointSource(folder, dtype, device)
+    check_token_ids(windows, source.model, name)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"armor-eval-{os.getpid()}-{time.time_ns()}"
     states = ActivationStore(activation_budget // 2, work)
     nxt: ActivationStore | None = None

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from ..models import find_decoder_layers, get_module, model_device, set_module, stacked_experts, unfuse_experts
 from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
-from ..storage.checkpoint import check_shapes, materialise, release
+from ..storage.checkpoint import check_shapes, materialise, release, untie_distinct_head
 from ..storage.hf_quantizer import install_packed_modules
 from ..storage.resume import ModelDigests
+from ..storage.writer import pruned_modules
 
 __all__ = ["InMemorySource", "CheckpointSource", "ModelSource", "outer_keys"]
 
@@ -58,7 +59,13 @@ class InMemorySource:
         # Mixture-of-experts blocks keep their experts as stacked 3-D parameters: one nn.Linear per expert matrix
         # (same forward, checked) lets each be pruned with the statistics of the tokens routed to it.
         unfuse_experts(model)
-        self.prefix, self.blocks = find_decoder_layers(model)
+        try:
+            self.prefix, self.blocks = find_decoder_layers(model)
+        except ValueError:
+            if pruned_modules(model):
+                raise ValueError("the model is already pruned: its decoder blocks hold no nn.Linear left to prune; "
+                                 "prune the dense model it was made from") from None
+            raise
         self.device = model_device(model)
 
     def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
@@ -141,6 +148,7 @@ class CheckpointSource:
             )
         self.reader = ShardReader(self.path)
         check_shapes(self.model, self.reader)  # a config that does not belong to these weights fails now
+        untie_distinct_head(self.model, self.reader, self.path)  # as from_pretrained loads it
         self.dtype = dtype if dtype is not None or self.pruned else torch.float32
         self.device = torch.device(device)
         head = self.model.get_output_embeddings()

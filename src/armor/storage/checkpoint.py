@@ -10,8 +10,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 __all__ = [
     "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
+    "untie_distinct_head",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -135,6 +139,38 @@ def meta_skeleton(model_path: str | Path, config: Any = None, strip_quantization
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()  # on meta, from_config leaves tied parameters as separate placeholders
     return model.eval()
+
+
+def _tied_head_keys(model: nn.Module) -> tuple[str, str] | None:
+    """``(embeddings key, head key)`` of a model whose config ties its output head to its input embeddings."""
+    if not getattr(model.config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return None
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(mod): name for name, mod in model.named_modules() if name}
+    if emb is None or head is None or id(emb) not in names or id(head) not in names:
+        return None
+    return f"{names[id(emb)]}.weight", f"{names[id(head)]}.weight"
+
+
+def untie_distinct_head(model: nn.Module, stored: ShardReader | Mapping[str, Tensor], where: str | Path) -> bool:
+    """Untie the head of ``model`` when its config ties it to the embeddings but ``stored`` (a checkpoint, or a
+    folder's tensors) holds both with different values, as ``from_pretrained`` does; the config then says
+    ``tie_word_embeddings: false``, so the model is saved untied.  Returns whether it untied the head."""
+    keys = _tied_head_keys(model)
+    if keys is None or not all(k in stored for k in keys):
+        return False
+    tensors = stored.load(list(keys)) if isinstance(stored, ShardReader) else stored
+    embed, head = tensors[keys[0]], tensors[keys[1]]
+    if embed.shape == head.shape and torch.equal(embed, head):
+        return False
+    log.warning("%s: config.json ties %s to %s, but the weights hold both with different values: they are loaded "
+                "untied (as transformers does); set tie_word_embeddings to false there", where, *keys)
+    model.config.tie_word_embeddings = False
+    getattr(model, "all_tied_weights_keys", {}).pop(keys[1], None)  # transformers 5's record of the tie
+    out = model.get_output_embeddings()
+    if out.weight is model.get_input_embeddings().weight:  # a tied skeleton: the head gets its own placeholder
+        out.weight = nn.Parameter(torch.empty_like(out.weight, device="meta"), out.weight.requires_grad)
+    return True
 
 
 def check_shapes(model: nn.Module, reader: ShardReader) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, meta_skeleton, open_safetensors
+from .guard import guard_keys
 from .hf_quantizer import MODEL_FORMAT, ArmorConfig, check_packed_tensors, install_packed_modules
 from .legacy import LEGACY_MODEL_FORMAT
 from .reader import read_armor_config
@@ -30,6 +31,20 @@ def _stored(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     except ValueError:
         raise CheckpointError(f"{weights} has a corrupt metadata header") from None
     return shapes, aliases
+
+
+def _check_other_tensors(weights: Path, state: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                         guards: list[str]) -> None:
+    """A CheckpointError naming the tensors the loaders refuse: one stored in another shape than the config gives
+    it, or one the model does not have (other than the guards)."""
+    wrong = [f"{k} is {shapes[k]} in the weights, {tuple(t.shape)} in the model" for k, t in state.items()
+             if k in shapes and tuple(t.shape) != shapes[k]]
+    extra = sorted(set(shapes) - set(state) - set(guards))
+    if wrong:
+        raise CheckpointError(f"{weights} does not match its config.json: {'; '.join(wrong[:5])}")
+    if extra:
+        raise CheckpointError(f"{weights} holds tensors the model does not have: {', '.join(extra[:5])} "
+                              "(the weights and config.json disagree)")
 
 
 def verify_pruned_folder(path: str | Path) -> dict[str, Any]:
@@ -56,6 +71,7 @@ def verify_pruned_folder(path: str | Path) -> dict[str, Any]:
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{weights} does not provide: {', '.join(missing[:5])}{more}")
+    _check_other_tensors(weights, state, shapes, guard_keys(layers, section.get("unfused_experts", ())))
     stray = [r.get("name") for r in section.get("records", []) if r.get("name") not in layers]
     if stray:
         raise ValueError(f"{path}: records name layers the folder does not have: {', '.join(map(str, stray[:5]))}")

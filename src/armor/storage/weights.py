@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, open_safetensors
+from .checkpoint import CheckpointError, open_safetensors, untie_distinct_head
 from .guard import keep_guards
 from .writer import pruned_modules
 
@@ -53,6 +53,7 @@ def fill_skeleton(
             f"{weights} holds tensors the model does not have: {', '.join(result.unexpected_keys[:5])} "
             "(the weights and config.json disagree)"
         )
+    untie_distinct_head(model, state, weights)  # a head stored apart from the embeddings stays apart
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]

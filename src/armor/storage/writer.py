@@ -41,7 +41,7 @@ from ..models import LinearExperts, set_module
 from ..runtime import empty_module_from_spec
 from ..version import __version__
 from .atomic import write_json_atomic, write_safetensors_streamed
-from .checkpoint import ShardReader, meta_skeleton, open_safetensors, release_memory
+from .checkpoint import ShardReader, meta_skeleton, open_safetensors, release_memory, untie_distinct_head
 from .guard import guard_keys, guard_tensor, keep_guards
 from .hf_quantizer import MODEL_FORMAT, MODEL_TYPE, QUANT_METHOD, ArmorConfig, mark_armored
 from .resume import layer_file
@@ -261,6 +261,7 @@ def save_pruned_streamed(
     (floating point cast to ``dtype``), one tensor at a time."""
     reader = reader or ShardReader(model_path)
     model = meta_skeleton(model_path)
+    untie_distinct_head(model, reader, model_path)  # as the run read it
     for name, spec in specs.items():
         set_module(model, name, empty_module_from_spec(spec, dtype=getattr(torch, dtypes[name]), device="meta"))
     state = model.state_dict(keep_vars=True)

@@ -1,0 +1,145 @@
+"""Bad inputs found by probing (docs/guarantees.md): each gave a traceback, an error naming the wrong thing, or a
+wrong model in silence before it was fixed; now each is a clear error naming the input, or a correct result."""
+
+from __future__ import annotations
+
+import pytest
+
+import armor
+from armor.cli import main
+from conftest import TEXT, make_tiny_model
+
+
+def _cli(capsys, *argv):
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _small(model_dir, text, out, *extra):
+    return [
+        "prune", "--model", model_dir, "--calib-text", text, "--nsamples", 4, "--seqlen", 48, "--no-eval",
+        "--output", out, "--quiet", "--compare", "none", "--no-reconstruct", "-O", "sweeps=1", *extra,
+    ]
+
+
+def test_tokenizer_with_more_tokens_than_the_model_is_an_error_naming_the_text(capsys, char_tokenizer, tiny_text,
+                                                                               tmp_path):
+    """Before: IndexError 'index out of range in self' from the embedding lookup, as a traceback (exit 1)."""
+    folder = tmp_path / "small-vocab"
+    make_tiny_model(50).save_pretrained(folder)  # the char tokenizer has 98 tokens
+    char_tokenizer.save_pretrained(folder)
+    rc, _, err = _cli(capsys, *_small(folder, tiny_text, tmp_path / "o"))
+    assert rc == 2 and "Traceback" not in err
+    assert "calibration text" in err and "outside the model's vocabulary of 50 embeddings" in err
+    assert not (tmp_path / "o").exists()
+    rc, _, err = _cli(capsys, "eval", folder, "--eval-text", tiny_text, "--eval-seqlen", 16, "--eval-windows", 1)
+    assert rc == 2 and "text.txt holds token id" in err and "vocabulary of 50" in err
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    ids[0, 0] = -1
+    with pytest.raises(ValueError, match="calibration holds token id -1, outside"):
+        armor.prune(make_tiny_model(len(char_tokenizer)), ids, "magnitude")
+
+
+def test_config_that_ties_a_head_stored_apart_loads_as_transformers_loads_it(char_tokenizer, tmp_path, caplog):
+    """A config saying tie_word_embeddings while the weights hold a distinct lm_head.weight: transformers loads the
+    two apart. Before: armor.load tied the head to the embeddings (a different model, in silence), and a streamed
+    run evaluated and saved the tied model."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "tie-flag"
+    make_tiny_model(len(char_tokenizer), tie=False).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    dense = AutoModelForCausalLM.from_pretrained(folder)
+    assert dense.lm_head.weight is not dense.model.embed_tokens.weight  # transformers keeps them apart
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    run = armor.prune(dense, ids, "magnitude", output=tmp_path / "memory")
+    streamed = armor.prune(folder, ids, "magnitude", output=tmp_path / "streamed")
+    assert streamed.mean_losses() == run.mean_losses()
+    x = ids[:1, :32]
+    want = run.model(x).logits
+    for out in ("memory", "streamed"):
+        with caplog.at_level("WARNING"):
+            loaded = armor.load(tmp_path / out)
+        assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+        assert (loaded(x).logits - want).abs().max() < 1e-5, out
+    assert "ties model.embed_tokens.weight to lm_head.weight, but the weights hold both" in caplog.text
+
+
+def test_pattern_and_dtype_the_packed_layers_cannot_take_fail_before_anything_is_written(capsys, char_tokenizer,
+                                                                                       tiny_model_dir, tiny_text,
+                                                                                       tmp_path):
+    """Before: --m 128 (or m=32 in Python) ran calibration and pruned a layer, then failed in the packing with a
+    message naming no input, leaving the output folder with a run marker and records.jsonl; a dtype given as a
+    string failed with "Invalid device string: 'float16'"."""
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "--n", 1, "--m", 128))
+    assert rc == 2 and "--m must be at most 16" in err and "got 128" in err
+    assert not (tmp_path / "o").exists()
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    with pytest.raises(ValueError, match="group size m must be in 2..16 for packed storage, got 32"):
+        armor.prune(tiny_model_dir, ids, "magnitude", n=2, m=32, output=tmp_path / "lib")
+    with pytest.raises(ValueError, match="n:m pattern needs integers 0 < n < m, got n=3, m=2"):
+        armor.prune(tiny_model_dir, ids, "magnitude", n=3, m=2, output=tmp_path / "lib")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype .* got 'float16'"):
+        armor.prune(tiny_model_dir, ids, "magnitude", dtype="float16", output=tmp_path / "lib")
+    assert not (tmp_path / "lib").exists()
+
+
+def test_a_pruned_folder_given_as_the_model_to_prune_is_refused_naming_it(capsys, char_tokenizer, tiny_model_dir,
+                                                                         tiny_text, tmp_path):
+    """Before: the CLI wrote a run marker, then failed with "could not find the decoder blocks" (in memory) or
+    "cannot store model.embed_tokens.weight of dtype None" (--streaming, a partly pruned folder)."""
+    rc, _, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "first", "--layers", "q_proj"))
+    pruned = tmp_path / "first" / "armor-fast"
+    assert rc == 0
+    for extra in ((), ("--streaming",)):
+        rc, _, err = _cli(capsys, *_small(pruned, tiny_text, tmp_path / "again", *extra))
+        assert rc == 2 and f"--model {pruned} is already an armor-pruned model" in err
+        assert f"made from {tiny_model_dir}" in err and not (tmp_path / "again").exists()
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    with pytest.raises(ValueError, match="already an armor-pruned model"):
+        armor.prune(pruned, ids, "magnitude", output=tmp_path / "lib")
+    run = armor.prune(make_tiny_model(len(char_tokenizer)), ids, "magnitude")
+    with pytest.raises(ValueError, match="the model is already pruned: its decoder blocks hold no nn.Linear"):
+        armor.prune(run.model, ids, "magnitude")
+
+
+def test_eval_seqlen_beyond_the_models_positions_is_an_error_in_armor_eval(capsys, tiny_model_dir, tiny_text):
+    """docs/guarantees.md promised it for --eval-seqlen; armor prune checked it, armor eval exited 0 with a
+    perplexity over positions the model was never trained for."""
+    rc, out, err = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 300)
+    assert rc == 2 and "--eval-seqlen 300 is longer than the model's max_position_embeddings (256)" in err
+    assert "perplexity on" not in out
+    rc, out, _ = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 256)
+    assert rc == 0 and "perplexity on" in out
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"vocab_size": 90}, "model.embed_tokens.weight is (98, 64) in the weights, (90, 64) in the model"),
+        ({"layer_type": "sparse"}, "holds tensors the model does not have: model.layers.0.self_attn.q_proj.a_blocks"),
+    ],
+)
+def test_inspect_refuses_a_folder_whose_other_tensors_do_not_match(capsys, tiny_model_dir, tiny_text, tmp_path,
+                                                                   edit, needle):
+    """Before: armor inspect described (exit 0) folders that armor eval and armor.load refuse: an embedding stored
+    in another shape than config.json gives, or an ARMOR layer's wrappers under a layer the config calls sparse."""
+    import json
+
+    rc, _, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "--block-size", 4))
+    folder = tmp_path / "o" / "armor-fast"
+    cfg = json.loads((folder / "config.json").read_text())
+    if "layer_type" in edit:
+        cfg["quantization_config"]["layers"]["model.layers.0.self_attn.q_proj"]["type"] = edit["layer_type"]
+    else:
+        cfg.update(edit)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = _cli(capsys, "inspect", folder)
+    assert rc == 2 and needle in err
+    rc, _, err = _cli(capsys, "eval", folder, "--eval-text", tiny_text, "--eval-seqlen", 16, "--eval-windows", 1)
+    assert rc == 2  # what inspect now says, the loader says too
