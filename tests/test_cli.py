@@ -187,6 +187,32 @@ def test_corrupt_weights_are_a_clear_error(capsys, tiny_model_dir, tiny_text, tm
     assert rc == 2 and "model.safetensors" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_16_bit_model_is_pruned_and_saved_in_its_own_dtype(capsys, char_tokenizer, tiny_text, tmp_path, streaming):
+    """Without --dtype a run computes and saves in the dtype that stores the model (most Hugging Face models are
+    16-bit): the pruned checkpoint is smaller than the dense one, and its bytes are counted against it."""
+    from safetensors import safe_open
+
+    from conftest import make_tiny_model
+
+    dense = tmp_path / "bf16-model"
+    make_tiny_model(len(char_tokenizer)).to(torch.bfloat16).save_pretrained(dense)
+    char_tokenizer.save_pretrained(dense)
+    out = tmp_path / "out"
+    extra = ["--method", "nowag", "--compare", "none", *(["--streaming"] if streaming else [])]
+    rc, _, err = _cli(capsys, *_small(dense, tiny_text, out, *extra))
+    assert rc == 0, err
+    run = json.loads((out / "results.json").read_text())
+    assert run["settings"]["dtype"] == "bfloat16"
+    row = next(r for r in run["results"] if r["method"] == "nowag")
+    assert row["checkpoint_bytes_ratio"] < 1 and 0.5 < row["linear_bytes_ratio"] < 0.6
+    with safe_open(out / "nowag" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.values").dtype == torch.bfloat16
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    rc, _, err = _cli(capsys, *_small(dense, tiny_text, tmp_path / "out32", *extra, "--dtype", "float32"))
+    assert rc == 0 and json.loads((tmp_path / "out32" / "results.json").read_text())["settings"]["dtype"] == "float32"
+
+
 def test_an_in_process_command_leaves_the_callers_transformers_settings(capsys, tiny_model_dir, monkeypatch):
     """The command silences transformers while it runs (its own workers included), then puts back what the caller
     had: an application that calls ``main()`` keeps its own verbosity, progress bars and environment."""

@@ -56,7 +56,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as stored)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | float16 | bfloat16 (default: as stored, the dtype of most of the model's values)")
 
 
 def check_device(device: str | None) -> str | None:

@@ -38,6 +38,7 @@ from ..storage import (
     meta_skeleton,
     read_armor_config,
     resolve_dtype,
+    stored_dtype,
     write_json_atomic,
 )
 from ..storage.lock import LOCK_NAME, FolderLock
@@ -414,7 +415,7 @@ class _Job:
             "layers": a.layers or "all decoder linears",
             "exclude": a.exclude or [],
             "device": self.device or "cpu",
-            "dtype": a.dtype or "float32",
+            "dtype": str(self.dtype).removeprefix("torch."),
             "streaming": a.streaming,
             "ray": a.address or (f"local, {a.workers} workers" if a.workers else None),
             "threads": torch.get_num_threads(),
@@ -478,12 +479,12 @@ def _load(args: argparse.Namespace) -> _Job:
     evaluation = _check_args(args)
     options = _method_options(args, methods)
     device = check_device(args.device)
-    dtype = resolve_dtype(args.dtype)
     model_path = model_folder(args.model)
     if is_pruned_folder(model_path):
         base = (read_armor_config(model_path) or {}).get("base_model")
         raise CliError(f"--model {model_path} is already an armor-pruned model; give the dense model to prune"
                        + (f" (this one was made from {base})" if base else ""))
+    dtype = resolve_dtype(args.dtype) or stored_dtype(model_path)  # a 16-bit model runs and saves in 16 bits
     out = Path(args.output)
     check_output_folder(out, args.overwrite, methods)
     # the layer selection on a weightless skeleton: a bad pattern fails now, not after the dense evaluation

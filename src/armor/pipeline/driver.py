@@ -80,8 +80,9 @@ class PruneSettings:
         resume: reuse finished layers of an earlier run in ``output`` (``False``: redo them all).
         keep_layer_files: keep ``output/layers/`` after the model is saved (default: removed).
         progress: show progress bars.
-        dtype, device: for a streamed checkpoint, the dtype its weights are pruned in (default float32) and where
-            blocks run; a model in memory keeps its own.
+        dtype, device: for a streamed checkpoint, the dtype its weights are pruned and stored in (default: the
+            dtype that stores most of its values, as transformers' ``dtype="auto"``) and where blocks run; a model
+            in memory keeps its own.
         batch_size: calibration sequences per block forward.
         activation_budget: bytes of block activations kept in memory; the rest goes to files in ``offload_dir``
             (default ``<output>/.activations``, or a temporary folder), removed at the end.

@@ -118,8 +118,8 @@ class CheckpointSource:
     calibration inputs are captured, or the embeddings and the head while they are used) holds real weights.
 
     A pruned folder works too (its packed layers are put in the skeleton from their specs): that is how a
-    pruned model is evaluated block by block.  ``dtype`` casts floating-point weights of dense checkpoints
-    (default float32); a pruned folder's tensors keep their stored dtypes unless ``dtype`` is given.
+    pruned model is evaluated block by block.  ``dtype`` casts floating-point weights (default: a dense checkpoint
+    runs in the dtype that stores most of its values, a pruned folder's tensors keep their stored dtypes).
     """
 
     streamed = True
@@ -149,7 +149,7 @@ class CheckpointSource:
         self.reader = ShardReader(self.path)
         check_shapes(self.model, self.reader)  # a config that does not belong to these weights fails now
         untie_distinct_head(self.model, self.reader, self.path)  # as from_pretrained loads it
-        self.dtype = dtype if dtype is not None or self.pruned else torch.float32
+        self.dtype = dtype if dtype is not None or self.pruned else self.reader.float_dtype() or torch.float32
         self.device = torch.device(device)
         head = self.model.get_output_embeddings()
         self._head = [f"{mn}." for mn, mod in self.model.named_modules() if head is not None and mod is head and mn]

@@ -11,7 +11,7 @@ from .atomic import atomic_save_safetensors, write_json_atomic, write_safetensor
 from .checkpoint import CheckpointError, ShardReader, meta_skeleton, release_memory
 from .export import export_dense
 from .hf_quantizer import MODEL_FORMAT
-from .plain import load_model, load_tokenizer
+from .plain import load_model, load_tokenizer, stored_dtype
 from .reader import is_pruned_folder, load_pruned, read_armor_config
 from .resume import LayerRecord, fingerprint, ids_digest, layer_file, layer_fingerprint, mean_losses
 from .writer import (
@@ -25,6 +25,7 @@ from .writer import (
 )
 
 __all__ = [
+    "stored_dtype",
     "atomic_save_safetensors",
     "write_json_atomic",
     "write_text_atomic",

@@ -11,6 +11,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, truncated or corrupt weights (the message names the file)."""
+
+
+#: safetensors' names of the floating-point dtypes, as the dtype a run computes and stores in
+_STORED_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float32}
 
 
 class ShardReader:
@@ -71,6 +76,19 @@ class ShardReader:
                 for k in f.keys():  # noqa: SIM118 - safe_open has no iteration
                     out[k] = tuple(f.get_slice(k).get_shape())
         return out
+
+    def float_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype that holds most of the checkpoint's values, from the files' headers (float64
+        read as float32, the widest the packed layers store); None when it holds no floating-point tensor."""
+        counts: dict[torch.dtype, int] = {}
+        for path in dict.fromkeys(self.files.values()):
+            with open_safetensors(path) as f:
+                for k in f.keys():  # noqa: SIM118 - safe_open has no iteration
+                    part = f.get_slice(k)
+                    dtype = _STORED_FLOATS.get(part.get_dtype())
+                    if dtype is not None:
+                        counts[dtype] = counts.get(dtype, 0) + math.prod(part.get_shape())
+        return max(counts, key=counts.__getitem__) if counts else None
 
     def __contains__(self, key: str) -> bool:
         return key in self.files

@@ -15,24 +15,36 @@ from ..dtypes import resolve_dtype
 from .checkpoint import CheckpointError, ShardReader, check_shapes, meta_skeleton
 from .reader import armor_quant_section, is_pruned_folder, load_pruned, read_config_json
 
-__all__ = ["load_model", "load_tokenizer"]
+__all__ = ["load_model", "load_tokenizer", "stored_dtype"]
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a run on the model folder ``path`` computes and saves in when none is asked for: the
+    floating-point dtype that stores most of its safetensors values (float32 for pickled weights)."""
+    if not list(Path(path).glob("*.safetensors")) and not (Path(path) / "model.safetensors.index.json").is_file():
+        return torch.float32
+    return ShardReader(path).float_dtype() or torch.float32
 
 
 def load_model(
     path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> nn.Module:
-    """A pruned folder via :func:`load_pruned`, or a plain HF causal-LM folder via ``from_pretrained``."""
+    """A pruned folder via :func:`load_pruned`, or a plain HF causal-LM folder via ``from_pretrained``; floating
+    point in ``dtype``, by default as stored (a pickled checkpoint: float32)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder not found (no config.json): {path}")
     if is_pruned_folder(path):
         return load_pruned(path, dtype=dtype, device=device)
+    stored = None
     if list(path.glob("*.safetensors")):
         # a clear error for a truncated file, or a config that does not match the weights, before transformers
-        check_shapes(meta_skeleton(path), ShardReader(path))
+        reader = ShardReader(path)
+        check_shapes(meta_skeleton(path), reader)
+        stored = reader.float_dtype()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype) or torch.float32, local_files_only=True
+            path, dtype=resolve_dtype(dtype) or stored or torch.float32, local_files_only=True
         )
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused it: nothing in the file ran
         raise CheckpointError(
