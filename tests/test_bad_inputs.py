@@ -4,6 +4,7 @@ wrong model in silence before it was fixed; now each is a clear error naming the
 from __future__ import annotations
 
 import pytest
+import torch
 
 import armor
 from armor.cli import main
@@ -143,3 +144,30 @@ def test_inspect_refuses_a_folder_whose_other_tensors_do_not_match(capsys, tiny_
     assert rc == 2 and needle in err
     rc, _, err = _cli(capsys, "eval", folder, "--eval-text", tiny_text, "--eval-seqlen", 16, "--eval-windows", 1)
     assert rc == 2  # what inspect now says, the loader says too
+
+
+def test_library_settings_of_the_wrong_shape_are_errors_naming_them(char_tokenizer):
+    """Before: ``include="q_proj"`` was split into one-letter patterns, ``options="sweeps=3"`` failed inside the
+    option table naming letters, and calibration longer than the model's positions ran (the CLI checked it)."""
+    model = make_tiny_model(len(char_tokenizer))
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    with pytest.raises(TypeError, match=r"include must be a list of layer name patterns, got 'q_proj' \(for one"):
+        armor.prune(model, ids, include="q_proj")
+    with pytest.raises(TypeError, match="exclude must be a list of layer name patterns, got \\[1\\]"):
+        armor.prune(model, ids, exclude=[1])
+    with pytest.raises(TypeError, match="options must be a mapping of option names to values, got 'sweeps=3'"):
+        armor.prune(model, ids, options="sweeps=3")
+    long = armor.calibration_ids(char_tokenizer, [TEXT * 40], 1, 300)
+    with pytest.raises(ValueError, match="300 tokens are longer than the model's max_position_embeddings \\(256\\)"):
+        armor.prune(model, long, "magnitude")
+    assert all(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.endswith("q_proj"))
+
+
+def test_export_onto_its_own_source_is_refused(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: ``armor export P P --overwrite`` replaced the pruned folder with its dense export."""
+    rc, _, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "run"))
+    pruned = tmp_path / "run" / "armor-fast"
+    before = sorted(p.name for p in pruned.iterdir())
+    rc, _, err = _cli(capsys, "export", pruned, pruned / ".." / "armor-fast", "--overwrite")
+    assert rc == 2 and "is the pruned model being exported" in err
+    assert sorted(p.name for p in pruned.iterdir()) == before and armor.load(pruned) is not None

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
             "(its config.json has no quantization_config with quant_method 'armor')"
         )
     out = Path(args.output)
+    if out.resolve() == Path(path).resolve():
+        raise CliError(f"{out} is the pruned model being exported: the dense copy would replace it; choose another "
+                       "folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CliError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
     export_dense(path, out)

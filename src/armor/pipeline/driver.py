@@ -120,6 +120,11 @@ class PruneSettings:
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
             raise ValueError(f"an n:m pattern needs integers 0 < n < m, got n={self.n!r}, m={self.m!r}")
         index_bits(self.m)  # the packed layers store group sizes 2..16: fail before anything is pruned
+        for which in ("include", "exclude"):
+            value = getattr(self, which)
+            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
+                raise TypeError(f"{which} must be a list of layer name patterns, got {value!r}"
+                                + (f" (for one pattern: [{value!r}])" if isinstance(value, str) else ""))
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float16) or None, got {self.dtype!r}")
         if self.reconstruct is not None:
@@ -672,6 +677,10 @@ def prune(
     calibration = _check_calibration(calibration)
     source = _open_source(model, s, output)
     check_token_ids(calibration, source.model, "calibration")
+    limit = getattr(source.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and calibration.shape[1] > limit:
+        raise ValueError(f"calibration sequences of {calibration.shape[1]} tokens are longer than the model's "
+                         f"max_position_embeddings ({limit})")
     if s.reconstruct is not None:  # "auto" settled for this device before it is fingerprinted and recorded
         s = dataclasses.replace(s, reconstruct=s.reconstruct.for_device(source.device))
     out = Path(output) if output is not None else None

@@ -132,6 +132,8 @@ def unknown_options(table: tuple[Option, ...], names: list[str], owner: str) -> 
 def resolve_options(table: tuple[Option, ...], given: Mapping[str, Any], owner: str) -> dict[str, Any]:
     """Every option of ``table`` with its value: the given ones (checked and converted), the table's defaults for
     the rest.  A name the table lacks is a TypeError naming ``owner`` and the accepted options."""
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{owner}: options must be a mapping of option names to values, got {given!r}")
     unknown = [name for name in given if name not in {o.name for o in table}]
     if unknown:
         raise unknown_options(table, unknown, owner)
