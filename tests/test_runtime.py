@@ -888,8 +888,10 @@ def test_packed_bf16_dot_product_path_equals_reference(in_f, tokens, monkeypatch
     if not kernels._host_has_bf16_dot():
         pytest.skip("this CPU has no AVX512-BF16")
     calls = []
-    real = kernels._sparse_forward_bf16
-    monkeypatch.setattr(kernels, "_sparse_forward_bf16", lambda *a: calls.append(1) or real(*a))
+    def counted(kernel):
+        return lambda *a: calls.append(1) or kernel(*a)
+
+    monkeypatch.setattr(kernels, "SPARSE_BF16", tuple(map(counted, kernels.SPARSE_BF16)))
     gen = torch.Generator().manual_seed(in_f + tokens)
     w = torch.randn(71, in_f, generator=gen)
     mask = nm_mask_from_scores(w.abs(), 2, 4)
@@ -917,7 +919,7 @@ def test_numba_cache_saves_exclusively_and_loads_shared(tmp_path):
     import armor.runtime.kernels as kernels
 
     dispatchers = [v for v in vars(kernels).values() if isinstance(v, numba.core.dispatcher.Dispatcher)]
-    assert len(dispatchers) >= 10
+    assert len(dispatchers) >= 10 and all(hasattr(d._cache, "_cache_path") for d in dispatchers)  # all cached
     assert all(hasattr(d._cache.save_overload, "__wrapped__") for d in dispatchers)
     assert all(hasattr(d._cache.load_overload, "__wrapped__") for d in dispatchers)
 
@@ -942,3 +944,38 @@ def test_numba_cache_saves_exclusively_and_loads_shared(tmp_path):
 
     assert blocked_by(fcntl.LOCK_EX, "save_overload") and blocked_by(fcntl.LOCK_EX, "load_overload")
     assert blocked_by(fcntl.LOCK_SH, "save_overload") and not blocked_by(fcntl.LOCK_SH, "load_overload")
+
+
+_KERNEL_CALL = """
+import sys, torch
+from armor.runtime import kernels
+from armor.runtime.packing import pack_nm
+torch.set_num_threads(int(sys.argv[2]))
+g = torch.Generator().manual_seed(0)
+w = torch.randn(8, 32, generator=g)
+mask = torch.zeros(8, 8, 4, dtype=torch.bool).scatter_(-1, torch.tensor([0, 2]).expand(8, 8, 2), True).reshape(8, 32)
+values, idx = pack_nm(w * mask, mask)
+x = torch.randn(3, 32, generator=g)
+eye = torch.eye(8)
+if sys.argv[1] == "armor":
+    y = kernels.armor_matmul(eye.expand(4, 8, 8).contiguous(), values, idx, eye.expand(1, 8, 8).contiguous(), x, 2, 4)
+else:
+    y = kernels.nm_matmul(values, idx, x, 2, 4)
+assert torch.allclose(y, x @ (w * mask).T, atol=1e-5), sys.argv
+print("ok")
+"""
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", ["1 1 1", "2 2 1"])
+def test_kernels_cached_by_other_processes_load_and_run(tmp_path, threads):
+    """numba's on-disk cache across processes: one process compiles the ARMOR kernel, a second the 2:4 one (its
+    shared parts loaded from the first's cache), a third loads the 2:4 kernel from the cache.  The third crashed
+    (SIGSEGV) while a cached entry point called a parallel kernel (numba issue 8578)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    for kind, n in zip(("armor", "sparse", "sparse"), threads.split(), strict=True):
+        proc = subprocess.run([sys.executable, "-c", _KERNEL_CALL, kind, n], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", (kind, n, proc.returncode, proc.stderr[-2000:])

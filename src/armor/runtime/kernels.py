@@ -23,11 +23,14 @@ Other n:m patterns (4:8, 1:4, ...) use a plain scalar loop over the same packed 
 Threads: each driver is compiled twice from one definition (:func:`_twins`): with ``parallel=True`` its
 ``prange`` splits the rows over numba's threads, with ``parallel=False`` numba runs the same ``prange`` as a
 plain loop, which never touches the thread pool (on a busy machine each fork/join of the pool waits for a time
-slice); one torch thread takes the serial twin.  At the first launch, unless the user set
-``NUMBA_THREADING_LAYER`` or numba's pool already runs, :func:`_launch` picks numba's ``workqueue`` threading
-layer: the OpenMP layer starts a second libgomp pool next to torch's and made decoding on small machines many
-times slower.  The choice is process-wide (numba starts one pool), which is why it waits for the first launch
-of these kernels instead of happening at import.
+slice); one torch thread takes the serial twin.  The entry points that combine drivers (:func:`_entry`) are
+twins too: the serial one compiled and cached, the parallel one plain Python, so that no cached function calls a
+parallel one (numba caches such a caller as code that can crash a later process).
+
+At the first launch, unless the user set ``NUMBA_THREADING_LAYER`` or numba's pool already runs, :func:`_launch`
+picks numba's ``workqueue`` threading layer: the OpenMP layer starts a second libgomp pool next to torch's and
+made decoding on small machines many times slower.  The choice is process-wide (numba starts one pool), which is
+why it waits for the first launch of these kernels instead of happening at import.
 """
 
 from __future__ import annotations
@@ -357,21 +360,20 @@ if numba is not None:
             acc += _as_f32(values[o, k]) * _as_f32(x[t, 4 * (k >> 1) + pos])
         out[t, o] += acc
 
+    def _renamed(fn, suffix: str, names: dict | None = None):
+        """A copy of ``fn`` under the name ``<name><suffix>`` (numba's on-disk cache is keyed by the qualified
+        name, so each copy keeps its own compilations), its globals overridden by ``names``."""
+        scope = fn.__globals__ if names is None else {**fn.__globals__, **names}
+        f = pytypes.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+        f.__qualname__ = fn.__qualname__ + suffix
+        return f
+
     def _twins(driver, fastmath: bool = False):
-        """``(serial, parallel)`` dispatchers of one driver: numba runs ``prange`` as ``range`` when not parallel.
-        Each twin is a copy of the function under its own name, so that numba's on-disk cache (keyed by the
-        qualified name) keeps the two compilations apart."""
-
-        def copy(suffix: str):
-            f = pytypes.FunctionType(
-                driver.__code__, driver.__globals__, driver.__name__ + suffix, driver.__defaults__, driver.__closure__
-            )
-            f.__qualname__ = driver.__qualname__ + suffix
-            return f
-
+        """``(serial, parallel)`` dispatchers of one driver: numba runs ``prange`` as ``range`` when not
+        parallel."""
         return (
-            njit(cache=True, fastmath=fastmath)(copy("_ser")),
-            njit(parallel=True, cache=True, fastmath=fastmath)(copy("_par")),
+            njit(cache=True, fastmath=fastmath)(_renamed(driver, "_ser")),
+            njit(parallel=True, cache=True, fastmath=fastmath)(_renamed(driver, "_par")),
         )
 
     @njit(cache=True)
@@ -486,61 +488,61 @@ if numba is not None:
     _block_diag_ser, _block_diag_par = _twins(_block_diag_driver, fastmath=True)
     _unpack_ser, _unpack_par = _twins(_unpack_driver)
 
-    @njit(cache=True)
-    def _core_into(values, idx, x, out, n, m, bits, parallel):
+    # The entry points below are written once and built twice (:func:`_entry`): serial, compiled and cached, calling
+    # the serial twins; parallel, as plain Python calling the parallel twins.  No cached function calls a parallel
+    # one: numba's cache of such a caller, written after its callee was loaded from another process's cache, loads
+    # as machine code that crashes (numba issue 8578; tests/test_runtime.py reproduces it across processes).
+    _SERIAL = {"_nm24": _nm24_ser, "_nm_generic": _nm_generic_ser, "_block_diag": _block_diag_ser,
+               "_unpack": _unpack_ser}  # fmt: skip
+    _PARALLEL = {"_nm24": _nm24_par, "_nm_generic": _nm_generic_par, "_block_diag": _block_diag_par,
+                 "_unpack": _unpack_par}  # fmt: skip
+
+    def _entry(fn):
+        """``(serial, parallel)`` of an entry point, each calling its own kind (later entry points see them)."""
+        serial = njit(cache=True)(_renamed(fn, "_ser", _SERIAL))
+        parallel = _renamed(fn, "_par", _PARALLEL)
+        _SERIAL[fn.__name__], _PARALLEL[fn.__name__] = serial, parallel
+        return serial, parallel
+
+    def _core_into(values, idx, x, out, n, m, bits):
         if n == 2 and m == 4:
             out[:] = 0
             xs = _selection_table(x, values.shape[1])
-            if parallel:
-                _nm24_par(values, idx, x, xs, out)
-            else:
-                _nm24_ser(values, idx, x, xs, out)
-        elif parallel:
-            _nm_generic_par(values, idx, x, out, n, m, bits)
+            _nm24(values, idx, x, xs, out)  # noqa: F821 - bound per twin by _entry
         else:
-            _nm_generic_ser(values, idx, x, out, n, m, bits)
+            _nm_generic(values, idx, x, out, n, m, bits)  # noqa: F821
 
-    @njit(cache=True)
-    def _block_diag_into(blocks, x, out, parallel):
-        if parallel:
-            _block_diag_par(blocks, x, out)
-        else:
-            _block_diag_ser(blocks, x, out)
+    _entry(_core_into)  # bound before the entry points that call it
 
-    @njit(cache=True)
-    def _unpack_forward(values, idx, n, m, bits, parallel):
+    def _unpack_forward(values, idx, n, m, bits):
         out = np.empty((values.shape[0], values.shape[1] // n * m), dtype=values.dtype)
-        if parallel:
-            _unpack_par(values, idx, out, n, m, bits)
-        else:
-            _unpack_ser(values, idx, out, n, m, bits)
+        _unpack(values, idx, out, n, m, bits)  # noqa: F821
         return out
 
-    @njit(cache=True)
-    def _sparse_forward(values, idx, x, n, m, bits, parallel):
+    def _sparse_forward(values, idx, x, n, m, bits):
         out = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, x, out, n, m, bits, parallel)
+        _core_into(values, idx, x, out, n, m, bits)
         return out
 
-    @njit(cache=True)
-    def _sparse_forward_bf16(values, idx, x, xs, parallel):
+    def _sparse_forward_bf16(values, idx, x, xs):
         out = np.zeros((x.shape[0], values.shape[0]), dtype=np.float32)
-        if parallel:
-            _nm24_par(values, idx, x, xs, out)
-        else:
-            _nm24_ser(values, idx, x, xs, out)
+        _nm24(values, idx, x, xs, out)  # noqa: F821
         return out
 
-    @njit(cache=True)
-    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, bits, parallel):
+    def _armor_forward(b_blocks, values, idx, a_blocks, x, n, m, bits):
         n_tok = x.shape[0]
         h = np.empty((n_tok, x.shape[1]), dtype=np.float32)
-        _block_diag_into(b_blocks, x, h, parallel)
+        _block_diag(b_blocks, x, h)  # noqa: F821
         z = np.empty((n_tok, values.shape[0]), dtype=np.float32)
-        _core_into(values, idx, h, z, n, m, bits, parallel)
+        _core_into(values, idx, h, z, n, m, bits)
         out = np.empty_like(z)
-        _block_diag_into(a_blocks, z, out, parallel)
+        _block_diag(a_blocks, z, out)  # noqa: F821
         return out
+
+    UNPACK = _entry(_unpack_forward)
+    SPARSE = _entry(_sparse_forward)
+    SPARSE_BF16 = _entry(_sparse_forward_bf16)
+    ARMOR = _entry(_armor_forward)
 
     _serialise_cache_io(v for v in list(globals().values()) if isinstance(v, numba.core.dispatcher.Dispatcher))
 
@@ -604,14 +606,15 @@ def _first_launch() -> None:
 
 
 def _launch(kernel, *args):
-    """Run ``kernel(*args, parallel)`` on torch's thread count (one thread: no thread pool at all)."""
+    """Run ``kernel`` (a ``(serial, parallel)`` entry point) on torch's thread count: one thread runs the serial
+    one, which never touches numba's thread pool."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _LAUNCH_LOCK:
         if not _launched:
             _first_launch()
         if threads > 1:
             numba.set_num_threads(threads)
-        return torch.from_numpy(kernel(*args, threads > 1))
+        return torch.from_numpy(kernel[threads > 1](*args))
 
 
 def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Tensor:
@@ -623,10 +626,10 @@ def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Ten
             raise ValueError(f"x must be (tokens, {values.shape[1] * 2}), got {tuple(x.shape)}")
         x = x.detach().contiguous()
         xs = _raw_numpy(_bf16_table(x))
-        return _launch(_sparse_forward_bf16, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs)
+        return _launch(SPARSE_BF16, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs)
     x32 = _float32_rows(x, values.shape[1] // n * m)
     return _launch(
-        _sparse_forward,
+        SPARSE,
         _raw_numpy(values),
         indices.detach().numpy(),
         x32.numpy(),
@@ -646,7 +649,7 @@ def armor_matmul(
     if a_blocks.shape[0] * a_blocks.shape[1] != values.shape[0]:
         raise ValueError(f"a_blocks {tuple(a_blocks.shape)} do not tile {values.shape[0]} output features")
     return _launch(
-        _armor_forward,
+        ARMOR,
         _raw_numpy(b_blocks),
         _raw_numpy(values),
         indices.detach().numpy(),
@@ -662,6 +665,6 @@ def unpack_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
     """The dense ``(out, in)`` core in ``values``' dtype, written in one pass over the packed state (what
     :func:`armor.runtime.packing.unpack_nm` returns, without its int64 index tensors: ~50x faster on CPU)."""
     _check_ready(values, indices)
-    dense = _launch(_unpack_forward, _raw_numpy(values), indices.detach().numpy(), n, m, index_bits(m))
+    dense = _launch(UNPACK, _raw_numpy(values), indices.detach().numpy(), n, m, index_bits(m))
     return dense.view(values.dtype) if values.dtype != torch.float32 else dense
 
