@@ -410,19 +410,31 @@ def test_packed_fp32_is_exact_up_to_summation_order(tokens):
 
 @needs_numba
 @pytest.mark.parametrize("make", [_armor_result, _sparse_result])
-def test_packed_one_thread_and_two_threads_agree(make):
-    # one torch thread runs the kernels without numba's thread pool, more threads split rows over it
+def test_packed_one_thread_and_two_threads_agree(make, monkeypatch):
+    """One torch thread runs the serial kernels (no numba thread pool); more threads split the rows over numba's
+    pool, but only for calls with at least CPU_PARALLEL_MIN_WORK kept values x passes: a smaller call stays
+    serial, since a fork/join costs it more than the second thread gives."""
+    import armor.runtime.kernels as kernels
+
     res = make()
     mod = module_from_result(res, None, torch.float32, backend="packed")
     x = torch.randn(5, 128)
+    ran: list[str] = []
+    for name in ("ARMOR", "SPARSE"):
+        serial, parallel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, (lambda *a, f=serial: ran.append("serial") or f(*a),
+                                            lambda *a, f=parallel: ran.append("parallel") or f(*a)))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         y1 = _run_packed(mod, x)
         torch.set_num_threads(2)
+        _run_packed(mod, x)  # 64 rows: too small to split
+        monkeypatch.setattr(kernels, "CPU_PARALLEL_MIN_WORK", 1)
         y2 = _run_packed(mod, x)
     finally:
         torch.set_num_threads(before)
+    assert ran == ["serial", "serial", "parallel"]
     assert torch.equal(y1, y2)  # each output is summed by one thread in the same order either way
     _close(y1, _reference(res, x, None), 1e-5)
 

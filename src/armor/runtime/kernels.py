@@ -67,6 +67,10 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # launch at a time costs nothing here (a layer's forward is one launch).
 _LAUNCH_LOCK = threading.Lock()
 _launched = False
+#: a call runs on numba's threads only when its work -- kept values x passes over them (one per 4 tokens) -- is
+#: at least this: each parallel region costs a fork/join (60-90 us on a 2-core VM), which smaller calls never win
+#: back (benchmarks/RESULTS_runtime.md, "Threads per call"; ``python benchmarks/cpu_threads.py``)
+CPU_PARALLEL_MIN_WORK = 1 << 23
 
 
 def numba_available() -> bool:
@@ -605,16 +609,22 @@ def _first_launch() -> None:
         numba.config.THREADING_LAYER = "workqueue"
 
 
-def _launch(kernel, *args):
-    """Run ``kernel`` (a ``(serial, parallel)`` entry point) on torch's thread count: one thread runs the serial
-    one, which never touches numba's thread pool."""
+def _launch(kernel, work: int, *args):
+    """Run ``kernel`` (a ``(serial, parallel)`` entry point) on torch's thread count when ``work`` (kept values x
+    passes over them) reaches :data:`CPU_PARALLEL_MIN_WORK`, else serially, never touching numba's thread pool."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    parallel = threads > 1 and work >= CPU_PARALLEL_MIN_WORK
     with _LAUNCH_LOCK:
         if not _launched:
             _first_launch()
-        if threads > 1:
+        if parallel:
             numba.set_num_threads(threads)
-        return torch.from_numpy(kernel[threads > 1](*args))
+        return torch.from_numpy(kernel[parallel](*args))
+
+
+def _work(values: Tensor, tokens: int = 4) -> int:
+    """A call's work for :func:`_launch`: kept values x passes over them (the kernels take 4 tokens per pass)."""
+    return values.numel() * -(-tokens // 4)
 
 
 def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Tensor:
@@ -626,10 +636,12 @@ def nm_matmul(values: Tensor, indices: Tensor, x: Tensor, n: int, m: int) -> Ten
             raise ValueError(f"x must be (tokens, {values.shape[1] * 2}), got {tuple(x.shape)}")
         x = x.detach().contiguous()
         xs = _raw_numpy(_bf16_table(x))
-        return _launch(SPARSE_BF16, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs)
+        work = _work(values, x.shape[0])
+        return _launch(SPARSE_BF16, work, _raw_numpy(values), indices.detach().numpy(), _raw_numpy(x), xs)
     x32 = _float32_rows(x, values.shape[1] // n * m)
     return _launch(
         SPARSE,
+        _work(values, x32.shape[0]),
         _raw_numpy(values),
         indices.detach().numpy(),
         x32.numpy(),
@@ -650,6 +662,7 @@ def armor_matmul(
         raise ValueError(f"a_blocks {tuple(a_blocks.shape)} do not tile {values.shape[0]} output features")
     return _launch(
         ARMOR,
+        _work(values, x32.shape[0]),
         _raw_numpy(b_blocks),
         _raw_numpy(values),
         indices.detach().numpy(),
@@ -665,6 +678,6 @@ def unpack_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
     """The dense ``(out, in)`` core in ``values``' dtype, written in one pass over the packed state (what
     :func:`armor.runtime.packing.unpack_nm` returns, without its int64 index tensors: ~50x faster on CPU)."""
     _check_ready(values, indices)
-    dense = _launch(UNPACK, _raw_numpy(values), indices.detach().numpy(), n, m, index_bits(m))
+    dense = _launch(UNPACK, _work(values), _raw_numpy(values), indices.detach().numpy(), n, m, index_bits(m))
     return dense.view(values.dtype) if values.dtype != torch.float32 else dense
 
