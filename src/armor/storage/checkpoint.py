@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 __all__ = [
     "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
-    "untie_distinct_head",
+    "untie_distinct_head", "tied_head_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def meta_skeleton(model_path: str | Path, config: Any = None, strip_quantization
     return model.eval()
 
 
-def _tied_head_keys(model: nn.Module) -> tuple[str, str] | None:
+def tied_head_keys(model: nn.Module) -> tuple[str, str] | None:
     """``(embeddings key, head key)`` of a model whose config ties its output head to its input embeddings."""
     if not getattr(model.config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
         return None
@@ -174,7 +174,7 @@ def untie_distinct_head(model: nn.Module, stored: ShardReader | Mapping[str, Ten
     """Untie the head of ``model`` when its config ties it to the embeddings but ``stored`` (a checkpoint, or a
     folder's tensors) holds both with different values, as ``from_pretrained`` does; the config then says
     ``tie_word_embeddings: false``, so the model is saved untied.  Returns whether it untied the head."""
-    keys = _tied_head_keys(model)
+    keys = tied_head_keys(model)
     if keys is None or not all(k in stored for k in keys):
         return False
     tensors = stored.load(list(keys)) if isinstance(stored, ShardReader) else stored

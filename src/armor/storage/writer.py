@@ -41,7 +41,14 @@ from ..models import LinearExperts, set_module
 from ..runtime import empty_module_from_spec
 from ..version import __version__
 from .atomic import write_json_atomic, write_safetensors_streamed
-from .checkpoint import ShardReader, meta_skeleton, open_safetensors, release_memory, untie_distinct_head
+from .checkpoint import (
+    ShardReader,
+    meta_skeleton,
+    open_safetensors,
+    release_memory,
+    tied_head_keys,
+    untie_distinct_head,
+)
 from .guard import guard_keys, guard_tensor, keep_guards
 from .hf_quantizer import MODEL_FORMAT, MODEL_TYPE, QUANT_METHOD, ArmorConfig, mark_armored
 from .resume import layer_file
@@ -196,8 +203,12 @@ def save_pruned(
     entries = [(k, tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()]
     specs, dtypes, experts = _packed_layout(model, mods)
     info = dict(run_info) if run_info is not None else _provenance(model)
+    config = plain_config_dict(model.config)
+    tied = tied_head_keys(model)
+    if tied is not None and tied[1] in tensors:  # a head kept apart from the embeddings (its config says tied)
+        config["tie_word_embeddings"] = False
     return write_folder(
-        out_dir, entries, aliases, plain_config_dict(model.config), info, specs, dtypes,
+        out_dir, entries, aliases, config, info, specs, dtypes,
         getattr(model, "generation_config", None), tokenizer, unfused_experts=experts,
     )
 
