@@ -122,6 +122,17 @@ def tiny_text(tmp_path: Path) -> Path:
     return p
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``armor`` with ``argv`` in this process: its exit status, stdout and stderr (what fixtures printed before is
+    dropped, e.g. save_pretrained's progress bar)."""
+    from armor.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
 @pytest.fixture()
 def tiny_model_dir(tmp_path: Path, char_tokenizer) -> Path:
     """The tiny model saved as an ordinary HF folder (what the CLI takes)."""

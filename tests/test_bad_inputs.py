@@ -7,15 +7,9 @@ import pytest
 import torch
 
 import armor
-from armor.cli import main
-from conftest import TEXT, make_tiny_model
+from conftest import TEXT, make_tiny_model, run_cli
 
-
-def _cli(capsys, *argv):
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+_cli = run_cli
 
 
 def _small(model_dir, text, out, *extra):

@@ -16,13 +16,9 @@ from armor.cli import main
 from armor.report import DENSE_FOOTPRINT, format_table, result_row
 from armor.storage import read_armor_config
 from armor.storage.resume import layer_file
+from conftest import run_cli
 
-
-def _cli(capsys, *argv):
-    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained's progress bar)
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+_cli = run_cli
 
 
 def _small(model_dir, text, out, *extra):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import armor
-from armor.cli import error_message, main
+from armor.cli import error_message
 from armor.pipeline.jobs import LayerJob, run_layer_job
 from armor.report import folder_footprint
 from armor.stats import LayerStats
@@ -25,14 +25,9 @@ from armor.storage import read_armor_config, write_json_atomic
 from armor.storage.atomic import atomic_save_safetensors, write_safetensors_streamed
 from armor.storage.lock import FolderBusyError, FolderLock
 from armor.text import read_documents
-from conftest import TEXT, make_tiny_model
+from conftest import TEXT, make_tiny_model, run_cli
 
-
-def _cli(capsys, *argv):
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+_cli = run_cli
 
 
 def _small(model_dir, text, out, *extra):
