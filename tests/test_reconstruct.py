@@ -187,6 +187,17 @@ def test_settings_change_the_fingerprint(char_tokenizer, tmp_path):
     auto = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", batch_size=4, options=ARMOR,
                  reconstruct=dataclasses.replace(RECON, compute_dtype="auto"))
     assert auto.run_info["reconstruction"]["compute_dtype"] in ("float32", "bfloat16")
+    # default steps: DEFAULT_PASSES passes over the calibration batches (12 sequences in batches of 4, 5: 3 batches),
+    # recorded and fingerprinted as the number they came to, so the same number given explicitly is the same run
+    for batch, want in ((4, 12), (5, 12), (6, 8)):
+        run = prune(make_tiny_model(len(char_tokenizer)), ids, "nowag", batch_size=batch,
+                    reconstruct=dataclasses.replace(RECON, steps=None))
+        assert run.run_info["reconstruction"]["steps"] == want, batch
+    base = dict(options=ARMOR, batch_size=4, keep_layer_files=True, output=tmp_path / "steps")
+    default = prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast",
+                    reconstruct=dataclasses.replace(RECON, steps=None), **base)
+    assert prune(make_tiny_model(len(char_tokenizer)), ids, "armor-fast", reconstruct=RECON, **base).already_done
+    assert default.run_info["fingerprint"] == on.run_info["fingerprint"]  # RECON.steps is 12 = 4 x 3 batches
     for other in (dataclasses.replace(RECON, steps=13), dataclasses.replace(RECON, lr=2e-3),
                   dataclasses.replace(RECON, holdout=8), dataclasses.replace(RECON, loss="token"),
                   dataclasses.replace(RECON, schedule="cosine"),

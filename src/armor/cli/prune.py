@@ -21,7 +21,7 @@ from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overh
 from ..models import check_token_ids, find_prunable_layers
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
-from ..pipeline.reconstruct import COMPUTE_DTYPES, LOSSES, SCHEDULES, ReconstructSettings
+from ..pipeline.reconstruct import COMPUTE_DTYPES, DEFAULT_PASSES, LOSSES, SCHEDULES, ReconstructSettings
 from ..report import (
     DENSE_FOOTPRINT,
     folder_footprint,
@@ -155,8 +155,9 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
                    help="after each block is pruned, tune its layers' free tensors (wrappers, kept values) so the "
                    "pruned block reproduces the dense block's outputs; masks and stored format unchanged")
     r.add_argument("--reconstruct-steps", type=int, default=None,
-                   help=f"Adam steps per block, one batch each (default {d.steps}; the demo {DEMO_RECONSTRUCT_STEPS}); "
-                   "about four passes over the training sequences measured best, e.g. 128 with --nsamples 128")
+                   help=f"Adam steps per block, one batch each (default: {DEFAULT_PASSES} passes over the calibration "
+                   f"sequences, i.e. --nsamples at --batch-size 4, which measured best at 64 and 128; the demo "
+                   f"{DEMO_RECONSTRUCT_STEPS})")
     r.add_argument("--reconstruct-lr", type=float, default=d.lr, help="Adam learning rate")
     r.add_argument("--reconstruct-schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning rate over a block's steps: constant, or cosine decay to zero")
@@ -175,7 +176,7 @@ def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None
         return None
     steps = args.reconstruct_steps
     if steps is None:
-        steps = DEMO_RECONSTRUCT_STEPS if args.model is None else ReconstructSettings.steps
+        steps = DEMO_RECONSTRUCT_STEPS if args.model is None else None  # None: DEFAULT_PASSES over the data
         if args.model is None:
             print(f"demo budget: {steps} reconstruction steps per block (--reconstruct-steps N for more, "
                   "--no-reconstruct for none)")
@@ -202,7 +203,8 @@ def describe_methods() -> str:
     d = ReconstructSettings()
     lines.append(
         f"\nevery method, then block-wise reconstruction ({'on' if RECONSTRUCT_DEFAULT else 'off'} by default, "
-        f"--no-reconstruct): --reconstruct-steps {d.steps}, --reconstruct-lr {d.lr}, --reconstruct-holdout "
+        f"--no-reconstruct): --reconstruct-steps {DEFAULT_PASSES} x the calibration batches, --reconstruct-lr "
+        f"{d.lr}, --reconstruct-holdout "
         f"{d.holdout}, --reconstruct-loss {d.loss}, --reconstruct-dtype {d.compute_dtype}; batch = --batch-size"
     )
     return "\n".join(lines)

@@ -681,8 +681,9 @@ def prune(
     if isinstance(limit, int) and calibration.shape[1] > limit:
         raise ValueError(f"calibration sequences of {calibration.shape[1]} tokens are longer than the model's "
                          f"max_position_embeddings ({limit})")
-    if s.reconstruct is not None:  # "auto" settled for this device before it is fingerprinted and recorded
-        s = dataclasses.replace(s, reconstruct=s.reconstruct.for_device(source.device))
+    if s.reconstruct is not None:  # "auto" dtype and default steps settled before they are fingerprinted
+        batches = -(-len(calibration) // s.batch_size)
+        s = dataclasses.replace(s, reconstruct=s.reconstruct.for_run(source.device, batches))
     out = Path(output) if output is not None else None
     # one writer per output folder: a second run into it fails at once (the lock dies with its process)
     with FolderLock(out) if out is not None else nullcontext():

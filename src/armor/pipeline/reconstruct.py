@@ -38,6 +38,9 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: ``sum |y - t|^2 / sum |t|^2``; ``token``, each token's squared error relative to its own norm, averaged over
 #: tokens (the scale the next RMSNorm/LayerNorm sees; massive-activation tokens no longer dominate).
 LOSSES = ("mse", "token")
+#: Default steps per block in passes over the calibration sequences: 4 measured best at 64 and at 128 sequences
+#: (one step per sequence at a batch of 4; fewer passes underfit, 8 overfit: benchmarks/RESULTS_reconstruction.md).
+DEFAULT_PASSES = 4
 #: Learning-rate schedules over a block's steps: ``constant``, or ``cosine`` decay from ``lr`` to zero.
 SCHEDULES = ("constant", "cosine")
 
@@ -48,7 +51,8 @@ class ReconstructSettings:
 
     Attributes:
         steps: Adam steps per block, each on one calibration batch (the driver's ``batch_size`` sequences),
-            cycling over the training batches.
+            cycling over the training batches; ``None``: :data:`DEFAULT_PASSES` passes over the calibration
+            sequences (:meth:`for_run`): one step per sequence at a batch of 4.
         lr: Adam's learning rate (its peak, under a schedule).
         schedule: how the learning rate moves over a block's steps (:data:`SCHEDULES`).
         holdout: calibration sequences held out of training to judge the result, taken as whole batches from the
@@ -59,7 +63,7 @@ class ReconstructSettings:
             always runs the stored model.
     """
 
-    steps: int = 32
+    steps: int | None = None
     lr: float = 3e-4
     schedule: str = "constant"
     holdout: int = 8
@@ -68,8 +72,8 @@ class ReconstructSettings:
 
     def check(self) -> None:
         """Raise a ValueError naming the first invalid setting."""
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"reconstruction steps must be an integer >= 1, got {self.steps!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"reconstruction steps must be an integer >= 1 or None, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise ValueError(f"reconstruction learning rate must be in (0, 1), got {self.lr!r}")
         if not isinstance(self.holdout, int) or self.holdout < 0:
@@ -85,11 +89,14 @@ class ReconstructSettings:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def for_device(self, device: torch.device | str) -> ReconstructSettings:
-        """These settings with ``auto`` resolved for ``device`` (what a run records and fingerprints)."""
-        if self.compute_dtype != "auto":
-            return self
-        return dataclasses.replace(self, compute_dtype="bfloat16" if _fast_bf16(torch.device(device)) else "float32")
+    def for_run(self, device: torch.device | str, batches: int) -> ReconstructSettings:
+        """These settings as a run on ``device`` with ``batches`` calibration batches uses them (what it records
+        and fingerprints): the ``auto`` dtype and the default steps (:data:`DEFAULT_PASSES` x ``batches``)."""
+        s = self if self.steps is not None else dataclasses.replace(self, steps=DEFAULT_PASSES * max(1, batches))
+        if s.compute_dtype == "auto":
+            fast = _fast_bf16(torch.device(device))
+            s = dataclasses.replace(s, compute_dtype="bfloat16" if fast else "float32")
+        return s
 
 
 def _fast_bf16(device: torch.device) -> bool:
@@ -240,7 +247,6 @@ def _train(block: nn.Module, views: list[_TrainView], calls: BlockCalls, inputs:
     opt = torch.optim.Adam(params, lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps) if s.schedule == "cosine" else None
     first = last = float("nan")
-    s = s.for_device(device)
     low = s.compute_dtype != "float32"
     autocast = torch.autocast(device.type, dtype=getattr(torch, s.compute_dtype), enabled=low)
     with torch.enable_grad(), autocast:
@@ -284,6 +290,7 @@ def reconstruct_block(
     """
     start = time.perf_counter()
     device = torch.device(device)
+    settings = settings.for_run(device, len(inputs))
     train, held = _split(inputs, settings.holdout)
     modules = {name: get_module(root, name) for name in names}
     dense = dense_weights or {}
