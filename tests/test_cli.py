@@ -236,6 +236,7 @@ def test_help_has_no_doubled_none_and_lists_methods(capsys):
     assert "(default: None)" not in text and "--eval-windows" in text
     rc, stdout, _ = _cli(capsys, "prune", "--help-methods")
     assert rc == 0 and "column_batch=128" in stdout and "sweeps=20" in stdout and "armor-bh" in stdout
+    assert "total time" not in stdout and "4 x the calibration batches" in stdout
 
 
 def test_result_rows_and_table():

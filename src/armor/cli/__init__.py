@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"armor: error: {error_message(exc)}", file=sys.stderr)
         return 2
-    if args.command == "prune":
+    if args.command == "prune" and not args.help_methods:
         print(f"total time: {time.perf_counter() - start:.0f} s")
     return int(rc or 0)
 
