@@ -170,3 +170,20 @@ def test_export_onto_its_own_source_is_refused(capsys, tiny_model_dir, tiny_text
     rc, _, err = _cli(capsys, "export", pruned, pruned / ".." / "armor-fast", "--overwrite")
     assert rc == 2 and "is the pruned model being exported" in err
     assert sorted(p.name for p in pruned.iterdir()) == before and armor.load(pruned) is not None
+
+
+def test_library_run_into_a_folder_holding_a_dense_model_is_refused(char_tokenizer, tiny_model_dir, tmp_path):
+    """Before: ``armor.prune(folder, output=folder)`` deleted the dense folder's config.json, wrote layers/ into it
+    and failed ('Unrecognized model'), leaving the dense model unloadable; with a model in memory, ``output=`` a
+    dense model's folder replaced its config.json and weights by the pruned model's, in silence."""
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    before = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()}
+    with pytest.raises(ValueError, match="is the model being pruned"):
+        armor.prune(tiny_model_dir, ids, "magnitude", output=tiny_model_dir)
+    with pytest.raises(ValueError, match="holds a model that is not armor-pruned"):
+        armor.prune(make_tiny_model(len(char_tokenizer), seed=1), ids, "magnitude", output=tiny_model_dir)
+    assert {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()} == before
+    out = tmp_path / "pruned"  # a folder armor wrote is still taken over (resumed, or replaced by the new run)
+    armor.prune(tiny_model_dir, ids, "magnitude", output=out)
+    armor.prune(tiny_model_dir, ids, "wanda", output=out)
+    assert armor.load(out).armor_config["method"] == "wanda"
