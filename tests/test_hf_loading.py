@@ -532,3 +532,24 @@ def test_a_freshly_pruned_model_saved_with_save_pretrained_is_a_pruned_folder(tm
     verdicts, _ = class_load_without_armor("LlamaForCausalLM", tmp_path / "fresh")
     assert verdicts[str(tmp_path / "fresh")].startswith("REFUSED")
     assert json.loads((tmp_path / "fresh" / "config.json").read_text())["model_type"] == "armor"  # Auto* refuse it
+
+
+def test_a_pruned_model_pickles_and_stays_a_pruned_model(folder, tmp_path):
+    """``torch.save(model)`` / ``pickle`` of a pruned model, loaded by either door or fresh from ``armor.prune``.
+    Before: PicklingError "Can't pickle <class '...LlamaConfig'>: it's not the same object as ...LlamaConfig" (the
+    marked config class, mark_armored, has its base class's name)."""
+    import io
+
+    path, ref, _ = folder
+    fresh = armor.prune(tiny_llama(), IDS, "wanda").model
+    for model in (load_pruned(path), AutoModelForCausalLM.from_pretrained(path), fresh):
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=0)
+        assert back.config.to_dict()["model_type"] == "armor"  # still saves as a pruned folder
+    torch.testing.assert_close(logits(back), logits(fresh), rtol=0, atol=0)
+    back.save_pretrained(tmp_path / "resaved")
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "resaved")), logits(fresh), rtol=0, atol=0)
+    assert type(back.config) is type(fresh.config)  # noqa: E721 - the one marked class per architecture
