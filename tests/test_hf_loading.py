@@ -553,3 +553,36 @@ def test_a_pruned_model_pickles_and_stays_a_pruned_model(folder, tmp_path):
     back.save_pretrained(tmp_path / "resaved")
     torch.testing.assert_close(logits(load_pruned(tmp_path / "resaved")), logits(fresh), rtol=0, atol=0)
     assert type(back.config) is type(fresh.config)  # noqa: E721 - the one marked class per architecture
+
+
+def test_a_sharded_save_loads_both_ways_and_the_commands_read_it(capsys, tmp_path):
+    """``save_pretrained(max_shard_size=...)`` of a pruned model writes ``model-0000k-of-0000n.safetensors`` and an
+    index. Before: ``from_pretrained`` loaded it, but ``armor.load``, ``armor eval``, ``armor export`` said "has no
+    model.safetensors" and ``armor inspect`` "weights file not found"."""
+    from armor.storage.verify import verify_pruned_folder
+    from conftest import TEXT, run_cli
+
+    model = prune_by_hand(make_tiny_model(VOCAB, tie=False), "armor-fast")
+    ref = logits(model)
+    save_pruned(model, tmp_path / "one", tokenizer=make_char_tokenizer(), run_info={**RUN_INFO, "records": []})
+    sharded = tmp_path / "sharded"
+    load_pruned(tmp_path / "one").save_pretrained(sharded, max_shard_size="20KB")
+    make_char_tokenizer().save_pretrained(sharded)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and not (sharded / "model.safetensors").exists()
+    torch.testing.assert_close(logits(load_pruned(sharded)), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(sharded)), ref, rtol=0, atol=0)
+    assert set(verify_pruned_folder(sharded)["layers"]) == set(find_prunable_layers(tiny_llama()))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 4)
+    outs = {}
+    for folder in (tmp_path / "one", sharded):
+        rc, outs[folder.name], err = run_cli(capsys, "eval", folder, "--eval-text", text, "--eval-seqlen", 16,
+                                             "--eval-windows", 2)
+        assert rc == 0, err
+    assert outs["one"].split("[")[0] == outs["sharded"].split("[")[0]  # the same perplexity
+    rc, _, err = run_cli(capsys, "export", sharded, tmp_path / "dense")
+    assert rc == 0, err
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")), ref)
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a valid safetensors index"):
+        load_pruned(sharded)
