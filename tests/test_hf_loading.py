@@ -586,3 +586,26 @@ def test_a_sharded_save_loads_both_ways_and_the_commands_read_it(capsys, tmp_pat
     (sharded / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(ValueError, match="model.safetensors.index.json is not a valid safetensors index"):
         load_pruned(sharded)
+
+
+def test_inspect_reads_a_resaved_folder_whose_head_is_tied(capsys, tmp_path):
+    """``save_pretrained`` of a loaded pruned model stores a tied head once, at the embeddings, as transformers does.
+    Before: ``armor inspect`` refused that folder ("model.safetensors does not provide: lm_head.weight") while both
+    loaders loaded it."""
+    from conftest import run_cli
+
+    model = prune_by_hand(tiny_llama(), "armor-fast")  # its head is tied to the embeddings
+    ref, path = logits(model), tmp_path / "pruned"
+    save_pruned(model, path, tokenizer=make_char_tokenizer(), run_info={**RUN_INFO, "records": []})
+    for door, load in (("armor", load_pruned), ("hf", AutoModelForCausalLM.from_pretrained)):
+        load(path).save_pretrained(tmp_path / door)
+        with safe_open(str(tmp_path / door / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys()  # noqa: SIM118
+        torch.testing.assert_close(logits(load_pruned(tmp_path / door)), ref, rtol=0, atol=0)
+        rc, out, err = run_cli(capsys, "inspect", tmp_path / door)
+        assert rc == 0 and "does not provide" not in err, err
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:  # without its embeddings: still refused
+        save_file({k: f.get_tensor(k) for k in f.keys() if k != "model.embed_tokens.weight"},  # noqa: SIM118
+                  str(tmp_path / "hf" / "model.safetensors"))
+    rc, _, err = run_cli(capsys, "inspect", tmp_path / "hf")
+    assert rc == 2 and "does not provide: model.embed_tokens.weight" in err

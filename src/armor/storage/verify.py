@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, meta_skeleton, open_safetensors
+from .checkpoint import CheckpointError, meta_skeleton, open_safetensors, tied_head_keys
 from .guard import guard_keys
 from .hf_quantizer import MODEL_FORMAT, ArmorConfig, check_packed_tensors, install_packed_modules
 from .legacy import LEGACY_MODEL_FORMAT
@@ -71,6 +71,9 @@ def verify_pruned_folder(path: str | Path) -> dict[str, Any]:
     weights = files[0] if len(files) == 1 else path  # what errors name
     shapes, aliases = _stored(files)
     check_packed_tensors(model, layers, shapes)
+    tied = tied_head_keys(model)
+    if tied is not None:  # a tied head that save_pretrained stores once, at the embeddings (the loaders tie it)
+        aliases = {tied[1]: tied[0], **aliases}
     state = model.state_dict(keep_vars=True)
     missing = [k for k, t in state.items() if t.is_meta and k not in shapes and aliases.get(k) not in shapes]
     if missing:
