@@ -311,6 +311,24 @@ def test_gradients_take_the_dense_path():
     torch.testing.assert_close(x.grad, expected.expand(2, -1), rtol=1e-5, atol=1e-5)
 
 
+def test_an_input_of_another_dtype_gives_one_result_on_every_path():
+    """A float32 input to a bfloat16 module. Before: the packed path (auto up to CPU_PACKED_MAX_TOKENS tokens) took
+    it, the dense path raised 'mat1 and mat2 must have the same dtype', so the same call worked at 16 tokens and
+    failed at 17. Now every path reads it in the module's dtype, differentiably."""
+    limit = CPU_PACKED_MAX_TOKENS[torch.bfloat16]
+    x = torch.randn(limit + 1, 128)
+    for res in (_armor_result(), _sparse_result()):
+        for backend in ("auto", "packed", "dense"):
+            mod = module_from_result(res, torch.randn(96), torch.bfloat16, backend=backend)
+            for rows in (x[:3], x):
+                want = mod(rows.to(torch.bfloat16))
+                got = mod(rows)
+                assert got.dtype == torch.bfloat16 and torch.equal(got, want), (backend, len(rows))
+            xg = x[:3].clone().requires_grad_(True)
+            mod(xg).float().sum().backward()
+            assert xg.grad.dtype == torch.float32 and xg.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # backends
 def test_backends_on_cpu():
