@@ -170,3 +170,40 @@ def test_export_onto_its_own_source_is_refused(capsys, tiny_model_dir, tiny_text
     rc, _, err = _cli(capsys, "export", pruned, pruned / ".." / "armor-fast", "--overwrite")
     assert rc == 2 and "is the pruned model being exported" in err
     assert sorted(p.name for p in pruned.iterdir()) == before and armor.load(pruned) is not None
+
+
+def test_library_run_into_a_folder_holding_a_dense_model_is_refused(char_tokenizer, tiny_model_dir, tmp_path):
+    """Before: ``armor.prune(folder, output=folder)`` deleted the dense folder's config.json, wrote layers/ into it
+    and failed ('Unrecognized model'), leaving the dense model unloadable; with a model in memory, ``output=`` a
+    dense model's folder replaced its config.json and weights by the pruned model's, in silence."""
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    before = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()}
+    with pytest.raises(ValueError, match="is the model being pruned"):
+        armor.prune(tiny_model_dir, ids, "magnitude", output=tiny_model_dir)
+    with pytest.raises(ValueError, match="holds a model that is not armor-pruned"):
+        armor.prune(make_tiny_model(len(char_tokenizer), seed=1), ids, "magnitude", output=tiny_model_dir)
+    assert {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()} == before
+    out = tmp_path / "pruned"  # a folder armor wrote is still taken over (resumed, or replaced by the new run)
+    armor.prune(tiny_model_dir, ids, "magnitude", output=out)
+    armor.prune(tiny_model_dir, ids, "wanda", output=out)
+    assert armor.load(out).armor_config["method"] == "wanda"
+
+
+def test_a_dtype_no_model_runs_in_is_an_error_naming_it(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: ``armor.load(folder, dtype=torch.int8)`` raised load_state_dict's RuntimeError about
+    ``model.embed_tokens.weight``; ``dtype="float8_e4m3fn"`` (and ``armor eval --dtype float8_e4m3fn``) passed the
+    check and failed later ('"equal_notnan_cpu" not implemented for Float8_e4m3fn')."""
+    from armor.storage import load_model
+
+    rc, _, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "run"))
+    pruned = tmp_path / "run" / "armor-fast"
+    for dtype in (torch.int8, torch.float8_e4m3fn, "float8_e4m3fn", "int8"):
+        for load in (armor.load, load_model):
+            with pytest.raises(ValueError, match="unknown dtype .*; use float32, float16 or bfloat16"):
+                load(pruned, dtype=dtype)
+        with pytest.raises(ValueError, match="unknown dtype"):
+            load_model(tiny_model_dir, dtype=dtype)
+    rc, _, err = _cli(capsys, "eval", pruned, "--eval-text", tiny_text, "--eval-seqlen", 16, "--eval-windows", 1,
+                      "--dtype", "float8_e4m3fn")
+    assert rc == 2 and "unknown dtype 'float8_e4m3fn'" in err
+    assert armor.load(pruned, dtype=torch.float64).dtype == torch.float64  # float64 still runs (dense paths)

@@ -532,3 +532,80 @@ def test_a_freshly_pruned_model_saved_with_save_pretrained_is_a_pruned_folder(tm
     verdicts, _ = class_load_without_armor("LlamaForCausalLM", tmp_path / "fresh")
     assert verdicts[str(tmp_path / "fresh")].startswith("REFUSED")
     assert json.loads((tmp_path / "fresh" / "config.json").read_text())["model_type"] == "armor"  # Auto* refuse it
+
+
+def test_a_pruned_model_pickles_and_stays_a_pruned_model(folder, tmp_path):
+    """``torch.save(model)`` / ``pickle`` of a pruned model, loaded by either door or fresh from ``armor.prune``.
+    Before: PicklingError "Can't pickle <class '...LlamaConfig'>: it's not the same object as ...LlamaConfig" (the
+    marked config class, mark_armored, has its base class's name)."""
+    import io
+
+    path, ref, _ = folder
+    fresh = armor.prune(tiny_llama(), IDS, "wanda").model
+    for model in (load_pruned(path), AutoModelForCausalLM.from_pretrained(path), fresh):
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=0)
+        assert back.config.to_dict()["model_type"] == "armor"  # still saves as a pruned folder
+    torch.testing.assert_close(logits(back), logits(fresh), rtol=0, atol=0)
+    back.save_pretrained(tmp_path / "resaved")
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "resaved")), logits(fresh), rtol=0, atol=0)
+    assert type(back.config) is type(fresh.config)  # noqa: E721 - the one marked class per architecture
+
+
+def test_a_sharded_save_loads_both_ways_and_the_commands_read_it(capsys, tmp_path):
+    """``save_pretrained(max_shard_size=...)`` of a pruned model writes ``model-0000k-of-0000n.safetensors`` and an
+    index. Before: ``from_pretrained`` loaded it, but ``armor.load``, ``armor eval``, ``armor export`` said "has no
+    model.safetensors" and ``armor inspect`` "weights file not found"."""
+    from armor.storage.verify import verify_pruned_folder
+    from conftest import TEXT, run_cli
+
+    model = prune_by_hand(make_tiny_model(VOCAB, tie=False), "armor-fast")
+    ref = logits(model)
+    save_pruned(model, tmp_path / "one", tokenizer=make_char_tokenizer(), run_info={**RUN_INFO, "records": []})
+    sharded = tmp_path / "sharded"
+    load_pruned(tmp_path / "one").save_pretrained(sharded, max_shard_size="20KB")
+    make_char_tokenizer().save_pretrained(sharded)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and not (sharded / "model.safetensors").exists()
+    torch.testing.assert_close(logits(load_pruned(sharded)), ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(sharded)), ref, rtol=0, atol=0)
+    assert set(verify_pruned_folder(sharded)["layers"]) == set(find_prunable_layers(tiny_llama()))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 4)
+    outs = {}
+    for folder in (tmp_path / "one", sharded):
+        rc, outs[folder.name], err = run_cli(capsys, "eval", folder, "--eval-text", text, "--eval-seqlen", 16,
+                                             "--eval-windows", 2)
+        assert rc == 0, err
+    assert outs["one"].split("[")[0] == outs["sharded"].split("[")[0]  # the same perplexity
+    rc, _, err = run_cli(capsys, "export", sharded, tmp_path / "dense")
+    assert rc == 0, err
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")), ref)
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a valid safetensors index"):
+        load_pruned(sharded)
+
+
+def test_inspect_reads_a_resaved_folder_whose_head_is_tied(capsys, tmp_path):
+    """``save_pretrained`` of a loaded pruned model stores a tied head once, at the embeddings, as transformers does.
+    Before: ``armor inspect`` refused that folder ("model.safetensors does not provide: lm_head.weight") while both
+    loaders loaded it."""
+    from conftest import run_cli
+
+    model = prune_by_hand(tiny_llama(), "armor-fast")  # its head is tied to the embeddings
+    ref, path = logits(model), tmp_path / "pruned"
+    save_pruned(model, path, tokenizer=make_char_tokenizer(), run_info={**RUN_INFO, "records": []})
+    for door, load in (("armor", load_pruned), ("hf", AutoModelForCausalLM.from_pretrained)):
+        load(path).save_pretrained(tmp_path / door)
+        with safe_open(str(tmp_path / door / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys()  # noqa: SIM118
+        torch.testing.assert_close(logits(load_pruned(tmp_path / door)), ref, rtol=0, atol=0)
+        rc, out, err = run_cli(capsys, "inspect", tmp_path / door)
+        assert rc == 0 and "does not provide" not in err, err
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:  # without its embeddings: still refused
+        save_file({k: f.get_tensor(k) for k in f.keys() if k != "model.embed_tokens.weight"},  # noqa: SIM118
+                  str(tmp_path / "hf" / "model.safetensors"))
+    rc, _, err = run_cli(capsys, "inspect", tmp_path / "hf")
+    assert rc == 2 and "does not provide: model.embed_tokens.weight" in err

@@ -311,6 +311,24 @@ def test_gradients_take_the_dense_path():
     torch.testing.assert_close(x.grad, expected.expand(2, -1), rtol=1e-5, atol=1e-5)
 
 
+def test_an_input_of_another_dtype_gives_one_result_on_every_path():
+    """A float32 input to a bfloat16 module. Before: the packed path (auto up to CPU_PACKED_MAX_TOKENS tokens) took
+    it, the dense path raised 'mat1 and mat2 must have the same dtype', so the same call worked at 16 tokens and
+    failed at 17. Now every path reads it in the module's dtype, differentiably."""
+    limit = CPU_PACKED_MAX_TOKENS[torch.bfloat16]
+    x = torch.randn(limit + 1, 128)
+    for res in (_armor_result(), _sparse_result()):
+        for backend in ("auto", "packed", "dense"):
+            mod = module_from_result(res, torch.randn(96), torch.bfloat16, backend=backend)
+            for rows in (x[:3], x):
+                want = mod(rows.to(torch.bfloat16))
+                got = mod(rows)
+                assert got.dtype == torch.bfloat16 and torch.equal(got, want), (backend, len(rows))
+            xg = x[:3].clone().requires_grad_(True)
+            mod(xg).float().sum().backward()
+            assert xg.grad.dtype == torch.float32 and xg.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # backends
 def test_backends_on_cpu():
@@ -648,12 +666,27 @@ def test_armor_bench_cli_storage_only(capsys):
         (["--batches", "1,0"], "positive integers"),
         (["--dtype", "float8"], "unknown dtype"),
         (["--backends", "folded"], "unknown backend"),
+        # before: "cannot reshape tensor of 0 elements" / "shape '[64, 63]' is invalid for input of size 3840"
+        (["--shapes", "0x64"], "bad shape '0x64': OUT and IN must be positive and IN a multiple of 4"),
+        (["--shapes", "64x128,64x63"], "bad shape '64x63'"),
     ],
 )
 def test_armor_bench_cli_rejects_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_armor_bench_block_size_that_does_not_tile_is_an_error_naming_it(capsys):
+    """Before: 'wrapper blocks (9, 7, 7) / (9, 7, 7) do not tile a core of shape (64, 64)', after the header, with
+    no word of --block-size (and the storage report's 7B shapes likewise)."""
+    from conftest import run_cli
+
+    rc, out, err = run_cli(capsys, "bench", "--shapes", "64x128", "--batches", "1", "--block-size", "24",
+                           "--no-storage")
+    assert rc == 2 and "--block-size 24 does not tile the shapes 64x128" in err and "armor runtime bench" not in out
+    rc, _, err = run_cli(capsys, "bench", "--storage-only", "--block-size", "7")
+    assert rc == 2 and "--block-size 7 does not tile the shapes 4096x4096, 11008x4096, 4096x11008" in err
 
 
 def test_model_timing_helpers():

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..bench import layers as bench_layers
 from ..bench.layers import DEFAULT_BATCHES, SHAPE_SETS, crossover, default_backends, run_layer_bench, storage_report
 from ..bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from ..bench.models import model_resident_bytes, time_generation, time_prefill
@@ -43,7 +44,18 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             raise argparse.ArgumentTypeError(
                 f"bad shape {part!r}: use OUTxIN (e.g. 11008x4096) or one of {', '.join(SHAPE_SETS)}"
             ) from err
+        if shapes[-1][0] < 1 or shapes[-1][1] < 1 or shapes[-1][1] % 4:
+            raise argparse.ArgumentTypeError(f"bad shape {part!r}: OUT and IN must be positive and IN a multiple of 4 "
+                                             "(the layers are pruned 2:4 along IN)")
     return shapes
+
+
+def _check_block_size(block: int, shapes: list[tuple[int, int]]) -> None:
+    """The ARMOR wrapper blocks (``min(block, side)`` on each side) tile every shape timed or counted."""
+    bad = [f"{o}x{i}" for o, i in dict.fromkeys(shapes) if o % min(block, o) or i % min(block, i)]
+    if bad:
+        raise CliError(f"--block-size {block} does not tile the shapes {', '.join(bad)}: each side must be a multiple "
+                       "of the block size, or at most it")
 
 
 def parse_ints(text: str) -> list[int]:
@@ -221,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else (20 if on_cuda else 5))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if on_cuda else 2))
     backends = args.backends or list(default_backends(device))
+    if not args.models:
+        _check_block_size(args.block_size, [*([] if args.storage_only else shapes),
+                                            *([] if args.no_storage else bench_layers.LLAMA7B_STACK)])
 
     print(f"# armor runtime bench\n\n`{command_line()}`\n")
     print(

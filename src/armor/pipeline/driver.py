@@ -612,6 +612,23 @@ def _open_source(model: nn.Module | str | Path, s: PruneSettings, output: str | 
     return InMemorySource(model)  # type: ignore[arg-type]
 
 
+def _check_output(model: nn.Module | str | Path, output: str | Path | None) -> None:
+    """Refuse an ``output`` folder that holds a model armor did not write (the dense checkpoint being pruned, or
+    any other): the run would delete its ``config.json`` and replace its weights."""
+    if output is None or not (Path(output) / "config.json").is_file():
+        return
+    try:
+        pruned = read_armor_config(output) is not None
+    except ValueError:  # a damaged armor section: not a folder this run may take over either
+        pruned = False
+    if pruned:
+        return
+    if isinstance(model, (str, Path)) and Path(model).resolve() == Path(output).resolve():
+        raise ValueError(f"output {output} is the model being pruned; write the pruned model to another folder")
+    raise ValueError(f"output {output} holds a model that is not armor-pruned (its config.json); the run would "
+                     "replace it: choose another folder")
+
+
 def _prepare_output(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # a half-updated folder must never look finished
@@ -675,6 +692,7 @@ def prune(
     s.check()
     check_wrapper_budget(resolved, s.n, s.m)
     calibration = _check_calibration(calibration)
+    _check_output(model, output)
     source = _open_source(model, s, output)
     check_token_ids(calibration, source.model, "calibration")
     limit = getattr(source.model.config, "max_position_embeddings", None)

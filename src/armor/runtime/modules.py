@@ -316,7 +316,10 @@ class _PackedNMLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         backend = BACKENDS[self._choose(x)]
         matmul = backend.armor if isinstance(self, ArmorLinear) else backend.sparse
-        return matmul(self, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        # an input of another dtype is read in the module's on every path (the packed kernels took any dtype, the
+        # dense path raised: a call's outcome must not depend on how many tokens it has)
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        return matmul(self, x2).reshape(*x.shape[:-1], self.out_features)
 
     def _with_bias(self, y: Tensor) -> Tensor:
         if self.bias is not None:

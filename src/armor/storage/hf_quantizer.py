@@ -276,6 +276,19 @@ def _armored_to_dict(self: Any) -> dict[str, Any]:
 _ARMORED: dict[type, type] = {}
 
 
+def _rebuild_armored(base: type, state: dict[str, Any]) -> Any:
+    """Unpickle a marked config: an instance of its architecture's config class, marked again."""
+    config = base.__new__(base)
+    config.__dict__.update(state)
+    mark_armored(config)
+    return config
+
+
+def _armored_reduce(self: Any, protocol: int) -> tuple[Any, ...]:
+    # pickle finds a class by module and name, which give the base class: rebuild through it instead
+    return _rebuild_armored, (type(self)._armor_base, self.__dict__)
+
+
 def mark_armored(config: Any) -> None:
     """Make ``config`` serialise with ``model_type = "armor"`` while it holds an armor quantisation section (its
     class becomes a subclass of its own whose ``to_dict`` says so), so ``save_pretrained`` of a loaded pruned model
@@ -285,7 +298,8 @@ def mark_armored(config: Any) -> None:
         return
     if base not in _ARMORED:
         _ARMORED[base] = type(base.__name__, (base,), {
-            "to_dict": _armored_to_dict, "_armor_marked": True, "__module__": base.__module__,
+            "to_dict": _armored_to_dict, "_armor_marked": True, "_armor_base": base, "__module__": base.__module__,
+            "__reduce_ex__": _armored_reduce,
         })
     config.__class__ = _ARMORED[base]
 

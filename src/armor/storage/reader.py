@@ -28,7 +28,7 @@ from .hf_quantizer import (
     install_packed_modules,
 )
 from .legacy import LEGACY_MODEL_FORMAT, LEGACY_WEIGHTS_NAME, load_v1
-from .weights import fill_skeleton, read_weights
+from .weights import fill_skeleton, read_all_weights, read_weights, weight_files
 from .writer import WEIGHTS_NAME, carry_armor_config
 
 __all__ = [
@@ -98,14 +98,13 @@ def is_pruned_folder(path: str | Path) -> bool:
 
 def _load_v2(path: Path, quant: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
     armor_cfg = ArmorConfig.from_dict(quant)  # validates the format and the layer specs
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"pruned model folder {path} has no {WEIGHTS_NAME}")
+    files = weight_files(path, WEIGHTS_NAME)
+    weights = files[0] if len(files) == 1 else path  # what errors name
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     config.__dict__.pop("quantization_config", None)  # from_config must build the plain architecture
     model = meta_skeleton(path, config=config)
     install_packed_modules(model, armor_cfg.layers, armor_cfg.layer_dtypes, "meta", armor_cfg.unfused_experts)
-    state, aliases = read_weights(weights, MODEL_FORMAT, "armor_format")
+    state, aliases = read_all_weights(files, MODEL_FORMAT, "armor_format")
     check_packed_tensors(model, armor_cfg.layers, {k: tuple(v.shape) for k, v in state.items()})
     fill_skeleton(model, state, aliases, weights, dtype)
     # kept on the config, as from_pretrained keeps it: save_pretrained of this model writes a loadable folder

@@ -11,25 +11,29 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, meta_skeleton, open_safetensors
+from .checkpoint import CheckpointError, meta_skeleton, open_safetensors, tied_head_keys
 from .guard import guard_keys
 from .hf_quantizer import MODEL_FORMAT, ArmorConfig, check_packed_tensors, install_packed_modules
 from .legacy import LEGACY_MODEL_FORMAT
 from .reader import read_armor_config
+from .weights import weight_files
 from .writer import WEIGHTS_NAME
 
 __all__ = ["verify_pruned_folder"]
 
 
-def _stored(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Shapes of the tensors in ``weights`` and its ``{alias: kept key}`` map, from the header."""
-    with open_safetensors(weights) as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        meta = f.metadata() or {}
-    try:
-        aliases = json.loads(meta.get("armor_aliases", meta.get("aliases", "{}")))
-    except ValueError:
-        raise CheckpointError(f"{weights} has a corrupt metadata header") from None
+def _stored(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes of the tensors in the weights ``files`` and their ``{alias: kept key}`` map, from the headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    aliases: dict[str, str] = {}
+    for weights in files:
+        with open_safetensors(weights) as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+            meta = f.metadata() or {}
+        try:
+            aliases.update(json.loads(meta.get("armor_aliases", meta.get("aliases", "{}"))))
+        except ValueError:
+            raise CheckpointError(f"{weights} has a corrupt metadata header") from None
     return shapes, aliases
 
 
@@ -63,9 +67,13 @@ def verify_pruned_folder(path: str | Path) -> dict[str, Any]:
     ArmorConfig(layers=layers, layer_dtypes=section.get("layer_dtypes"))  # every spec and dtype is valid
     model = meta_skeleton(path, strip_quantization=True)
     install_packed_modules(model, layers, section.get("layer_dtypes", {}), "meta", section.get("unfused_experts", ()))
-    weights = path / section.get("weights", WEIGHTS_NAME)
-    shapes, aliases = _stored(weights)
+    files = weight_files(path, section.get("weights", WEIGHTS_NAME))
+    weights = files[0] if len(files) == 1 else path  # what errors name
+    shapes, aliases = _stored(files)
     check_packed_tensors(model, layers, shapes)
+    tied = tied_head_keys(model)
+    if tied is not None:  # a tied head that save_pretrained stores once, at the embeddings (the loaders tie it)
+        aliases = {tied[1]: tied[0], **aliases}
     state = model.state_dict(keep_vars=True)
     missing = [k for k, t in state.items() if t.is_meta and k not in shapes and aliases.get(k) not in shapes]
     if missing:

@@ -14,7 +14,35 @@ from .checkpoint import CheckpointError, open_safetensors, untie_distinct_head
 from .guard import keep_guards
 from .writer import pruned_modules
 
-__all__ = ["read_weights", "fill_skeleton"]
+__all__ = ["weight_files", "read_weights", "read_all_weights", "fill_skeleton"]
+
+
+def weight_files(folder: Path, name: str) -> list[Path]:
+    """The safetensors file(s) of a pruned folder's weights: ``name``, or the shards its index
+    ``<name>.index.json`` lists (``save_pretrained(max_shard_size=...)`` of a pruned model writes those)."""
+    if (folder / name).is_file():
+        return [folder / name]
+    index = folder / f"{name}.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"pruned model folder {folder} has no {name} (nor a sharded {index.name})")
+    try:
+        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+    return [folder / str(shard) for shard in shards]
+
+
+def read_all_weights(
+    files: list[Path], expected_format: str, format_key: str
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """:func:`read_weights` of every file of :func:`weight_files`, merged."""
+    state: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    for f in files:
+        part, part_aliases = read_weights(f, expected_format, format_key)
+        state.update(part)
+        aliases.update(part_aliases)
+    return state, aliases
 
 
 def read_weights(weights: Path, expected_format: str, format_key: str) -> tuple[dict[str, Tensor], dict[str, str]]:
