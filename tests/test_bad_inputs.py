@@ -207,3 +207,14 @@ def test_a_dtype_no_model_runs_in_is_an_error_naming_it(capsys, tiny_model_dir, 
                       "--dtype", "float8_e4m3fn")
     assert rc == 2 and "unknown dtype 'float8_e4m3fn'" in err
     assert armor.load(pruned, dtype=torch.float64).dtype == torch.float64  # float64 still runs (dense paths)
+
+
+def test_unknown_task_names_are_refused_before_the_perplexity_runs(capsys, tiny_model_dir, tiny_text):
+    """Before: ``armor eval --tasks bogus`` computed the whole perplexity, then failed on the task name; ``--tasks ,``
+    ran no task and said nothing."""
+    pytest.importorskip("lm_eval")
+    rc, out, err = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 32,
+                        "--tasks", "britannica_completion,no_such_task_xyz")
+    assert rc == 2 and "--tasks: no task named no_such_task_xyz" in err and "perplexity on" not in out
+    rc, out, err = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--tasks", ",")
+    assert rc == 2 and "names no task" in err and "perplexity on" not in out

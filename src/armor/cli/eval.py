@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..eval import DEFAULT_CHUNK_TOKENS, PROTOCOLS, get_protocol, perplexity
-from ..eval.lm_eval_adapter import lm_eval_version, run_lm_eval
+from ..eval.lm_eval_adapter import lm_eval_version, run_lm_eval, unknown_tasks
 from ..eval.local_tasks import SHIPPED_TASKS
 from ..storage import load_model, load_tokenizer
 from ..storage.reader import read_config_json
@@ -124,6 +124,8 @@ class EvalSettings:
             chunk_tokens=None if args.full_logits else args.chunk_tokens, tasks=tuple(split_list(args.tasks)),
             tasks_include=args.tasks_include, limit=args.limit, progress=progress,
         )
+        if args.tasks is not None and args.tasks.strip().lower() not in ("", "none") and not out.tasks:
+            raise CliError(f"--tasks {args.tasks!r} names no task (comma-separated names or files)")
         out._check(args.chunk_tokens)
         return out
 
@@ -146,6 +148,10 @@ class EvalSettings:
                 raise CliError(f"task file not found: {task}")
         if self.tasks and lm_eval_version() is None:
             raise CliError("--tasks needs lm-eval: pip install 'armor-prune[eval]' (or pip install lm-eval)")
+        bad = unknown_tasks(self.tasks, self.tasks_include) if self.tasks else []
+        if bad:  # before the model is loaded and its perplexity computed
+            raise CliError(f"--tasks: no task named {', '.join(bad)} (shipped: {', '.join(SHIPPED_TASKS)}; or a "
+                           ".jsonl/.yaml task file, or a task lm-eval knows)")
 
 
 def _perplexity(model: nn.Module, tokenizer: Any, settings: EvalSettings, prefix: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import nn
 from ..storage import load_model, load_tokenizer
 from .local_tasks import SHIPPED_TASKS, task_config
 
-__all__ = ["lm_eval_model", "lm_eval_version", "run_lm_eval", "task_specs"]
+__all__ = ["lm_eval_model", "lm_eval_version", "run_lm_eval", "task_specs", "unknown_tasks"]
 
 
 def _import_lm_eval() -> Any:
@@ -64,6 +64,20 @@ def lm_eval_model(
         return hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kwargs)
     finally:
         logger.setLevel(level)
+
+
+def unknown_tasks(tasks: Sequence[str], include_path: str | Path | None = None) -> list[str]:
+    """The entries of ``tasks`` that name no task: neither shipped, nor a task file, nor known to lm-eval (with the
+    YAMLs of ``include_path``).  lm-eval's task index (seconds to build) is read only when a name needs it."""
+    names = [t for t in tasks if t not in SHIPPED_TASKS and Path(t).suffix not in (".jsonl", ".yaml", ".yml")]
+    if not names:
+        return []
+    _import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager(include_path=str(include_path) if include_path is not None else None, include_defaults=True)
+    known = set(index.all_tasks)
+    return [t for t in names if t not in known]
 
 
 def task_specs(tasks: Sequence[str]) -> list[str | dict[str, Any]]:
