@@ -218,3 +218,17 @@ def test_unknown_task_names_are_refused_before_the_perplexity_runs(capsys, tiny_
     assert rc == 2 and "--tasks: no task named no_such_task_xyz" in err and "perplexity on" not in out
     rc, out, err = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--tasks", ",")
     assert rc == 2 and "names no task" in err and "perplexity on" not in out
+
+
+def test_a_finished_run_removes_only_its_own_layer_files(char_tokenizer, tmp_path, caplog):
+    """Before: a run without keep_layer_files removed ``<output>/layers`` whole, a user's own files in it too."""
+    out = tmp_path / "run"
+    (out / "layers").mkdir(parents=True)
+    (out / "layers" / "notes.txt").write_text("mine")
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    with caplog.at_level("WARNING"):
+        armor.prune(make_tiny_model(len(char_tokenizer)), ids, "magnitude", output=out)
+    assert sorted(p.name for p in (out / "layers").iterdir()) == ["notes.txt"]
+    assert "holds files armor did not write: notes.txt" in caplog.text
+    armor.prune(make_tiny_model(len(char_tokenizer)), ids, "magnitude", output=tmp_path / "clean")
+    assert not (tmp_path / "clean" / "layers").exists() and (tmp_path / "clean" / "config.json").is_file()

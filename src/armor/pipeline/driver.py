@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -60,6 +61,8 @@ from .executors import Executor, LocalExecutor
 from .jobs import LayerJob, LayerOutcome, outcome_from_module
 from .reconstruct import BlockReconstruction, ReconstructSettings, reconstruct_block
 from .sources import CheckpointSource, InMemorySource, ModelSource
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CALIBRATION_MODES", "PruneRun", "PruneSettings", "prune"]
 
@@ -633,7 +636,23 @@ def _prepare_output(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # a half-updated folder must never look finished
     if not resume:
-        shutil.rmtree(out / "layers", ignore_errors=True)
+        _remove_layer_files(out)
+
+
+def _remove_layer_files(out: Path) -> None:
+    """Remove the layer files armor wrote in ``out/layers`` (and atomic writes a killed run left), then the folder
+    when nothing else is in it: a file armor did not write is kept, with a warning naming it."""
+    folder = out / "layers"
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_file() and (p.suffix == ".safetensors" or (p.name.startswith(".") and p.suffix == ".tmp")):
+            p.unlink(missing_ok=True)
+    others = sorted(p.name for p in folder.iterdir())
+    if others:
+        log.warning("%s: kept, it holds files armor did not write: %s", folder, ", ".join(others[:5]))
+    else:
+        folder.rmdir()
 
 
 def _activation_folder(s: PruneSettings, out: Path | None) -> tuple[Path, Path | None]:
@@ -739,7 +758,7 @@ def _plan_run_save(source: ModelSource, s: PruneSettings, resolved: dict[str, An
     if out is not None:
         source.save(out, run.tracker.specs, run.tracker.dtypes, info, tokenizer)
         if not s.keep_layer_files:
-            shutil.rmtree(out / "layers", ignore_errors=True)
+            _remove_layer_files(out)
     return PruneRun(  # an in-memory model carries the pruned-folder markings: its save_pretrained writes one
         s.method, resolved, records, seconds, s.mode, sum(r.resumed for r in records), out,
         None if source.streamed else mark_pruned(source.model, info), info,
