@@ -19,6 +19,7 @@ from torch import nn
 from ..eval import DEFAULT_CHUNK_TOKENS, PROTOCOLS, get_protocol, perplexity
 from ..eval.lm_eval_adapter import lm_eval_version, run_lm_eval, unknown_tasks
 from ..eval.local_tasks import SHIPPED_TASKS
+from ..models import position_limit
 from ..storage import load_model, load_tokenizer
 from ..storage.reader import read_config_json
 from .common import (
@@ -206,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("nothing to evaluate: --no-ppl and no --tasks")
     settings = EvalSettings.from_args(args, perplexity=not args.no_ppl)
     path = model_folder(args.model)
-    limit = (read_config_json(path) or {}).get("max_position_embeddings")
-    if settings.perplexity and isinstance(limit, int) and settings.seqlen > limit:
+    limit = position_limit(read_config_json(path) or {})
+    if settings.perplexity and limit is not None and settings.seqlen > limit:
         raise CliError(f"--eval-seqlen {settings.seqlen} is longer than the model's max_position_embeddings ({limit})")
     device = check_device(args.device)
     tokenizer = load_tokenizer(path)

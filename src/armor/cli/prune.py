@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..eval import perplexity_windows
 from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overhead
-from ..models import check_token_ids, find_prunable_layers
+from ..models import check_token_ids, find_prunable_layers, position_limit
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
 from ..pipeline.reconstruct import COMPUTE_DTYPES, DEFAULT_PASSES, LOSSES, SCHEDULES, ReconstructSettings
@@ -261,8 +261,8 @@ def _previous_model(folder: Path) -> dict[str, Any] | None:
 def check_lengths(args: argparse.Namespace, config: Any) -> None:
     """Calibration and evaluation windows no longer than the model's position range (longer ones would run the
     model on positions it was never trained for)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
+    limit = position_limit(config)
+    if limit is None:
         return
     for flag, value in (("--seqlen", args.seqlen), ("--eval-seqlen", None if args.no_eval else args.eval_seqlen)):
         if value is not None and value > limit:

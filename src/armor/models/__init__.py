@@ -8,11 +8,13 @@ from .layers import (
     get_module,
     model_device,
     name_matches,
+    position_limit,
     set_module,
 )
 
 __all__ = [
     "check_token_ids",
+    "position_limit",
     "find_decoder_layers",
     "find_prunable_layers",
     "get_module",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .experts import stacked_experts
 
 __all__ = [
     "find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module", "model_device",
-    "check_token_ids",
+    "check_token_ids", "position_limit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,14 @@ def model_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest sequence the model was trained for: ``max_position_embeddings`` of its config (an object, or a
+    ``config.json`` read as a dict); None when the config states none."""
+    get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key, None)
+    limit = get("max_position_embeddings")
+    return limit if isinstance(limit, int) else None
 
 
 def check_token_ids(ids: torch.Tensor, model: nn.Module, name: str) -> None:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, BlockCalls, StatsHooks, capture_block_inputs, run_block
 from ..factors import check_wrapper_budget
-from ..models import check_token_ids, find_prunable_layers, get_module
+from ..models import check_token_ids, find_prunable_layers, get_module, position_limit
 from ..runtime.packing import index_bits
 from ..solvers import get_method, layer_proxy_loss
 from ..stats import LayerStats
@@ -714,8 +714,8 @@ def prune(
     _check_output(model, output)
     source = _open_source(model, s, output)
     check_token_ids(calibration, source.model, "calibration")
-    limit = getattr(source.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and calibration.shape[1] > limit:
+    limit = position_limit(source.model.config)
+    if limit is not None and calibration.shape[1] > limit:
         raise ValueError(f"calibration sequences of {calibration.shape[1]} tokens are longer than the model's "
                          f"max_position_embeddings ({limit})")
     if s.reconstruct is not None:  # "auto" dtype and default steps settled before they are fingerprinted

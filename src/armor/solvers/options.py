@@ -134,7 +134,8 @@ def resolve_options(table: tuple[Option, ...], given: Mapping[str, Any], owner: 
     the rest.  A name the table lacks is a TypeError naming ``owner`` and the accepted options."""
     if not isinstance(given, Mapping):
         raise TypeError(f"{owner}: options must be a mapping of option names to values, got {given!r}")
-    unknown = [name for name in given if name not in {o.name for o in table}]
+    names = {o.name for o in table}
+    unknown = [name for name in given if name not in names]
     if unknown:
         raise unknown_options(table, unknown, owner)
     return {o.name: o.convert(given[o.name]) if o.name in given else o.default for o in table}

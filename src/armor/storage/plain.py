@@ -21,9 +21,10 @@ __all__ = ["load_model", "load_tokenizer", "stored_dtype"]
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The dtype a run on the model folder ``path`` computes and saves in when none is asked for: the
     floating-point dtype that stores most of its safetensors values (float32 for pickled weights)."""
-    if not list(Path(path).glob("*.safetensors")) and not (Path(path) / "model.safetensors.index.json").is_file():
+    try:
+        return ShardReader(path).float_dtype() or torch.float32
+    except FileNotFoundError:  # no safetensors: pickled weights
         return torch.float32
-    return ShardReader(path).float_dtype() or torch.float32
 
 
 def load_model(
@@ -41,7 +42,7 @@ def load_model(
         # a clear error for a truncated file, or a config that does not match the weights, before transformers
         reader = ShardReader(path)
         check_shapes(meta_skeleton(path), reader)
-        stored = reader.float_dtype()
+        stored = reader.float_dtype() if dtype is None else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(dtype) or stored or torch.float32, local_files_only=True
