@@ -43,12 +43,12 @@ for step in "${steps[@]}"; do
         tail -3 "$RES/pytest.log"
         ;;
     graphtest)
-        run_step graphtest "${GRAPHTEST_LIMIT:-45}" bash -c "CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovider \
+        run_step graphtest "${GRAPHTEST_LIMIT:-75}" bash -c "CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovider \
             -rfE -x tests/test_runtime_cuda.py -k captured > '$RES/graphtest.log' 2>&1"
         tail -3 "$RES/graphtest.log"
         ;;
     tune)
-        limit=${TUNE_LIMIT:-150}
+        limit=${TUNE_LIMIT:-120}
         run_step tune "$limit" bash -c "$PY benchmarks/gpu_tune.py --seconds $((limit - 30)) --out '$RES/tune.json' \
             > '$RES/tune.md' 2> '$RES/tune.err'"
         ;;

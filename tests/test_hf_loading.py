@@ -609,3 +609,29 @@ def test_inspect_reads_a_resaved_folder_whose_head_is_tied(capsys, tmp_path):
                   str(tmp_path / "hf" / "model.safetensors"))
     rc, _, err = run_cli(capsys, "inspect", tmp_path / "hf")
     assert rc == 2 and "does not provide: model.embed_tokens.weight" in err
+
+
+def test_generate_compiles_the_static_cache_decoding_of_a_pruned_folder(folder):
+    # transformers compiles a static cache's decode step when the quantizer says the model is compileable (on CUDA
+    # by default; _compile_all_devices asks for it here): one graph, the eager tokens
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    path, _, _ = folder
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    prompt = IDS[:1, :5]
+    ref = hf.generate(prompt, max_new_tokens=6, do_sample=False)
+    config = CompileConfig(fullgraph=True, backend="aot_eager")
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        out = hf.generate(
+            prompt, max_new_tokens=6, do_sample=False, cache_implementation="static", compile_config=config
+        )
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 1
+    assert torch.equal(out, ref)

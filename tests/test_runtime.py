@@ -1024,3 +1024,25 @@ def test_kernels_cached_by_other_processes_load_and_run(tmp_path, threads):
     for kind, n in zip(("armor", "sparse", "sparse"), threads.split(), strict=True):
         proc = subprocess.run([sys.executable, "-c", _KERNEL_CALL, kind, n], env=env, capture_output=True, text=True)
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", (kind, n, proc.returncode, proc.stderr[-2000:])
+
+
+def test_armor_bench_models_measures_a_compiled_pruned_folder(tmp_path, capsys):
+    """``--compile``: the model's forward compiled, generation on a static cache, the same row fields as eager."""
+    from armor.cli.bench import _measure_model, _ModelRun
+    from armor.storage import save_pruned
+    from conftest import make_char_tokenizer, run_cli
+
+    model = make_tiny_model(len(make_char_tokenizer()), num_hidden_layers=1)
+    pack_linears(model, 16)
+    save_pruned(model, tmp_path / "p", tokenizer=make_char_tokenizer(), run_info={"method": "armor-fast"})
+    run = _ModelRun(dtype_name=None, device="cpu", prompt=5, new=3, repeats=1, threads=None, compile_mode="default")
+    torch._dynamo.reset()
+    try:
+        row = _measure_model(str(tmp_path / "p"), run)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert row["compile"] == "default" and row["new_tokens"] == 3 and row["decode_tokens_per_s"] > 0
+    assert row["kind"] == "pruned (packed)" and graphs >= 2  # the prompt's graph and the decode step's
+    rc, out, err = run_cli(capsys, "bench", "--compile")
+    assert rc == 2 and "--compile applies to --models" in err and "armor runtime bench" not in out

@@ -114,6 +114,28 @@ def test_captured_decode_step_replays_to_eager_logits(dtype):
     assert r["captured"] is True and r["matches_eager"] is True
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_generate_compiles_captured_decoding_to_the_eager_tokens():
+    """transformers' ``generate`` with a static cache compiles the decode step (``mode="reduce-overhead"``: Inductor
+    plus CUDA graphs) for a pruned model as for a dense one; the packed kernels are operators in that graph
+    (armor.runtime.ops), and the tokens are the eager run's."""
+    pytest.importorskip("transformers")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = make_tiny_model(256, hidden_size=256, intermediate_size=512, max_position_embeddings=128, tie=False)
+    model.generation_config.eos_token_id = None
+    pack_linears(model, 64)
+    model = model.to(device="cuda", dtype=torch.float16)
+    ids = torch.randint(0, 256, (1, 7), device="cuda")
+    eager = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static", disable_compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert counters["stats"]["unique_graphs"] >= 1  # generate compiled the decode step
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["sparse", "armor"])
 def test_semi_structured_resident_memory(dtype, kind):

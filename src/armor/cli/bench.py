@@ -11,6 +11,7 @@ import json
 import os
 import platform
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
@@ -29,6 +30,7 @@ from .common import CliError, HelpFormatter, check_device, command_line
 __all__ = ["register", "run", "parse_shapes", "parse_ints"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -142,6 +144,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for --models")
     p.add_argument("--new-tokens", type=int, default=32, help="greedily generated tokens for --models")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=_COMPILE_MODES,
+        metavar="MODE",
+        help="--models: torch.compile each model's forward (mode: default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs; no value: default) and generate with a static KV cache; compile time is "
+        "in the untimed warm-up",
+    )
     p.add_argument("--no-storage", action="store_true", help="skip the 7B storage report")
     p.add_argument("--storage-only", action="store_true", help="only the 7B storage report")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -159,24 +172,46 @@ def _where(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
 
 
-def _measure_model(
-    folder: str, dtype_name: str | None, device: str, prompt: int, new: int, repeats: int, threads: int | None
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _ModelRun:
+    """What every model of ``armor bench --models`` is measured with (sent to each model's process)."""
+
+    dtype_name: str | None
+    device: str
+    prompt: int
+    new: int
+    repeats: int
+    threads: int | None
+    compile_mode: str | None
+
+
+def _compiled(model: torch.nn.Module, mode: str) -> None:
+    """Compile ``model``'s forward in place and make ``generate`` use a static KV cache (fixed shapes: one graph
+    for the prompt, one for the decode step), without its own automatic compile on top."""
+    model.forward = torch.compile(model.forward, mode=None if mode == "default" else mode)
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = True
+
+
+def _measure_model(folder: str, run: _ModelRun) -> dict[str, Any]:
     """One model folder, in its own process: load, prefill and greedy decode timing, resident and peak bytes."""
-    if threads:
-        torch.set_num_threads(threads)
+    if run.threads:
+        torch.set_num_threads(run.threads)
     reset_peak_rss()
     base = rss_bytes()
-    dtype = _DTYPES[dtype_name] if dtype_name else None
-    model = load_model(folder, dtype=dtype, device=device)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-    pre = time_prefill(model, ids, repeats=repeats, warmup=1)
-    gen = time_generation(model, ids, new, repeats=repeats, warmup=1)
+    dtype = _DTYPES[run.dtype_name] if run.dtype_name else None
+    model = load_model(folder, dtype=dtype, device=run.device)
+    if run.compile_mode:
+        _compiled(model, run.compile_mode)
+    ids = torch.randint(0, model.config.vocab_size, (1, run.prompt), generator=torch.Generator().manual_seed(0))
+    pre = time_prefill(model, ids, repeats=run.repeats, warmup=1)
+    gen = time_generation(model, ids, run.new, repeats=run.repeats, warmup=1)
     backends = sorted({m.active_backend for m in model.modules() if hasattr(m, "active_backend")})
     return {
         "name": folder,
         "kind": ("pruned" if is_pruned_folder(folder) else "dense") + (f" ({', '.join(backends)})" if backends else ""),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "compile": run.compile_mode,
         "prefill_tokens_per_s": pre["tokens_per_s"],
         **{k: gen[k] for k in ("tokens_per_s", "decode_tokens_per_s", "new_tokens", "prefill_seconds")},
         "resident_bytes": model_resident_bytes(model),
@@ -189,26 +224,24 @@ def _run_models(args: argparse.Namespace, device: torch.device, repeats: int) ->
     for folder in args.models:
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise CliError(f"not a model folder (no config.json): {folder}")
-    dtype_name = args.dtype[0] if args.dtype else None
+    run = _ModelRun(
+        dtype_name=args.dtype[0] if args.dtype else None,
+        device=str(device),
+        prompt=args.prompt_tokens,
+        new=args.new_tokens,
+        repeats=repeats,
+        threads=args.threads,
+        compile_mode=args.compile,
+    )
     rows = []
     for folder in args.models:
         # a fresh process per model: its peak RSS is its own, not the high-water mark of the previous model
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            rows.append(
-                pool.submit(
-                    _measure_model,
-                    folder,
-                    dtype_name,
-                    str(device),
-                    args.prompt_tokens,
-                    args.new_tokens,
-                    repeats,
-                    args.threads,
-                ).result()
-            )
+            rows.append(pool.submit(_measure_model, folder, run).result())
+    compiled = f"torch.compile (mode {args.compile}) with a static KV cache" if args.compile else "eager"
     text = (
         f"model level: prompt {args.prompt_tokens} random tokens (batch 1), {args.new_tokens} greedy new tokens, "
-        f"median of {repeats}; each model in a fresh process\n\n{format_model_table(rows)}\n\n"
+        f"{compiled}, median of {repeats}; each model in a fresh process\n\n{format_model_table(rows)}\n\n"
         "decode tokens/s = (new tokens - 1) / (generate time - one prefill); resident weights = distinct "
         "parameter/buffer bytes + runtime caches; peak RSS = the process's high-water mark over load + runs "
         "(above start: minus the RSS before loading, i.e. after importing torch)"
@@ -233,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else (20 if on_cuda else 5))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if on_cuda else 2))
     backends = args.backends or list(default_backends(device))
+    if args.compile and not args.models:
+        raise CliError("--compile applies to --models (the layer tables time each backend's kernels directly)")
     if not args.models:
         _check_block_size(args.block_size, [*([] if args.storage_only else shapes),
                                             *([] if args.no_storage else bench_layers.LLAMA7B_STACK)])

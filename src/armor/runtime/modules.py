@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from ..factors import block_product
 from ..result import PruneResult
 from . import gpu_kernels
-from .gpu_kernels import TRITON_DTYPES, armor_matmul_triton, nm_matmul_triton, triton_available, unpack_dense_cuda
-from .kernels import armor_matmul, kernel_dtypes, nm_matmul, numba_available, unpack_dense
+from .gpu_kernels import TRITON_DTYPES, triton_available
+from .kernels import kernel_dtypes, numba_available
+from .ops import armor_matmul, armor_matmul_triton, nm_matmul, nm_matmul_triton, unpack_dense, unpack_dense_cuda
 from .packing import pack_nm, packed_index_shape, unpack_nm
 
 __all__ = [
@@ -186,7 +187,7 @@ class _PackedNMLinear(nn.Module):
             self.register_parameter("bias", None)
         self._cache: dict[str, tuple[tuple, Any]] = {}
         self._last_backend: str | None = None
-        self._auto: list[tuple[str, int]] | None = None  # memo of auto's plan: (backend, up to this many tokens)
+        self._auto: tuple[tuple[str, int], ...] | None = None  # memo of auto's plan: (backend, up to this many tokens)
         self.backend = backend
 
     # -- backend choice ----------------------------------------------------------------------------------
@@ -229,14 +230,13 @@ class _PackedNMLinear(nn.Module):
 
         Raises RuntimeError when a forced backend cannot run here."""
         if self._backend == "auto":
-            if self._auto is None:  # memo: the device/dtype probes cost more than a small forward
-                self._auto = [
-                    (b.name, b.auto_max_tokens(self.device, self.dtype))
-                    for b in BACKENDS.values()
-                    if b.auto_max_tokens is not None and b.status(self.device, self.dtype, self.n, self.m) is None
-                ]
-            return next((name for name, limit in self._auto if n_tokens <= limit), "dense")
-        why = BACKENDS[self._backend].status(self.device, self.dtype, self.n, self.m)
+            plan = self._auto
+            if plan is None:
+                plan = _auto_plan(self.device, self.dtype, self.n, self.m)
+                if not torch.compiler.is_compiling():  # a memo set while tracing would fail the graph's guards
+                    self._auto = plan  # memo: the device/dtype probes cost more than a small forward
+            return next((name for name, limit in plan if n_tokens <= limit), "dense")
+        why = _backend_status(self._backend, self.device, self.dtype, self.n, self.m)
         if why is not None:
             raise RuntimeError(f"backend {self._backend!r} was forced but cannot run: {why}")
         return self._backend
@@ -298,7 +298,7 @@ class _PackedNMLinear(nn.Module):
     def _dense_core(self) -> Tensor:
         """The unpacked ``(out, in)`` core in the module dtype: transient, never stored on the module."""
         if not (torch.is_grad_enabled() and self.values.requires_grad):
-            if packed_status(self.device, self.dtype) is None:
+            if _backend_status("packed", self.device, self.dtype, self.n, self.m) is None:
                 return unpack_dense(self.values, self.indices, self.n, self.m)  # one pass, no index tensors
             if self.device.type == "cuda" and triton_available():
                 return unpack_dense_cuda(self.values, self.indices, self.in_features, self.n, self.m)
@@ -594,3 +594,21 @@ BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 def backend_status(name: str, device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4) -> str | None:
     """``None`` when backend ``name`` can run for this device/dtype/pattern, else why not."""
     return BACKENDS[name].status(torch.device(device), dtype, n, m)
+
+
+# A forward asks these two while dynamo may be tracing it: their answers depend only on the arguments and on what
+# is installed, so dynamo takes them as constants of the graph instead of tracing the probes (which read
+# environment variables and compile a numba function).
+@torch.compiler.assume_constant_result
+def _backend_status(name: str, device: torch.device, dtype: torch.dtype, n: int, m: int) -> str | None:
+    return BACKENDS[name].status(device, dtype, n, m)
+
+
+@torch.compiler.assume_constant_result
+def _auto_plan(device: torch.device, dtype: torch.dtype, n: int, m: int) -> tuple[tuple[str, int], ...]:
+    """``auto``'s plan: ``(backend, up to this many tokens)`` in table order, for the backends that can run."""
+    return tuple(
+        (b.name, b.auto_max_tokens(device, dtype))
+        for b in BACKENDS.values()
+        if b.auto_max_tokens is not None and b.status(device, dtype, n, m) is None
+    )

@@ -244,6 +244,12 @@ class ArmorHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # the packed kernels are operators dynamo keeps whole (armor.runtime.ops): generate() may compile the
+        # decode step of a static cache as it does for a dense model
+        return True
+
 
 class ArmorModelConfig(PretrainedConfig):
     """``AutoConfig``'s entry for ``model_type = "armor"``: reading such a config gives the base architecture's
