@@ -232,3 +232,15 @@ def test_a_finished_run_removes_only_its_own_layer_files(char_tokenizer, tmp_pat
     assert "holds files armor did not write: notes.txt" in caplog.text
     armor.prune(make_tiny_model(len(char_tokenizer)), ids, "magnitude", output=tmp_path / "clean")
     assert not (tmp_path / "clean" / "layers").exists() and (tmp_path / "clean" / "config.json").is_file()
+
+
+def test_a_holdout_that_leaves_no_whole_batch_to_train_on_is_refused_up_front(capsys, tiny_model_dir, tiny_text,
+                                                                              tmp_path):
+    """Before: only --reconstruct-holdout < --nsamples was checked; 10 sequences in batches of 4 with a holdout of
+    8 ran the dense evaluation and pruned block 0, then failed ("leaves no calibration batch to train on")."""
+    argv = [a for a in _small(tiny_model_dir, tiny_text, tmp_path / "o") if a != "--no-reconstruct"]
+    argv[argv.index("--nsamples") + 1] = 10
+    rc, _, err = _cli(capsys, *argv, "--batch-size", 4, "--reconstruct-holdout", 8)
+    assert rc == 2 and "--reconstruct-holdout 8 leaves none of the --nsamples 10" in err
+    assert "whole batches of --batch-size 4 (3 batches)" in err
+    assert not (tmp_path / "o").exists()  # nothing pruned, nothing written

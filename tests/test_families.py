@@ -17,7 +17,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import armor
-from armor.models import LinearExperts, find_decoder_layers, find_prunable_layers, set_module, unfuse_experts
+from armor.models import (
+    LinearExperts,
+    find_decoder_layers,
+    find_prunable_layers,
+    set_module,
+    stacked_experts,
+    unfuse_experts,
+)
 from armor.runtime import ArmorLinear, SparseLinear
 from armor.storage import pruned_modules, read_armor_config
 from conftest import class_load_without_armor
@@ -269,3 +276,51 @@ def test_experts_only_folder_is_refused_by_the_architecture_class_without_armor(
     assert keys(armor.export_dense(tmp_path / "out", tmp_path / "dense")) == keys(tmp_path / "plain")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert keys(armor.export_dense(hf, tmp_path / "dense2")) == keys(tmp_path / "plain")
+
+
+@pytest.mark.parametrize(
+    "family,router",
+    [
+        ("phimoe", "mlp.router"),  # PhimoeTopKRouter(nn.Linear).forward returns (routing weights, experts)
+        ("llama4_text", "feed_forward.router"),  # Llama4Router(nn.Linear).forward returns (scores, logits)
+    ],
+)
+def test_a_linear_subclass_with_its_own_forward_stays_dense_and_is_named(family, router, tmp_path, caplog):
+    """Before: the router was selected as an nn.Linear and replaced by a packed layer returning one tensor; the run
+    and the save succeeded, and every forward of the saved model failed ('too many values to unpack')."""
+    config = {
+        "phimoe": lambda: tf.PhimoeConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON),
+        "llama4_text": lambda: tf.Llama4TextConfig(
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
+            **COMMON,
+        ),
+    }[family]
+    caplog.set_level(logging.WARNING, logger="armor.models.layers")
+    model = build(config())
+    routers = [n for n, m in model.named_modules() if n.endswith(router)]
+    assert routers and all(isinstance(model.get_submodule(n), nn.Linear) for n in routers)
+    assert not set(routers) & set(find_prunable_layers(model))
+    message = next(r.getMessage() for r in caplog.records if "forward of its own" in r.getMessage())
+    assert f"model.layers.*.{router}" in message and type(model.get_submodule(routers[0])).__name__ in message
+    run = armor.prune(model, CALIBRATION, "wanda", output=tmp_path / "out")
+    assert pruned_modules(run.model) and not set(routers) & set(pruned_modules(run.model))
+    ref = logits(run.model)
+    torch.testing.assert_close(logits(armor.load(tmp_path / "out")), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_a_refused_run_leaves_the_callers_moe_model_as_it_was(family, tmp_path):
+    """Before: armor.prune unfused the experts before checks that can still fail; after the error the caller's
+    model held per-expert layers, and its save_pretrained wrote keys transformers does not read (random experts)."""
+    model = build(MOE[family]())
+    ref = logits(model)
+    kinds = {n: type(m) for n, m in stacked_experts(model).items()}
+    too_long = torch.randint(3, VOCAB, (2, 65), generator=torch.Generator().manual_seed(0))  # 64 positions
+    for bad in (dict(include=["no_such_layer"]), dict(calibration=too_long)):
+        with pytest.raises(ValueError):
+            armor.prune(model, bad.pop("calibration", CALIBRATION), "wanda", output=tmp_path / "out", **bad)
+        assert {n: type(m) for n, m in stacked_experts(model).items()} == kinds
+        assert not any(isinstance(m, LinearExperts) for m in model.modules())
+        torch.testing.assert_close(logits(model), ref, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")), ref, rtol=0, atol=0)

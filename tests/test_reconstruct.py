@@ -19,7 +19,7 @@ from armor.pipeline.reconstruct import _TrainView
 from armor.runtime import ArmorLinear, SparseLinear
 from armor.runtime.packing import unpack_mask
 from armor.sparsity import is_nm_mask
-from armor.storage import load_pruned
+from armor.storage import load_pruned, pruned_modules
 from conftest import TEXT, make_tiny_model
 
 N_LAYERS = 14
@@ -215,8 +215,26 @@ def test_bad_settings_are_refused(char_tokenizer):
                       (ReconstructSettings(schedule="linear"), "schedule")):
         with pytest.raises(ValueError, match=word):
             prune(model, ids, "nowag", reconstruct=bad)
-    with pytest.raises(ValueError, match="leaves no calibration batch"):
+    with pytest.raises(ValueError, match="leaving none to train on"):
         prune(model, ids, "nowag", batch_size=4, reconstruct=ReconstructSettings(holdout=12))
+
+
+def test_a_holdout_that_takes_every_whole_batch_is_refused_before_anything_runs(char_tokenizer, tmp_path):
+    """10 sequences in batches of 4 (4 + 4 + 2): a holdout of 6 takes the last two batches, 7 takes all three.
+    Before: the run checked only holdout < sequences, pruned block 0, then failed in its reconstruction."""
+    from armor.pipeline.reconstruct import batch_rows, split_batches
+
+    assert batch_rows(10, 4) == [4, 4, 2] and batch_rows(8, 4) == [4, 4] and batch_rows(3, 8) == [3]
+    assert split_batches([4, 4, 2], 6) == ([0], [1, 2])
+    assert split_batches([4, 4, 2], 2) == ([0, 1], [2])
+    assert split_batches([4, 4, 2], 0) == ([0, 1, 2], [0, 1, 2])  # judged on the training batches
+    with pytest.raises(ValueError, match="holding out 7 takes all of them"):
+        split_batches([4, 4, 2], 7)
+    ids = _ids(char_tokenizer, nsamples=10)
+    model = make_tiny_model(len(char_tokenizer))
+    with pytest.raises(ValueError, match="10 calibration sequences make 3 batch"):
+        prune(model, ids, "nowag", batch_size=4, reconstruct=ReconstructSettings(holdout=7), output=tmp_path / "o")
+    assert not (tmp_path / "o" / "layers").exists() and not pruned_modules(model)
 
 
 def test_error_terms_against_brute_force():

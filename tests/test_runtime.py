@@ -473,12 +473,15 @@ def test_packed_non_contiguous_inputs(layout):
 
 
 @needs_numba
-@pytest.mark.parametrize("bo,bi,out_f,in_f", [(48, 16, 96, 128), (12, 40, 96, 120), (96, 128, 96, 128)])
+@pytest.mark.parametrize(
+    "bo,bi,out_f,in_f", [(48, 16, 96, 128), (12, 40, 96, 120), (96, 128, 96, 128), (10, 12, 30, 36)]
+)
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_packed_armor_ragged_blocks_equal_dense_reconstruction(bo, bi, out_f, in_f, tokens, dtype, rel):
-    # block sizes that differ between in and out, are not 128 and (120 / 40) give a kept count per row that is
-    # not a multiple of the vector step
+    # block sizes that differ between in and out, are not 128 and (120 / 40, 36) give a kept count per row that
+    # is not a multiple of the vector step; 10 output rows per block of A' are not a multiple of the 4 rows that
+    # the 2:4 kernel takes per step
     res = _armor_result(out_f, in_f, bo, bi, seed=bo + bi)
     bias = torch.randn(out_f)
     mod = module_from_result(res, bias, dtype, backend="packed")

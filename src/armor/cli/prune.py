@@ -21,7 +21,15 @@ from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overh
 from ..models import check_token_ids, find_prunable_layers, position_limit
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
-from ..pipeline.reconstruct import COMPUTE_DTYPES, DEFAULT_PASSES, LOSSES, SCHEDULES, ReconstructSettings
+from ..pipeline.reconstruct import (
+    COMPUTE_DTYPES,
+    DEFAULT_PASSES,
+    LOSSES,
+    SCHEDULES,
+    ReconstructSettings,
+    batch_rows,
+    split_batches,
+)
 from ..report import (
     DENSE_FOOTPRINT,
     folder_footprint,
@@ -187,9 +195,17 @@ def reconstruct_settings(args: argparse.Namespace) -> ReconstructSettings | None
         s.check()
     except ValueError as exc:
         raise CliError(f"--reconstruct-*: {exc}") from None
-    if s.holdout >= args.nsamples:
-        raise CliError(f"--reconstruct-holdout {s.holdout} leaves none of the --nsamples {args.nsamples} "
-                       "calibration sequences to train on: lower it, raise --nsamples, or pass --no-reconstruct")
+    if args.nsamples < 1 or args.batch_size < 1:
+        return s  # refused with their own message
+    rows = batch_rows(args.nsamples, args.batch_size)
+    try:
+        split_batches(rows, s.holdout)
+    except ValueError:
+        raise CliError(
+            f"--reconstruct-holdout {s.holdout} leaves none of the --nsamples {args.nsamples} calibration sequences "
+            f"to train on: it is held out as whole batches of --batch-size {args.batch_size} ({len(rows)} batches), "
+            "all of them here; lower it, raise --nsamples, lower --batch-size, or pass --no-reconstruct"
+        ) from None
     return s
 
 

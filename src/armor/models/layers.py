@@ -152,6 +152,18 @@ def _stacked_expert_params(prefix: str, blocks: nn.ModuleList) -> list[tuple[str
     return found
 
 
+# nn.Linear subclasses of transformers whose own forward computes what nn.Linear's does (``x W^T + b``)
+_PLAIN_LINEAR_SUBCLASSES = frozenset({"FalconLinear"})
+
+
+def _is_plain_linear(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is ``nn.Linear``'s: a packed layer computes the same thing in its place.  A
+    subclass with its own forward (a mixture-of-experts router returning routing weights, a grouped
+    projection) would be replaced by a module that computes something else."""
+    cls = type(mod)
+    return isinstance(mod, nn.Linear) and (cls.forward is nn.Linear.forward or cls.__name__ in _PLAIN_LINEAR_SUBCLASSES)
+
+
 def find_prunable_layers(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -166,7 +178,9 @@ def find_prunable_layers(
 
     * a layer whose ``in_features`` is not a multiple of ``m`` (the n:m groups run along the input dimension);
     * mixture-of-experts weights that transformers stores as stacked 3-D parameters (Mixtral, Qwen3-MoE, ...):
-      they are not ``nn.Linear`` layers, so no statistics are gathered for them.
+      they are not ``nn.Linear`` layers, so no statistics are gathered for them;
+    * an ``nn.Linear`` subclass with a forward of its own (PhiMoE's and Llama 4's routers return routing weights
+      and scores): the packed layer that would replace it computes a plain ``x W^T + b``.
 
     Args:
         include: patterns (see :func:`name_matches`); when given, only matching layers are kept.
@@ -184,6 +198,8 @@ def find_prunable_layers(
             except re.error as exc:
                 raise ValueError(f"bad layer pattern {p!r}: {exc}") from None
     selected: dict[str, nn.Linear] = {}
+    own_forward: list[tuple[str, tuple[int, ...]]] = []
+    own_classes: set[str] = set()
     for i, block in enumerate(blocks):
         for sub, mod in block.named_modules():
             if not isinstance(mod, nn.Linear) or not sub:
@@ -193,7 +209,17 @@ def find_prunable_layers(
                 continue
             if exclude and _matches_any(name, exclude):
                 continue
-            selected[name] = mod
+            if _is_plain_linear(mod):
+                selected[name] = mod
+            else:
+                own_forward.append((name, (mod.out_features, mod.in_features)))
+                own_classes.add(type(mod).__name__)
+    if own_forward:
+        logger.warning(
+            "leaving %d linear layer(s) dense: their class (%s) has a forward of its own, not nn.Linear's, which a "
+            "pruned layer would not compute: %s",
+            len(own_forward), ", ".join(sorted(own_classes)), _describe_grouped(own_forward, prefix),
+        )
     out = {name: mod for name, mod in selected.items() if mod.in_features % m == 0}
     odd = [(name, (mod.out_features, mod.in_features)) for name, mod in selected.items() if name not in out]
     experts = _stacked_expert_params(prefix, blocks)

@@ -59,7 +59,7 @@ from ..storage.resume import (
 )
 from .executors import Executor, LocalExecutor
 from .jobs import LayerJob, LayerOutcome, outcome_from_module
-from .reconstruct import BlockReconstruction, ReconstructSettings, reconstruct_block
+from .reconstruct import BlockReconstruction, ReconstructSettings, batch_rows, reconstruct_block, split_batches
 from .sources import CheckpointSource, InMemorySource, ModelSource
 
 log = logging.getLogger(__name__)
@@ -713,18 +713,23 @@ def prune(
     calibration = _check_calibration(calibration)
     _check_output(model, output)
     source = _open_source(model, s, output)
-    check_token_ids(calibration, source.model, "calibration")
-    limit = position_limit(source.model.config)
-    if limit is not None and calibration.shape[1] > limit:
-        raise ValueError(f"calibration sequences of {calibration.shape[1]} tokens are longer than the model's "
-                         f"max_position_embeddings ({limit})")
-    if s.reconstruct is not None:  # "auto" dtype and default steps settled before they are fingerprinted
-        batches = -(-len(calibration) // s.batch_size)
-        s = dataclasses.replace(s, reconstruct=s.reconstruct.for_run(source.device, batches))
-    out = Path(output) if output is not None else None
-    # one writer per output folder: a second run into it fails at once (the lock dies with its process)
-    with FolderLock(out) if out is not None else nullcontext():
-        return _plan_run_save(source, s, resolved, calibration, executor or LocalExecutor(), out, tokenizer)
+    try:
+        check_token_ids(calibration, source.model, "calibration")
+        limit = position_limit(source.model.config)
+        if limit is not None and calibration.shape[1] > limit:
+            raise ValueError(f"calibration sequences of {calibration.shape[1]} tokens are longer than the model's "
+                             f"max_position_embeddings ({limit})")
+        if s.reconstruct is not None:  # "auto" dtype and default steps settled before they are fingerprinted
+            rows = batch_rows(len(calibration), s.batch_size)
+            split_batches(rows, s.reconstruct.holdout)  # a holdout that leaves nothing to train on: refused now
+            s = dataclasses.replace(s, reconstruct=s.reconstruct.for_run(source.device, len(rows)))
+        out = Path(output) if output is not None else None
+        # one writer per output folder: a second run into it fails at once (the lock dies with its process)
+        with FolderLock(out) if out is not None else nullcontext():
+            return _plan_run_save(source, s, resolved, calibration, executor or LocalExecutor(), out, tokenizer)
+    except BaseException:
+        source.undo_unpruned()  # a refused run leaves a model in memory as it was (its unfused experts restacked)
+        raise
 
 
 def _plan_run_save(source: ModelSource, s: PruneSettings, resolved: dict[str, Any], calibration: Tensor,

@@ -29,7 +29,10 @@ from ..factors import block_product
 from ..models import get_module, set_module
 from ..runtime.packing import unpack_indices
 
-__all__ = ["COMPUTE_DTYPES", "LOSSES", "SCHEDULES", "ReconstructSettings", "BlockReconstruction", "reconstruct_block"]
+__all__ = [
+    "COMPUTE_DTYPES", "LOSSES", "SCHEDULES", "ReconstructSettings", "BlockReconstruction", "reconstruct_block",
+    "split_batches", "batch_rows",
+]
 
 #: Training matmul dtypes: float32, or a 16-bit type under autocast; ``auto``: bfloat16 where the device has fast
 #: bfloat16 matmuls (CUDA, or a CPU oneDNN runs natively in bfloat16), else float32.
@@ -182,22 +185,38 @@ def _error_terms(y: Tensor, t: Tensor, loss: str) -> tuple[Tensor, Tensor]:
     return ((y - t) ** 2).sum(), (t**2).sum()
 
 
-def _split(inputs: ActivationStore, holdout: int) -> tuple[list[int], list[int]]:
-    """Training and held-out batch indices: whole batches from the end hold at least ``holdout`` sequences."""
+def batch_rows(sequences: int, batch_size: int) -> list[int]:
+    """Sequences per calibration batch: consecutive batches of ``batch_size``, the last one what is left."""
+    return [min(batch_size, sequences - start) for start in range(0, sequences, batch_size)]
+
+
+def split_batches(rows: Sequence[int], holdout: int) -> tuple[list[int], list[int]]:
+    """Training and held-out indices of calibration batches of ``rows`` sequences each: whole batches from the
+    end hold at least ``holdout`` sequences (none held out: judged on the training batches).
+
+    Raises:
+        ValueError: when the held-out batches leave no batch to train on.
+    """
     held: list[int] = []
     count = 0
-    for j in reversed(range(len(inputs))):
+    for j in reversed(range(len(rows))):
         if count >= holdout:
             break
         held.insert(0, j)
-        count += inputs.rows(j)
-    train = [j for j in range(len(inputs)) if j not in held]
+        count += rows[j]
+    train = [j for j in range(len(rows)) if j not in held]
     if not train:
         raise ValueError(
-            f"reconstruction holds out {holdout} sequences, which leaves no calibration batch to train on; "
-            "lower the holdout or calibrate on more sequences"
+            f"reconstruction holds out {holdout} sequences as whole calibration batches from the end: the "
+            f"{sum(rows)} calibration sequences make {len(rows)} batch(es) of up to {max(rows, default=0)}, and "
+            f"holding out {holdout} takes all of them, leaving none to train on; lower the holdout, calibrate on "
+            "more sequences or use smaller batches"
         )
     return train, held or train
+
+
+def _split(inputs: ActivationStore, holdout: int) -> tuple[list[int], list[int]]:
+    return split_batches([inputs.rows(j) for j in range(len(inputs))], holdout)
 
 
 class _LayerErrors:

@@ -58,15 +58,24 @@ class InMemorySource:
         self.model = model
         # Mixture-of-experts blocks keep their experts as stacked 3-D parameters: one nn.Linear per expert matrix
         # (same forward, checked) lets each be pruned with the statistics of the tokens routed to it.
-        unfuse_experts(model)
+        self._stacked = stacked_experts(model)
         try:
+            unfuse_experts(model)
             self.prefix, self.blocks = find_decoder_layers(model)
         except ValueError:
+            self.undo_unpruned()
             if pruned_modules(model):
                 raise ValueError("the model is already pruned: its decoder blocks hold no nn.Linear left to prune; "
                                  "prune the dense model it was made from") from None
             raise
         self.device = model_device(model)
+
+    def undo_unpruned(self) -> None:
+        """Put back the stacked experts modules whose experts no pruned layer has replaced yet (a refused or
+        failed run leaves the caller's model as it found it, as far as nothing in it was pruned)."""
+        for name, stacked in self._stacked.items():
+            if not pruned_modules(get_module(self.model, name)):
+                set_module(self.model, name, stacked)
 
     def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
         lin = get_module(self.model, name)
@@ -210,6 +219,9 @@ class CheckpointSource:
         self._outer_loaded = materialise(self.model, "", self.reader, self.dtype, self.device, keys=keys)
         if with_head and self._tied and hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
+
+    def undo_unpruned(self) -> None:
+        """Nothing to undo: a streamed run changes only its own skeleton, never the checkpoint."""
 
     def release_embeddings(self) -> None:
         release(self.model, self._outer_loaded)
