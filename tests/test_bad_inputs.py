@@ -244,3 +244,22 @@ def test_a_holdout_that_leaves_no_whole_batch_to_train_on_is_refused_up_front(ca
     assert rc == 2 and "--reconstruct-holdout 8 leaves none of the --nsamples 10" in err
     assert "whole batches of --batch-size 4 (3 batches)" in err
     assert not (tmp_path / "o").exists()  # nothing pruned, nothing written
+
+
+def test_a_sequential_resume_redoes_layers_whose_earlier_blocks_were_pruned_otherwise(char_tokenizer, tmp_path):
+    """Sequential statistics come from the model pruned so far.  Before: a rerun without --exclude reused block 1's
+    layers, fitted while block 0's MLP stayed dense, and exited 0 with a model unlike a fresh run's."""
+    from armor.storage import pruned_modules
+
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 32)
+    kw = dict(mode="sequential", reconstruct=None, batch_size=2)
+    vocab = len(char_tokenizer)
+    armor.prune(make_tiny_model(vocab), ids, "wanda", output=tmp_path / "a", exclude=["model.layers.0.mlp.*"],
+                keep_layer_files=True, **kw)
+    rerun = armor.prune(make_tiny_model(vocab), ids, "wanda", output=tmp_path / "a", **kw)
+    fresh = armor.prune(make_tiny_model(vocab), ids, "wanda", output=tmp_path / "b", **kw)
+    assert rerun.resumed == 4  # block 0's attention: pruned from the dense model's statistics either way
+    got, want = pruned_modules(rerun.model), pruned_modules(fresh.model)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name].dense_weight(), want[name].dense_weight()), name

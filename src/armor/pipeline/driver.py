@@ -238,9 +238,12 @@ class _Fingerprints:
 
     ``fps`` identify a layer's pruning (the layer job's files); ``final`` its final state, which with reconstruction
     also covers the reconstruction settings and every earlier block's (a chain), so a tuned layer is reused only
-    after the very same tuning of everything before it.  Filled all at once when an earlier run's files must be
-    judged (:meth:`adopt`), else block by block from the tensors the walk loads anyway (:meth:`add_outer`,
-    :meth:`add_block`): a fresh streamed run reads its checkpoint once.
+    after the very same tuning of everything before it.  In sequential mode ``fps`` also chain the earlier blocks'
+    final layers (which were pruned, and how), since the statistics come from the model pruned so far.
+
+    Filled all at once when an earlier run's files must be judged (:meth:`adopt`), else block by block from the
+    tensors the walk loads anyway (:meth:`add_outer`, :meth:`add_block`): a fresh streamed run reads its checkpoint
+    once.
     """
 
     def __init__(self, layers: Mapping[str, nn.Linear], block_of: Mapping[str, int], s: PruneSettings,
@@ -251,6 +254,8 @@ class _Fingerprints:
         self.final: dict[str, str] = {}
         self._recon = None if s.reconstruct is None else fingerprint(
             reconstruct=s.reconstruct.to_json(), batch_size=s.batch_size)
+        # sequential statistics come from the model pruned so far: a chain over the earlier blocks' final layers
+        self._earlier = fingerprint(pruned_before=[]) if s.sequential else None
 
     @property
     def blocks(self) -> int:
@@ -272,16 +277,21 @@ class _Fingerprints:
     def _block_fingerprints(self, i: int) -> None:
         names = [name for name in self.layers if self.block_of[name] == i]
         s = self.s
+        context = self.digests.chain[i]
+        if self._earlier is not None:  # sequential: which layers of earlier blocks were pruned, and how
+            context = fingerprint(dense=context, pruned_before=self._earlier)
         for name in names:
             self.fps[name] = layer_fingerprint(
                 self.digests.tensors[f"{name}.weight"], s.method, self.resolved, s.n, s.m, self.calib_key,
-                context=self.digests.chain[i],
+                context=context,
             )
         if self._recon is None:
             self.final.update({name: self.fps[name] for name in names})
         elif names:
             self._recon = fingerprint(previous=self._recon, layers=[self.fps[name] for name in names])
             self.final.update({name: fingerprint(layer=self.fps[name], reconstructed=self._recon) for name in names})
+        if self._earlier is not None and names:
+            self._earlier = fingerprint(previous=self._earlier, layers={name: self.final[name] for name in names})
 
     def run_fp(self) -> str:
         return run_fingerprint(self.final, self.s.include, self.s.exclude, self.digests.model)
