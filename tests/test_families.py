@@ -324,3 +324,35 @@ def test_a_refused_run_leaves_the_callers_moe_model_as_it_was(family, tmp_path):
         torch.testing.assert_close(logits(model), ref, rtol=0, atol=0)
     model.save_pretrained(tmp_path / "saved")
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")), ref, rtol=0, atol=0)
+
+
+def test_the_cli_selects_expert_layers_by_pattern(capsys, char_tokenizer, tiny_text, tmp_path):
+    """Before: the CLI matched --layers against the stacked experts module (the library unfuses first), so
+    --layers 'experts.*' was 'no linear layer matches include' although armor.prune selects those layers."""
+    from conftest import run_cli
+
+    folder = tmp_path / "moe"
+    build(MOE["mixtral"]()).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    rc, _, err = run_cli(capsys, "prune", "--model", folder, "--calib-text", tiny_text, "--nsamples", 4, "--seqlen",
+                         32, "--no-eval", "--no-reconstruct", "--compare", "none", "--method", "wanda", "--quiet",
+                         "--layers", "experts.down_proj.*", "--output", tmp_path / "out")
+    assert rc == 0, err
+    layers = read_armor_config(tmp_path / "out" / "wanda")["layers"]
+    assert set(layers) == {f"model.layers.{i}.mlp.experts.down_proj.{e}" for i in range(2) for e in range(4)}
+
+
+def test_experts_the_router_sends_no_calibration_token_to(tmp_path):
+    """16 experts, one per token, 8 calibration tokens: at least 8 experts per block see no token.  Before: every
+    method stopped with 'layers never called during calibration', magnitude (which needs no statistics) too."""
+    config = lambda: tf.MixtralConfig(num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=1, **COMMON)  # noqa: E731
+    ids = CALIBRATION[:1, :8]
+    run = armor.prune(build(config()), ids, "magnitude", output=tmp_path / "m", reconstruct=None)
+    unrouted = {r.name for r in run.records if r.extra.get("no_calibration_tokens")}
+    assert len(unrouted) >= 2 * 2 * 8 and all(".mlp.experts." in n for n in unrouted)  # 2 blocks x 2 matrices
+    torch.testing.assert_close(logits(armor.load(tmp_path / "m")), logits(run.model), rtol=0, atol=0)
+    model = build(config())
+    with pytest.raises(RuntimeError, match=r"never called during calibration: model\.layers\.0\.mlp\.experts") as err:
+        armor.prune(model, ids, "wanda", output=tmp_path / "w", reconstruct=None)
+    assert "router that sent none of the calibration tokens" in str(err.value) and "magnitude" in str(err.value)
+    assert not any(isinstance(m, LinearExperts) for m in model.modules())  # the caller's model as it was

@@ -70,16 +70,24 @@ class StatsHooks:
     def new_batch(self) -> None:
         self._last = None
 
-    def finish(self) -> dict[str, LayerStats]:
+    def finish(self, required: bool = True) -> dict[str, LayerStats]:
+        """The statistics of every layer the calibration forward called.  A layer it never called (an expert the
+        router sent no calibration token to) is a RuntimeError naming it when ``required``, else left out."""
         for h in self._handles:
             h.remove()
         self._handles = []
         self._last = None
         missing = [n for n in self.names if n not in self.owner]
-        if missing:
-            raise RuntimeError(f"layers never called during calibration: {', '.join(missing[:5])}")
+        if missing and required:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise RuntimeError(
+                f"layers never called during calibration: {', '.join(missing[:5])}{more}; the calibration forward "
+                "did not reach them (a mixture-of-experts router that sent none of the calibration tokens to an "
+                "expert is one case): calibrate on more text (more or longer sequences), leave them dense (exclude "
+                "them), or prune with a method that needs no statistics (magnitude)"
+            )
         finals = {n: acc.finalize() for n, acc in self.accs.items()}
-        return {n: finals[self.owner[n]] for n in self.names}
+        return {n: finals[self.owner[n]] for n in self.names if n in self.owner}
 
 
 class ActivationStore:

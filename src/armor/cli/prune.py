@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..eval import perplexity_windows
 from ..factors import DEFAULT_WRAPPER_BUDGET, resolve_block_sizes, wrapper_overhead
-from ..models import check_token_ids, find_prunable_layers, position_limit
+from ..models import check_token_ids, find_prunable_layers, position_limit, unfuse_experts
 from ..pipeline import CALIBRATION_MODES, make_executor, prune
 from ..pipeline.evaluate import perplexity_blockwise
 from ..pipeline.reconstruct import (
@@ -507,6 +507,7 @@ def _load(args: argparse.Namespace) -> _Job:
     check_output_folder(out, args.overwrite, methods)
     # the layer selection on a weightless skeleton: a bad pattern fails now, not after the dense evaluation
     skeleton = meta_skeleton(model_path)
+    unfuse_experts(skeleton, check=False)  # the layers a run selects: experts are pruned one nn.Linear each
     layers = find_prunable_layers(skeleton, args.layers, args.exclude, m=args.m)
     check_lengths(args, skeleton.config)
     warn_block_sizes(layers, methods, options, args.n, args.m)

@@ -478,7 +478,8 @@ class _Run:
             run_block(block, self.calls[i], stats_in.inputs, one_pass_out, self.source.device, hooks)  # type: ignore[union-attr]
         if dense_out is not None and one_pass_out is None:  # sequential statistics: the dense stream on its own
             run_block(block, self.calls[i], streams.dense.inputs, dense_out, self.source.device)  # type: ignore[union-attr]
-        return hooks.finish() if hooks is not None else {}
+        # a method that needs no statistics prunes a layer the forward never reached (an unrouted expert) anyway
+        return hooks.finish(required=get_method(self.s.method).needs != "none") if hooks is not None else {}
 
     def submit(self, todo: list[str], stats: dict[str, LayerStats]) -> None:
         """Hand the block's remaining layers to the executor, keeping at most its window in flight."""

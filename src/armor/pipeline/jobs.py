@@ -188,6 +188,8 @@ def run_layer_job(job: LayerJob) -> LayerOutcome:
     del result
     if job.stats is not None:
         module = _stored_check(job, module, rec)
+    else:  # a layer the calibration forward never reached (an unrouted expert): its losses are unweighted
+        rec.extra["no_calibration_tokens"] = True
     module = _finite_check(job, module, rec)
     if path is not None:
         save_layer_file(path, module, job.name, job.fingerprint, rec)
