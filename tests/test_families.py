@@ -356,3 +356,21 @@ def test_experts_the_router_sends_no_calibration_token_to(tmp_path):
         armor.prune(model, ids, "wanda", output=tmp_path / "w", reconstruct=None)
     assert "router that sent none of the calibration tokens" in str(err.value) and "magnitude" in str(err.value)
     assert not any(isinstance(m, LinearExperts) for m in model.modules())  # the caller's model as it was
+
+
+def test_a_layer_no_wrapper_fits_the_budget_of_is_named(capsys, char_tokenizer, tiny_text, tmp_path):
+    """Qwen2-MoE's shared_expert_gate is hidden -> 1: even the smallest wrappers (1x1 and 4x4 blocks) add about
+    4x the dense values under the default budget.  Before: stored silently (4.5x its dense size on a real model)."""
+    from conftest import run_cli
+
+    folder = tmp_path / "qwen2moe"
+    config = tf.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=64, **COMMON)
+    build(config).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    rc, _, err = run_cli(capsys, "prune", "--model", folder, "--calib-text", tiny_text, "--nsamples", 2, "--seqlen",
+                         16, "--no-eval", "--no-reconstruct", "--compare", "none", "--method", "armor-fast", "-O",
+                         "sweeps=1", "--quiet", "--output", tmp_path / "out")
+    assert rc == 0, err
+    assert "armor-fast: no wrapper blocks fit the budget of 6.25% on layers of shape 1x64 (1x4 blocks, 402%)" in err
+    assert "64x64" not in err.split("no wrapper blocks fit")[1]  # the attention layers' wrappers stay below dense

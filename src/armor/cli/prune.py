@@ -288,16 +288,16 @@ def check_lengths(args: argparse.Namespace, config: Any) -> None:
 def warn_block_sizes(layers: dict[str, Any], methods: list[str], options: dict[str, dict], n: int = 2,
                      m: int = 4) -> None:
     """Say when a requested wrapper block size is not the one the layers get (the largest divisor of each
-    dimension up to it is used: a block must tile the layer)."""
+    dimension up to it is used: a block must tile the layer), and when the wrappers of some layer shape (a
+    requested block size, or the smallest blocks where the budget cannot be met) store more than the dense layer."""
+    shapes = {(lin.out_features, lin.in_features) for lin in layers.values()}
     for method in methods:
-        requested = options[method].get("block_size")
-        if requested is None or not METHODS[method].wrappers:
+        if not METHODS[method].wrappers:
             continue
-        used = {}
-        for lin in layers.values():
-            shape = (lin.out_features, lin.in_features)
-            used[shape] = resolve_block_sizes(*shape, requested, m=m)
-        other = {shape: bs for shape, bs in used.items() if bs != (requested, requested)}
+        requested = options[method].get("block_size")
+        budget = options[method].get("wrapper_budget", DEFAULT_WRAPPER_BUDGET)
+        used = {shape: resolve_block_sizes(*shape, requested, budget, m=m) for shape in shapes}
+        other = {shape: bs for shape, bs in used.items() if requested is not None and bs != (requested, requested)}
         if other:
             sizes = "; ".join(f"{o}x{i} layers get {bo}x{bi}" for (o, i), (bo, bi) in sorted(other.items()))
             print(f"warning: {method} block size {requested} does not tile every layer: {sizes} "
@@ -305,10 +305,19 @@ def warn_block_sizes(layers: dict[str, Any], methods: list[str], options: dict[s
         # an n:m core keeps n/m of the values: wrappers adding the rest or more store at least as much as dense
         overhead = {shape: wrapper_overhead(*shape, *bs) for shape, bs in used.items()}
         big = {shape: share for shape, share in overhead.items() if share >= 1 - n / m}
-        if big:
-            worst = max(big.values())
+        if not big:
+            continue
+        worst = max(big.values())
+        if requested is not None:
             print(f"warning: {method} block size {requested} makes the wrappers of {len(big)} layer shape(s) add "
                   f"{100 * worst:.0f}% of the dense values: those layers store more than the dense ones",
+                  file=sys.stderr, flush=True)
+        else:
+            named = ", ".join(f"{o}x{i} ({used[(o, i)][0]}x{used[(o, i)][1]} blocks, {100 * share:.0f}%)"
+                              for (o, i), share in sorted(big.items()))
+            print(f"warning: {method}: no wrapper blocks fit the budget of {100 * budget:g}% on layers of shape "
+                  f"{named}: the smallest blocks add that share of the dense values, so those layers store more "
+                  "than the dense ones; leave them dense (--exclude) or prune them with a method without wrappers",
                   file=sys.stderr, flush=True)
 
 

@@ -164,6 +164,37 @@ def _is_plain_linear(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) and (cls.forward is nn.Linear.forward or cls.__name__ in _PLAIN_LINEAR_SUBCLASSES)
 
 
+def _selected_linears(
+    prefix: str, blocks: nn.ModuleList, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> dict[str, nn.Linear]:
+    """The plain ``nn.Linear`` layers of the blocks the patterns select; a selected subclass with a forward of its
+    own is left out with a warning naming it."""
+    selected: dict[str, nn.Linear] = {}
+    own_forward: list[tuple[str, tuple[int, ...]]] = []
+    own_classes: set[str] = set()
+    for i, block in enumerate(blocks):
+        for sub, mod in block.named_modules():
+            if not isinstance(mod, nn.Linear) or not sub:
+                continue
+            name = f"{prefix}.{i}.{sub}"
+            if include and not _matches_any(name, include):
+                continue
+            if exclude and _matches_any(name, exclude):
+                continue
+            if _is_plain_linear(mod):
+                selected[name] = mod
+            else:
+                own_forward.append((name, (mod.out_features, mod.in_features)))
+                own_classes.add(type(mod).__name__)
+    if own_forward:
+        logger.warning(
+            "leaving %d linear layer(s) dense: their class (%s) has a forward of its own, not nn.Linear's, which a "
+            "pruned layer would not compute: %s",
+            len(own_forward), ", ".join(sorted(own_classes)), _describe_grouped(own_forward, prefix),
+        )
+    return selected
+
+
 def find_prunable_layers(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -197,29 +228,7 @@ def find_prunable_layers(
                 re.compile(p[3:])
             except re.error as exc:
                 raise ValueError(f"bad layer pattern {p!r}: {exc}") from None
-    selected: dict[str, nn.Linear] = {}
-    own_forward: list[tuple[str, tuple[int, ...]]] = []
-    own_classes: set[str] = set()
-    for i, block in enumerate(blocks):
-        for sub, mod in block.named_modules():
-            if not isinstance(mod, nn.Linear) or not sub:
-                continue
-            name = f"{prefix}.{i}.{sub}"
-            if include and not _matches_any(name, include):
-                continue
-            if exclude and _matches_any(name, exclude):
-                continue
-            if _is_plain_linear(mod):
-                selected[name] = mod
-            else:
-                own_forward.append((name, (mod.out_features, mod.in_features)))
-                own_classes.add(type(mod).__name__)
-    if own_forward:
-        logger.warning(
-            "leaving %d linear layer(s) dense: their class (%s) has a forward of its own, not nn.Linear's, which a "
-            "pruned layer would not compute: %s",
-            len(own_forward), ", ".join(sorted(own_classes)), _describe_grouped(own_forward, prefix),
-        )
+    selected = _selected_linears(prefix, blocks, include, exclude)
     out = {name: mod for name, mod in selected.items() if mod.in_features % m == 0}
     odd = [(name, (mod.out_features, mod.in_features)) for name, mod in selected.items() if name not in out]
     experts = _stacked_expert_params(prefix, blocks)
