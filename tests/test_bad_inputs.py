@@ -263,3 +263,32 @@ def test_a_sequential_resume_redoes_layers_whose_earlier_blocks_were_pruned_othe
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name].dense_weight(), want[name].dense_weight()), name
+
+
+def test_a_streamed_run_reads_the_weights_transformers_reads(char_tokenizer, tmp_path):
+    """Before: a folder holding model.safetensors (model B) and a sharded index (model A) was pruned as A when
+    streamed and as B in memory (as transformers loads it), exit 0 both ways; a shard the index lists but the
+    folder lacks failed only after the output folder had a run marker."""
+    import shutil
+
+    from armor.storage import pruned_modules
+    from armor.storage.checkpoint import CheckpointError
+
+    vocab = len(char_tokenizer)
+    folder = tmp_path / "both"
+    make_tiny_model(vocab, seed=0).save_pretrained(folder, max_shard_size="40KB")  # model A, sharded
+    make_tiny_model(vocab, seed=1).save_pretrained(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "model.safetensors", folder)  # model B, what from_pretrained reads
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 32)
+    streamed = armor.prune(folder, ids, "magnitude", output=tmp_path / "s", reconstruct=None)
+    in_memory = armor.prune(make_tiny_model(vocab, seed=1), ids, "magnitude", reconstruct=None)
+    assert streamed.run_info["mean_loss"] == in_memory.run_info["mean_loss"]
+    loaded, want = pruned_modules(armor.load(tmp_path / "s")), pruned_modules(in_memory.model)
+    for name in want:
+        assert torch.equal(loaded[name].dense_weight(), want[name].dense_weight()), name
+    (folder / "model.safetensors").unlink()
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"weights file.s. not found in .*: {shard.name}, which"):
+        armor.prune(folder, ids, "magnitude", output=tmp_path / "m", reconstruct=None)
+    assert not (tmp_path / "m").exists()

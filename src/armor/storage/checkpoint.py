@@ -42,31 +42,38 @@ _STORED_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.flo
 class ShardReader:
     """Tensors of a checkpoint folder, read on demand from its safetensors file(s).
 
-    Each read opens the shard, copies the tensors out and closes it, so no memory map outlives the read and the
-    process's resident memory only holds what was asked for.  ``exclude`` names weight files to ignore.
+    The files are the ones transformers' ``from_pretrained`` reads: ``model.safetensors`` when the folder has it,
+    else the shards ``model.safetensors.index.json`` lists; so a streamed run prunes the model an in-memory run
+    loads.  Each read opens the shard, copies the tensors out and closes it, so no memory map outlives the read
+    and the process's resident memory only holds what was asked for.
     """
 
-    def __init__(self, folder: str | Path, exclude: Sequence[str] = ()) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
+        single, index = self.folder / "model.safetensors", self.folder / "model.safetensors.index.json"
         self.files: dict[str, Path] = {}
-        if index.is_file():
+        if single.is_file():
+            if index.is_file():
+                log.warning("%s holds model.safetensors and a sharded %s: reading model.safetensors, as "
+                            "transformers does", self.folder, index.name)
+            with open_safetensors(single) as f:
+                self.files = {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
+                self.files = {str(k): self.folder / str(f) for k, f in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
-            self.files = {k: self.folder / f for k, f in weight_map.items()}
-        else:
-            for p in sorted(self.folder.glob("*.safetensors")):
-                if p.name in exclude:
-                    continue
-                with open_safetensors(p) as f:
-                    self.files.update({k: p for k in f.keys()})  # noqa: SIM118 - safe_open has no iteration
         if not self.files:
             raise FileNotFoundError(
-                f"no safetensors weights in {self.folder} (re-save the model with "
-                "save_pretrained(..., safe_serialization=True))"
+                f"no safetensors weights in {self.folder}: neither model.safetensors nor a sharded "
+                "model.safetensors.index.json (re-save the model with save_pretrained(..., safe_serialization=True))"
             )
+        missing = sorted({p.name for p in self.files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(f"weights file(s) not found in {self.folder}: {', '.join(missing[:3])}"
+                                  f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}, which "
+                                  "model.safetensors.index.json lists")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the files' headers (no tensor data is read)."""
