@@ -635,3 +635,26 @@ def test_generate_compiles_the_static_cache_decoding_of_a_pruned_folder(folder):
         torch._dynamo.reset()
     assert graphs == 1
     assert torch.equal(out, ref)
+
+
+def test_a_resave_after_a_dtype_change_records_the_dtype_it_stores(folder, tmp_path):
+    """Before: a float32 folder loaded, cast with .to(torch.bfloat16) and saved kept layer_dtypes 'float32' in its
+    config.json, so armor inspect and the footprint reported float32 bytes (1.9x what the folder stores)."""
+    from armor.runtime import state_nbytes
+    from armor.storage import mark_pruned
+
+    path, _, _ = folder
+    made = {
+        "armor.load": lambda: load_pruned(path),
+        "from_pretrained": lambda: AutoModelForCausalLM.from_pretrained(path),
+        "in memory": lambda: prune_by_hand(tiny_llama(), "wanda"),
+    }
+    for how, make in made.items():
+        model = make().to(torch.bfloat16)
+        if how == "in memory":
+            mark_pruned(model, {"method": "wanda"})
+        model.save_pretrained(tmp_path / how)
+        section = read_armor_config(tmp_path / how)
+        assert set(section["layer_dtypes"].values()) == {"bfloat16"}, how
+        stored = sum(state_nbytes(m) for m in pruned_modules(load_pruned(tmp_path / how)).values())
+        assert folder_footprint(tmp_path / how)["linear_bytes"] == stored, how

@@ -31,6 +31,7 @@ layer's ``weight`` key make it raise (:mod:`armor.storage.guard`).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,7 @@ class ArmorHfQuantizer(HfQuantizer):
         # False), and a frozen module may cache its unpacked form between forwards.
         for name in self.quantization_config.layers:
             get_module(model, name).requires_grad_(False)
-        mark_armored(model.config)
+        mark_armored(model.config, model)
         keep_guards(model)
         return model
 
@@ -270,11 +271,33 @@ class ArmorModelConfig(PretrainedConfig):
         return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base}, **kwargs)
 
 
+#: the model each armored config belongs to, by the config's id (weak: a model owns its config, not the reverse)
+_MODEL_OF_CONFIG: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+
+
+def _layer_dtypes_now(config: Any, layers: Iterable[str], stored: Mapping[str, str]) -> dict[str, str]:
+    """The packed layers' dtypes as the model holds them now (``.to(torch.bfloat16)`` after loading changes them),
+    so a save records what it stores; ``stored`` when the config's model is gone."""
+    model = _MODEL_OF_CONFIG.get(id(config))
+    if model is None or model.config is not config:
+        return dict(stored)
+    out = dict(stored)
+    for name in layers:
+        try:
+            out[name] = str(get_module(model, name).dtype).removeprefix("torch.")
+        except AttributeError:
+            pass  # a layer the model no longer holds: the recorded dtype stays
+    return out
+
+
 def _armored_to_dict(self: Any) -> dict[str, Any]:
     out = super(type(self), self).to_dict()
     quant = out.get("quantization_config")
     if isinstance(quant, Mapping) and quant.get("quant_method") == QUANT_METHOD:
-        out["quantization_config"] = {**quant, "base_model_type": out.get("model_type")}
+        dtypes = _layer_dtypes_now(self, quant.get("layers", {}), quant.get("layer_dtypes", {}))
+        if isinstance(self.quantization_config, ArmorConfig):  # to_diff_dict serialises the object itself
+            self.quantization_config.layer_dtypes = dtypes
+        out["quantization_config"] = {**quant, "layer_dtypes": dtypes, "base_model_type": out.get("model_type")}
         out["model_type"] = MODEL_TYPE
     return out
 
@@ -295,10 +318,13 @@ def _armored_reduce(self: Any, protocol: int) -> tuple[Any, ...]:
     return _rebuild_armored, (type(self)._armor_base, self.__dict__)
 
 
-def mark_armored(config: Any) -> None:
+def mark_armored(config: Any, model: nn.Module | None = None) -> None:
     """Make ``config`` serialise with ``model_type = "armor"`` while it holds an armor quantisation section (its
     class becomes a subclass of its own whose ``to_dict`` says so), so ``save_pretrained`` of a loaded pruned model
-    writes a folder that transformers without armor refuses instead of loading with random layers."""
+    writes a folder that transformers without armor refuses instead of loading with random layers.  Given the
+    ``model`` the config belongs to, the section it writes records the packed layers' dtypes as they are then."""
+    if model is not None:
+        _MODEL_OF_CONFIG[id(config)] = model
     base = type(config)
     if getattr(base, "_armor_marked", False):
         return

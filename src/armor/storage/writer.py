@@ -238,7 +238,7 @@ def carry_armor_config(model: nn.Module, quant: ArmorConfig) -> nn.Module:
     pruned folder; without that record, save_pretrained would rename the per-expert keys).  ``save_pretrained``
     of it then writes a pruned folder."""
     model.config.quantization_config = quant
-    mark_armored(model.config)
+    mark_armored(model.config, model)
     keep_guards(model)
     model._weight_conversions = []
     return model
