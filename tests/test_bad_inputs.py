@@ -292,3 +292,14 @@ def test_a_streamed_run_reads_the_weights_transformers_reads(char_tokenizer, tmp
     with pytest.raises(CheckpointError, match=f"weights file.s. not found in .*: {shard.name}, which"):
         armor.prune(folder, ids, "magnitude", output=tmp_path / "m", reconstruct=None)
     assert not (tmp_path / "m").exists()
+
+
+def test_an_unwritable_json_path_is_refused_before_the_work(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: armor eval / armor bench ran the whole evaluation or benchmark, then failed with '[Errno 2] No such
+    file or directory' (or 'Is a directory'), naming no option."""
+    for where, needle in ((tmp_path / "no" / "x.json", "the folder"), (tmp_path, "is a folder")):
+        rc, out, err = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 16,
+                            "--eval-windows", 1, "--json", where)
+        assert rc == 2 and f"--json {where}" in err and needle in err and "perplexity" not in out.lower()
+        rc, out, err = _cli(capsys, "bench", "--storage-only", "--json", where)
+        assert rc == 2 and f"--json {where}" in err and needle in err and "armor runtime bench" not in out

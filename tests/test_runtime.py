@@ -726,7 +726,9 @@ def test_model_timing_helpers():
     pre = time_prefill(model, ids, repeats=1, warmup=0)
     assert pre["prompt_tokens"] == 8 and pre["tokens_per_s"] > 0
     gen = time_generation(model, ids, new_tokens=4, repeats=1, warmup=0)
-    assert gen["new_tokens"] == 4 and gen["tokens_per_s"] > 0
+    assert gen["new_tokens"] == 4 and gen["tokens_per_s"] > 0 and gen["decode_tokens_per_s"] > 0
+    one = time_generation(model, ids, new_tokens=1, repeats=1, warmup=0)  # the prompt's token only: no decode step
+    assert one["new_tokens"] == 1 and one["decode_tokens_per_s"] is None  # before: 0.0, shown as "0.00" tokens/s
 
 
 @pytest.mark.parametrize("kind", ["armor", "sparse"])
@@ -1049,3 +1051,22 @@ def test_armor_bench_models_measures_a_compiled_pruned_folder(tmp_path, capsys):
     assert row["kind"] == "pruned (packed)" and graphs >= 2  # the prompt's graph and the decode step's
     rc, out, err = run_cli(capsys, "bench", "--compile")
     assert rc == 2 and "--compile applies to --models" in err and "armor runtime bench" not in out
+
+
+@pytest.mark.parametrize("kind", ["sparse", "armor"])
+def test_autocast_and_input_width_give_one_behaviour_on_every_path(kind):
+    """Before: under torch.autocast a float32 layer returned float32 on the packed path (4 tokens) and bfloat16 on
+    the dense path (40 tokens); an input of the wrong width failed in a reshape ('shape [4, 32] is invalid')."""
+    res = _armor_result() if kind == "armor" else _sparse_result()
+    mod = module_from_result(res, torch.randn(96), torch.float32)
+    for tokens in (4, 40):
+        x = torch.randn(tokens, 128)
+        ref = F.linear(x.double(), mod.dense_weight().double(), mod.bias.double())
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mod(x)
+        assert y.dtype == torch.bfloat16, (tokens, mod.active_backend)
+        _close(y, ref, 2e-2)
+        with torch.no_grad():
+            assert mod(x).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"takes inputs of 128 features .* got an input of shape \(4, 64\)"):
+        mod(torch.randn(4, 64))

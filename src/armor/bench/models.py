@@ -105,7 +105,8 @@ def time_generation(
         "seconds": sec,
         "tokens_per_s": batch * made / sec,
         "prefill_seconds": pre,
-        "decode_tokens_per_s": batch * max(made - 1, 0) / decode if decode > 0 else None,
+        # one new token is the prompt's own: no decode step ran, so there is no decode speed
+        "decode_tokens_per_s": batch * (made - 1) / decode if decode > 0 and made > 1 else None,
         "repeats": repeats,
     }
 

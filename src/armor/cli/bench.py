@@ -25,7 +25,7 @@ from ..runtime import numba_available
 from ..runtime.modules import BACKEND_CHOICES
 from ..storage import is_pruned_folder, load_model
 from .bench_tables import format_crossover_table, format_layer_table, format_model_table, format_storage_table
-from .common import CliError, HelpFormatter, check_device, command_line
+from .common import CliError, HelpFormatter, check_device, check_writable_file, command_line
 
 __all__ = ["register", "run", "parse_shapes", "parse_ints"]
 
@@ -266,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else (20 if on_cuda else 5))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if on_cuda else 2))
     backends = args.backends or list(default_backends(device))
+    check_writable_file("--json", args.json)
     if args.compile and not args.models:
         raise CliError("--compile applies to --models (the layer tables time each backend's kernels directly)")
     if not args.models:

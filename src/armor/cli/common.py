@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -75,6 +76,21 @@ def check_device(device: str | None) -> str | None:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise CliError(f"--device {device}: MPS is not available on this machine")
     return device
+
+
+def check_writable_file(option: str, path: str | None) -> None:
+    """A :class:`CliError` naming ``option`` when ``path`` (an output file written at the end of a command) could
+    not be written: checked before the command's work, not after it."""
+    if not path:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise CliError(f"{option} {path} is a folder; give a file path")
+    if not parent.is_dir():
+        raise CliError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise CliError(f"{option} {path} cannot be written (permission denied)")
 
 
 def check_positive(name: str, value: int | float | None) -> None:

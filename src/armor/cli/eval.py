@@ -30,6 +30,7 @@ from .common import (
     add_device_args,
     check_device,
     check_positive,
+    check_writable_file,
     command_line,
     documents,
     model_folder,
@@ -206,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_ppl and not split_list(args.tasks):
         raise CliError("nothing to evaluate: --no-ppl and no --tasks")
     settings = EvalSettings.from_args(args, perplexity=not args.no_ppl)
+    check_writable_file("--json", args.json)
     path = model_folder(args.model)
     limit = position_limit(read_config_json(path) or {})
     if settings.perplexity and limit is not None and settings.seqlen > limit:

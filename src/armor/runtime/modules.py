@@ -314,12 +314,20 @@ class _PackedNMLinear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} takes inputs of {self.in_features} features (the last "
+                             f"dimension), got an input of shape {tuple(x.shape)}")
         backend = BACKENDS[self._choose(x)]
         matmul = backend.armor if isinstance(self, ArmorLinear) else backend.sparse
         # an input of another dtype is read in the module's on every path (the packed kernels took any dtype, the
         # dense path raised: a call's outcome must not depend on how many tokens it has)
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
-        return matmul(self, x2).reshape(*x.shape[:-1], self.out_features)
+        y = matmul(self, x2).reshape(*x.shape[:-1], self.out_features)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and y.dtype != torch.get_autocast_dtype(device):
+            # under autocast every path returns autocast's dtype, as F.linear (the dense path) does
+            y = y.to(torch.get_autocast_dtype(device))
+        return y
 
     def _with_bias(self, y: Tensor) -> Tensor:
         if self.bias is not None:
