@@ -303,3 +303,12 @@ def test_an_unwritable_json_path_is_refused_before_the_work(capsys, tiny_model_d
         assert rc == 2 and f"--json {where}" in err and needle in err and "perplexity" not in out.lower()
         rc, out, err = _cli(capsys, "bench", "--storage-only", "--json", where)
         assert rc == 2 and f"--json {where}" in err and needle in err and "armor runtime bench" not in out
+
+
+def test_inspect_of_a_run_folder_names_the_model_folders_in_it(capsys, tmp_path):
+    """Before: 'not a model folder (no config.json)' and nothing more for armor prune's output folder."""
+    (tmp_path / "run" / "armor-fast").mkdir(parents=True)
+    (tmp_path / "run" / "armor-fast" / "config.json").write_text("{}")
+    for command in ("inspect", "eval"):
+        rc, _, err = _cli(capsys, command, tmp_path / "run")
+        assert rc == 2 and f"it holds the model folder(s) {tmp_path / 'run'}/armor-fast" in err, command

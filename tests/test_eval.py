@@ -376,6 +376,10 @@ def test_task_files_checked_and_resolved(tmp_path: Path) -> None:
     bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 1}\n{"context": "a", "choices": ["x"]}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
         task_config(bad)
+    boolean = tmp_path / "boolean.jsonl"  # before: true was taken for the index 1
+    boolean.write_text('{"context": "a", "choices": ["x", "y"], "label": true}\n')
+    with pytest.raises(ValueError, match=r"boolean.jsonl:1: expected"):
+        task_config(boolean)
     with pytest.raises(ValueError, match="not a task"):
         task_config(tmp_path / "x.txt")
 

@@ -123,8 +123,16 @@ def model_folder(arg: str | None) -> Path:
     if not p.exists():
         raise CliError(f"model path not found: {arg}")
     if not (p / "config.json").is_file():
-        raise CliError(f"not a model folder (no config.json): {arg}")
+        raise not_a_model_folder(p, arg)
     return p
+
+
+def not_a_model_folder(path: Path, arg: Any) -> CliError:
+    """The error for a folder without ``config.json``; an ``armor prune`` output folder gets the model folders it
+    holds named (``<output>/<method>/``)."""
+    inside = sorted(d.name for d in path.iterdir() if (d / "config.json").is_file()) if path.is_dir() else []
+    hint = f"; it holds the model folder(s) {', '.join(f'{arg}/{d}' for d in inside[:5])}" if inside else ""
+    return CliError(f"not a model folder (no config.json): {arg}{hint}")
 
 
 def split_list(value: str | None) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..report import folder_footprint
 from ..storage import read_armor_config
 from ..storage.verify import verify_pruned_folder
-from .common import CliError, HelpFormatter
+from .common import CliError, HelpFormatter, not_a_model_folder
 
 __all__ = ["register", "run"]
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     path = Path(args.model)
     if not (path / "config.json").is_file():
-        raise CliError(f"not a model folder (no config.json): {args.model}")
+        raise not_a_model_folder(path, args.model)
     if read_armor_config(path) is None:
         raise CliError(
             f"{args.model} is not an armor-pruned model "

@@ -154,6 +154,7 @@ def read_items(path: str | Path) -> list[dict[str, Any]]:
             or len(choices) < 2
             or not all(isinstance(c, str) for c in choices)
             or not isinstance(label, int)
+            or isinstance(label, bool)  # JSON true/false are not indices (Python takes them for 1/0)
             or not 0 <= label < len(choices)
         ):
             raise ValueError(
