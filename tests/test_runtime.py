@@ -970,6 +970,10 @@ def test_numba_cache_saves_exclusively_and_loads_shared(tmp_path):
 
     dispatchers = [v for v in vars(kernels).values() if isinstance(v, numba.core.dispatcher.Dispatcher)]
     assert len(dispatchers) >= 10 and all(hasattr(d._cache, "_cache_path") for d in dispatchers)  # all cached
+    # the entry points' serial builds too (they live in (serial, parallel) pairs, not in the module's globals)
+    entries = [kernels.UNPACK[0], kernels.SPARSE[0], kernels.SPARSE_BF16[0], kernels.ARMOR[0]]
+    assert all(isinstance(d, numba.core.dispatcher.Dispatcher) for d in entries)
+    dispatchers += entries
     assert all(hasattr(d._cache.save_overload, "__wrapped__") for d in dispatchers)
     assert all(hasattr(d._cache.load_overload, "__wrapped__") for d in dispatchers)
 

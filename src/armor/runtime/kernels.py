@@ -548,7 +548,10 @@ if numba is not None:
     SPARSE_BF16 = _entry(_sparse_forward_bf16)
     ARMOR = _entry(_armor_forward)
 
-    _serialise_cache_io(v for v in list(globals().values()) if isinstance(v, numba.core.dispatcher.Dispatcher))
+    # every cached dispatcher: the module's helpers, the drivers' twins and the entry points' serial builds (which
+    # live in the tables above, not in the module's globals)
+    _cached = [*globals().values(), *_SERIAL.values(), *_PARALLEL.values()]
+    _serialise_cache_io({id(v): v for v in _cached if isinstance(v, numba.core.dispatcher.Dispatcher)}.values())
 
 
 def _raw_numpy(t: Tensor):
