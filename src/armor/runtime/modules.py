@@ -236,7 +236,7 @@ class _PackedNMLinear(nn.Module):
                 if not torch.compiler.is_compiling():  # a memo set while tracing would fail the graph's guards
                     self._auto = plan  # memo: the device/dtype probes cost more than a small forward
             return next((name for name, limit in plan if n_tokens <= limit), "dense")
-        why = _backend_status(self._backend, self.device, self.dtype, self.n, self.m)
+        why = backend_status(self._backend, self.device, self.dtype, self.n, self.m)
         if why is not None:
             raise RuntimeError(f"backend {self._backend!r} was forced but cannot run: {why}")
         return self._backend
@@ -298,7 +298,7 @@ class _PackedNMLinear(nn.Module):
     def _dense_core(self) -> Tensor:
         """The unpacked ``(out, in)`` core in the module dtype: transient, never stored on the module."""
         if not (torch.is_grad_enabled() and self.values.requires_grad):
-            if _backend_status("packed", self.device, self.dtype, self.n, self.m) is None:
+            if backend_status("packed", self.device, self.dtype, self.n, self.m) is None:
                 return unpack_dense(self.values, self.indices, self.n, self.m)  # one pass, no index tensors
             if self.device.type == "cuda" and triton_available():
                 return unpack_dense_cuda(self.values, self.indices, self.in_features, self.n, self.m)
@@ -324,8 +324,7 @@ class _PackedNMLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         y = matmul(self, x2).reshape(*x.shape[:-1], self.out_features)
         device = x.device.type
-        if torch.is_autocast_enabled(device) and y.dtype != torch.get_autocast_dtype(device):
-            # under autocast every path returns autocast's dtype, as F.linear (the dense path) does
+        if torch.is_autocast_enabled(device):  # every path returns autocast's dtype, as F.linear (dense) does
             y = y.to(torch.get_autocast_dtype(device))
         return y
 
@@ -599,17 +598,13 @@ BACKENDS: dict[str, Backend] = {
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 
 
-def backend_status(name: str, device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4) -> str | None:
-    """``None`` when backend ``name`` can run for this device/dtype/pattern, else why not."""
-    return BACKENDS[name].status(torch.device(device), dtype, n, m)
-
-
 # A forward asks these two while dynamo may be tracing it: their answers depend only on the arguments and on what
 # is installed, so dynamo takes them as constants of the graph instead of tracing the probes (which read
 # environment variables and compile a numba function).
 @torch.compiler.assume_constant_result
-def _backend_status(name: str, device: torch.device, dtype: torch.dtype, n: int, m: int) -> str | None:
-    return BACKENDS[name].status(device, dtype, n, m)
+def backend_status(name: str, device: torch.device | str, dtype: torch.dtype, n: int = 2, m: int = 4) -> str | None:
+    """``None`` when backend ``name`` can run for this device/dtype/pattern, else why not."""
+    return BACKENDS[name].status(torch.device(device), dtype, n, m)
 
 
 @torch.compiler.assume_constant_result
