@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 __all__ = [
     "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
-    "untie_distinct_head", "tied_head_keys",
+    "untie_distinct_head", "tied_head_keys", "weight_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,30 +50,19 @@ class ShardReader:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        single, index = self.folder / "model.safetensors", self.folder / "model.safetensors.index.json"
-        self.files: dict[str, Path] = {}
-        if single.is_file():
-            if index.is_file():
-                log.warning("%s holds model.safetensors and a sharded %s: reading model.safetensors, as "
-                            "transformers does", self.folder, index.name)
-            with open_safetensors(single) as f:
-                self.files = {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
-        elif index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                self.files = {str(k): self.folder / str(f) for k, f in weight_map.items()}
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
-        if not self.files:
-            raise FileNotFoundError(
-                f"no safetensors weights in {self.folder}: neither model.safetensors nor a sharded "
-                "model.safetensors.index.json (re-save the model with save_pretrained(..., safe_serialization=True))"
-            )
-        missing = sorted({p.name for p in self.files.values() if not p.is_file()})
+        files = weight_files(self.folder, "model.safetensors")
+        if files == [self.folder / "model.safetensors"] and (self.folder / "model.safetensors.index.json").is_file():
+            log.warning("%s holds model.safetensors and a sharded model.safetensors.index.json: reading "
+                        "model.safetensors, as transformers does", self.folder)
+        missing = sorted(p.name for p in files if not p.is_file())
         if missing:
             raise CheckpointError(f"weights file(s) not found in {self.folder}: {', '.join(missing[:3])}"
                                   f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}, which "
                                   "model.safetensors.index.json lists")
+        self.files: dict[str, Path] = {}
+        for path in files:
+            with open_safetensors(path) as f:
+                self.files.update({k: path for k in f.keys()})  # noqa: SIM118 - safe_open has no iteration
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the files' headers (no tensor data is read)."""
@@ -126,6 +115,24 @@ class ShardReader:
                         t = t.to(dtype)
                     out[k] = t.to(device)
         return out
+
+
+def weight_files(folder: Path, name: str) -> list[Path]:
+    """The safetensors file(s) of a folder's weights, as transformers' ``from_pretrained`` picks them: ``name``
+    when the folder has it, else the shards its index ``<name>.index.json`` lists (``save_pretrained(max_shard_size=
+    ...)`` writes those).  A FileNotFoundError when it has neither; a CheckpointError for an index that cannot be
+    read."""
+    if (folder / name).is_file():
+        return [folder / name]
+    index = folder / f"{name}.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} has no {name} (nor a sharded {index.name}); re-save the model with "
+                                "save_pretrained(..., safe_serialization=True)")
+    try:
+        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+    return [folder / str(shard) for shard in shards]
 
 
 class open_safetensors:  # noqa: N801 - used like the function it wraps

@@ -10,26 +10,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, open_safetensors, untie_distinct_head
+from .checkpoint import CheckpointError, open_safetensors, untie_distinct_head, weight_files
 from .guard import keep_guards
 from .writer import pruned_modules
 
 __all__ = ["weight_files", "read_weights", "read_all_weights", "fill_skeleton"]
-
-
-def weight_files(folder: Path, name: str) -> list[Path]:
-    """The safetensors file(s) of a pruned folder's weights: ``name``, or the shards its index
-    ``<name>.index.json`` lists (``save_pretrained(max_shard_size=...)`` of a pruned model writes those)."""
-    if (folder / name).is_file():
-        return [folder / name]
-    index = folder / f"{name}.index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"pruned model folder {folder} has no {name} (nor a sharded {index.name})")
-    try:
-        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
-    return [folder / str(shard) for shard in shards]
 
 
 def read_all_weights(
