@@ -312,3 +312,21 @@ def test_inspect_of_a_run_folder_names_the_model_folders_in_it(capsys, tmp_path)
     for command in ("inspect", "eval"):
         rc, _, err = _cli(capsys, command, tmp_path / "run")
         assert rc == 2 and f"it holds the model folder(s) {tmp_path / 'run'}/armor-fast" in err, command
+
+
+def test_a_pickled_checkpoint_beside_another_safetensors_file_loads_as_transformers_loads_it(tmp_path):
+    """transformers reads pytorch_model.bin when the folder has neither model.safetensors nor an index; a stray
+    other .safetensors file (an adapter) must not make armor look for safetensors weights that are not there."""
+    from safetensors.torch import save_file
+
+    from armor.storage import load_model, stored_dtype
+
+    model = make_tiny_model(64, tie=False)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # transformers 5 writes safetensors only: pickle by hand
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    save_file({"x": torch.zeros(2)}, tmp_path / "adapter.safetensors")
+    loaded = load_model(tmp_path)
+    assert stored_dtype(tmp_path) == torch.float32
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(want, got), name

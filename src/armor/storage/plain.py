@@ -18,13 +18,19 @@ from .reader import armor_quant_section, is_pruned_folder, load_pruned, read_con
 __all__ = ["load_model", "load_tokenizer", "stored_dtype"]
 
 
+def _safetensors_reader(path: str | Path) -> ShardReader | None:
+    """The folder's safetensors weights as transformers picks them; None when it has none (pickled weights)."""
+    try:
+        return ShardReader(path)
+    except FileNotFoundError:
+        return None
+
+
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The dtype a run on the model folder ``path`` computes and saves in when none is asked for: the
     floating-point dtype that stores most of its safetensors values (float32 for pickled weights)."""
-    try:
-        return ShardReader(path).float_dtype() or torch.float32
-    except FileNotFoundError:  # no safetensors: pickled weights
-        return torch.float32
+    reader = _safetensors_reader(path)
+    return (reader.float_dtype() if reader is not None else None) or torch.float32
 
 
 def load_model(
@@ -38,9 +44,9 @@ def load_model(
     if is_pruned_folder(path):
         return load_pruned(path, dtype=dtype, device=device)
     stored = None
-    if list(path.glob("*.safetensors")):
+    reader = _safetensors_reader(path)
+    if reader is not None:
         # a clear error for a truncated file, or a config that does not match the weights, before transformers
-        reader = ShardReader(path)
         check_shapes(meta_skeleton(path), reader)
         stored = reader.float_dtype() if dtype is None else None
     try:
