@@ -309,8 +309,8 @@ def test_inspect_of_a_run_folder_names_the_model_folders_in_it(capsys, tmp_path)
     """Before: 'not a model folder (no config.json)' and nothing more for armor prune's output folder."""
     (tmp_path / "run" / "armor-fast").mkdir(parents=True)
     (tmp_path / "run" / "armor-fast" / "config.json").write_text("{}")
-    for command in ("inspect", "eval"):
-        rc, _, err = _cli(capsys, command, tmp_path / "run")
+    for command in (["inspect"], ["eval"], ["bench", "--models"]):
+        rc, _, err = _cli(capsys, *command, tmp_path / "run")
         assert rc == 2 and f"it holds the model folder(s) {tmp_path / 'run'}/armor-fast" in err, command
 
 

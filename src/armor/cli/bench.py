@@ -13,6 +13,7 @@ import platform
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from ..runtime import numba_available
 from ..runtime.modules import BACKEND_CHOICES
 from ..storage import is_pruned_folder, load_model
 from .bench_tables import format_crossover_table, format_layer_table, format_model_table, format_storage_table
-from .common import CliError, HelpFormatter, check_device, check_writable_file, command_line
+from .common import CliError, HelpFormatter, check_device, check_writable_file, command_line, not_a_model_folder
 
 __all__ = ["register", "run", "parse_shapes", "parse_ints"]
 
@@ -223,7 +224,7 @@ def _measure_model(folder: str, run: _ModelRun) -> dict[str, Any]:
 def _run_models(args: argparse.Namespace, device: torch.device, repeats: int) -> tuple[str, list[dict[str, Any]]]:
     for folder in args.models:
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise CliError(f"not a model folder (no config.json): {folder}")
+            raise not_a_model_folder(Path(folder), folder)
     run = _ModelRun(
         dtype_name=args.dtype[0] if args.dtype else None,
         device=str(device),
