@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
-from armor.bench.layers import random_nm_result
+from armor.bench.layers import median_seconds, random_nm_result
 from armor.runtime import kernels
 from armor.runtime.packing import pack_nm
 
@@ -27,14 +26,7 @@ SHAPES = [(576, 576, 16), (1536, 576, 32), (576, 1536, 32), (2048, 2048, 64), (4
 
 
 def _median_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e6
+    return median_seconds(fn, torch.device("cpu"), repeats, warmup=3) * 1e6
 
 
 def _point(out_f: int, in_f: int, block: int, tokens: int, threads: int, repeats: int) -> list[str]:
@@ -51,7 +43,7 @@ def _point(out_f: int, in_f: int, block: int, tokens: int, threads: int, repeats
         kernels.numba.set_num_threads(threads)
         many = _median_us(lambda: parallel(*args[name]), repeats)  # noqa: B023
         cells += [f"{one:.0f}", f"{many:.0f}", f"{one / many:.2f}x"]
-    work = values.numel() * -(-tokens // 4)
+    work = kernels._work(values, tokens)
     return [f"{out_f}x{in_f}", str(tokens), f"{work / 2**20:.1f}M", *cells,
             "pool" if work >= kernels.CPU_PARALLEL_MIN_WORK else "one thread"]
 
