@@ -252,3 +252,29 @@ def test_result_rows_and_table():
     assert table[0].startswith("| method | ppl | quiz/acc | linear bytes / dense |")
     assert table[2].startswith("| dense | 12.50 | 0.750 | 100.0% | 100.0% | 100.0% | 0.0% |")
     assert table[3].startswith("| nowag | – | – | 53.1% | – |") and "| 0.0632 |" in table[3]
+
+
+def test_a_moe_checkpoint_streams_with_its_evaluation(capsys, char_tokenizer, tiny_text, tmp_path):
+    """`armor prune --streaming` of a Mixtral checkpoint as transformers saves it (per-expert matrices under
+    block_sparse_moe): each expert pruned, the same layers, losses and block-by-block perplexity as the in-memory
+    run."""
+    import transformers as tf
+
+    config = tf.MixtralConfig(vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "mixtral"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    char_tokenizer.save_pretrained(model_dir)
+    common = ["--method", "wanda", "--compare", "none"]
+    runs = {}
+    for name, extra in (("whole", []), ("stream", ["--streaming"])):
+        rc, _, err = _cli(capsys, *_small(model_dir, tiny_text, tmp_path / name, *common, *extra))
+        assert rc == 0, err
+        runs[name] = read_armor_config(tmp_path / name / "wanda")
+    assert runs["stream"]["streamed"] and runs["stream"]["unfused_experts"] == runs["whole"]["unfused_experts"]
+    assert "model.layers.1.mlp.experts.down_proj.3" in runs["stream"]["layers"]
+    assert [r["loss"] for r in runs["whole"]["records"]] == [r["loss"] for r in runs["stream"]["records"]]
+    ppl = [json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("whole", "stream")]
+    assert ppl[0][1]["ppl"] == pytest.approx(ppl[1][1]["ppl"], rel=1e-6)

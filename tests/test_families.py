@@ -6,6 +6,7 @@ message), layers of odd widths are left dense with a warning."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import pytest
 import torch
 import transformers as tf
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import armor
+from armor.eval import perplexity
 from armor.models import (
     LinearExperts,
     find_decoder_layers,
@@ -25,8 +28,9 @@ from armor.models import (
     stacked_experts,
     unfuse_experts,
 )
+from armor.pipeline.evaluate import perplexity_blockwise
 from armor.runtime import ArmorLinear, SparseLinear
-from armor.storage import pruned_modules, read_armor_config
+from armor.storage import CheckpointError, ShardReader, conversion, pruned_modules, read_armor_config
 from conftest import class_load_without_armor
 
 VOCAB = 128
@@ -239,12 +243,115 @@ def test_nothing_prunable_says_why_and_writes_nothing(tmp_path: Path):
     assert not any(isinstance(m, (ArmorLinear, SparseLinear)) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", list(MOE))
-def test_streaming_a_moe_checkpoint_is_refused_clearly(family, tmp_path):
-    folder = tmp_path / "moe"
-    build(MOE[family]()).save_pretrained(folder)
-    with pytest.raises(ValueError, match="mixture-of-experts.*without --streaming"):
-        armor.prune(folder, CALIBRATION, "wanda", output=tmp_path / "out")
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+
+
+def same_folders(a: Path, b: Path) -> None:
+    """Two pruned folders hold the same tensors under the same keys and the same layers."""
+    ta, tb = stored(a), stored(b)
+    assert set(ta) == set(tb)
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    ca, cb = read_armor_config(a), read_armor_config(b)
+    assert ca["layers"] == cb["layers"] and ca.get("unfused_experts") == cb.get("unfused_experts")
+
+
+def in_memory_and_streamed(folder: Path, out: Path, monkeypatch, method: str = "wanda") -> None:
+    armor.prune(AutoModelForCausalLM.from_pretrained(folder), CALIBRATION, method, options=METHODS[method],
+                output=out / "mem")
+    with monkeypatch.context() as m:
+        m.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the whole model was loaded"))
+        armor.prune(folder, CALIBRATION, method, options=METHODS[method], output=out / "str")
+    same_folders(out / "mem", out / "str")
+
+
+CONFIGS = {
+    **{family: make for family, (make, _, _) in FAMILIES.items()}, **MOE,
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, shared_expert_intermediate_size=64, **COMMON),
+}
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_a_checkpoint_streams_to_the_folder_an_in_memory_run_writes(family, tmp_path, monkeypatch):
+    """transformers 5 saves (and the hub holds) some checkpoints under other keys than the model's: Mixtral's and
+    Qwen-MoE's experts as per-expert matrices (Mixtral's under block_sparse_moe), GPT-NeoX's head as embed_out.
+    A streamed run reads each tensor where from_pretrained puts it, each expert from its own stored matrices, so
+    its folder is the in-memory run's bit for bit.  Before, mixture-of-experts checkpoints were refused and
+    GPT-NeoX's untied head was not found."""
+    build(CONFIGS[family]()).save_pretrained(tmp_path / "dense")
+    in_memory_and_streamed(tmp_path / "dense", tmp_path, monkeypatch)
+    if family in MOE or family == "qwen2_moe":
+        assert read_armor_config(tmp_path / "str")["unfused_experts"] == [f"model.layers.{i}.mlp.experts"
+                                                                         for i in (0, 1)]
+        assert EXPERTS < set(read_armor_config(tmp_path / "str")["layers"])
+
+
+def test_a_moe_checkpoint_streams_with_armor_resumes_across_modes_and_evaluates_block_by_block(tmp_path, monkeypatch):
+    dense = tmp_path / "dense"
+    build(MOE["mixtral"]()).save_pretrained(dense)
+    in_memory_and_streamed(dense, tmp_path, monkeypatch, "armor-fast")
+    ref = logits(armor.load(tmp_path / "mem"))
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "str")), ref, rtol=0, atol=0)
+    # the streamed reads digest as the in-memory model does: a streamed run resumes every layer of a memory run
+    kept = tmp_path / "kept"
+    armor.prune(AutoModelForCausalLM.from_pretrained(dense), CALIBRATION, "wanda", output=kept, keep_layer_files=True)
+    assert armor.prune(dense, CALIBRATION, "wanda", output=kept).resumed == len(ATTENTION | EXPERTS)
+    tokens = torch.randint(3, VOCAB, (200,), generator=torch.Generator().manual_seed(1))
+    for folder in (dense, tmp_path / "str"):
+        whole = perplexity(AutoModelForCausalLM.from_pretrained(folder), tokens, seqlen=32, batch_size=2)
+        blockwise = perplexity_blockwise(folder, tokens, seqlen=32, batch_size=2)
+        assert blockwise.ppl == pytest.approx(whole.ppl, rel=1e-5) and blockwise.windows == whole.windows
+
+
+def test_stored_stacked_experts_are_read_one_expert_row_at_a_time(tmp_path, monkeypatch):
+    """A checkpoint that stores the stacked 3-D experts tensors under the model's own keys (not what
+    save_pretrained writes, but what from_pretrained loads as they are): each expert's layer reads its row."""
+    model = build(MOE["qwen3_moe"]())
+    folder = tmp_path / "stacked"
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    rows: list[tuple[str, int]] = []
+    whole: list[str] = []
+    load, load_row = ShardReader.load, ShardReader.load_row
+
+    def watched_load(self, keys, *args, **kwargs):
+        whole.extend(keys := list(keys))
+        return load(self, keys, *args, **kwargs)
+
+    def watched_row(self, key, index, *args):
+        rows.append((key, index))
+        return load_row(self, key, index, *args)
+
+    monkeypatch.setattr(ShardReader, "load", watched_load)
+    monkeypatch.setattr(ShardReader, "load_row", watched_row)
+    in_memory_and_streamed(folder, tmp_path, monkeypatch)
+    assert not [k for k in whole if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert ("model.layers.1.mlp.experts.down_proj", 3) in rows
+
+
+def test_a_moe_checkpoint_whose_experts_do_not_match_its_config_is_refused(tmp_path):
+    build(MOE["mixtral"]()).save_pretrained(tmp_path / "dense")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    (tmp_path / "dense" / "config.json").write_text(json.dumps({**config, "num_local_experts": 5}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj merges 4 .* 5 experts"):
+        armor.prune(tmp_path / "dense", CALIBRATION, "wanda", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_conversion_a_streamed_run_cannot_replay_is_refused(tmp_path, monkeypatch):
+    """Only renames and the experts' merge are replayed a tensor at a time; any other conversion transformers
+    would apply to a model tensor stops a streamed run before anything is written, naming the tensor."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    build(MOE["qwen3_moe"]()).save_pretrained(tmp_path / "dense")
+    odd = WeightConverter(["mlp.experts.*.down_proj.weight"], "mlp.experts.down_proj",
+                          operations=[MergeModulelist(dim=0), Concatenate(dim=2)])
+    monkeypatch.setattr(conversion, "_transforms", lambda model: ([], [odd]))
+    with pytest.raises(ValueError, match=r"builds model\.layers\.0\.mlp\.experts\.down_proj from 4 .*--streaming"):
+        armor.prune(tmp_path / "dense", CALIBRATION, "wanda", output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..models import find_decoder_layers, get_module, model_device, set_module, stacked_experts, unfuse_experts
 from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
 from ..storage.checkpoint import check_shapes, materialise, release, untie_distinct_head
+from ..storage.conversion import checkpoint_view
 from ..storage.hf_quantizer import install_packed_modules
 from ..storage.resume import ModelDigests
 from ..storage.writer import pruned_modules
@@ -150,12 +151,10 @@ class CheckpointSource:
                 self.model, section.get("layers", {}), section.get("layer_dtypes", {}), "meta",
                 section.get("unfused_experts", ()),
             )
-        elif stacked_experts(self.model):
-            raise ValueError(
-                f"{self.path} is a mixture-of-experts model: block-by-block pruning of its stacked experts is not "
-                "supported yet; prune it in memory (without --streaming), which prunes every expert's matrices"
-            )
-        self.reader = ShardReader(self.path)
+        self.raw = ShardReader(self.path)
+        # a dense checkpoint is read under the model's keys, as from_pretrained maps them; its stacked experts are
+        # unfused, one nn.Linear per expert matrix, as an in-memory run prunes them
+        self.reader = self.raw if self.pruned else checkpoint_view(self.raw, self.model)
         check_shapes(self.model, self.reader)  # a config that does not belong to these weights fails now
         untie_distinct_head(self.model, self.reader, self.path)  # as from_pretrained loads it
         self.dtype = dtype if dtype is not None or self.pruned else self.reader.float_dtype() or torch.float32
@@ -250,7 +249,7 @@ class CheckpointSource:
         return save_pruned_streamed(
             # the layer files are in out_dir/layers/, where the driver's jobs wrote them
             self.path, out_dir, specs, dtypes, run_info=run_info, tokenizer=tokenizer, dtype=self.dtype,
-            reader=self.reader,
+            reader=self.raw,
         )
 
 

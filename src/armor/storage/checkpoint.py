@@ -15,7 +15,7 @@ import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import init_empty_weights
@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 __all__ = [
     "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
-    "untie_distinct_head", "tied_head_keys", "weight_files",
+    "untie_distinct_head", "tied_head_keys", "weight_files", "TensorStore",
 ]
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,23 @@ class CheckpointError(ValueError):
 
 #: safetensors' names of the floating-point dtypes, as the dtype a run computes and stores in
 _STORED_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float32}
+
+
+class TensorStore(Protocol):
+    """What reads a checkpoint's tensors by key: :class:`ShardReader` (stored keys) or
+    :class:`~armor.storage.conversion.CheckpointView` (the model's keys)."""
+
+    folder: Path
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def keys(self) -> list[str]: ...
+
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def load(
+        self, keys: Iterable[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> dict[str, Tensor]: ...
 
 
 class ShardReader:
@@ -116,6 +133,18 @@ class ShardReader:
                     out[k] = t.to(device)
         return out
 
+    def load_row(self, key: str, index: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Row ``index`` of the stored tensor ``key`` (one expert of a stacked experts tensor), reading only it."""
+        if key not in self.files:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.folder}")
+        with open_safetensors(self.files[key]) as f:
+            try:
+                t = f.get_slice(key)[index]
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise CheckpointError(f"{self.files[key]}: cannot read tensor {key!r} ({exc}); the file is damaged"
+                                      ) from None
+        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
 
 def weight_files(folder: Path, name: str) -> list[Path]:
     """The safetensors file(s) of a folder's weights, as transformers' ``from_pretrained`` picks them: ``name``
@@ -184,14 +213,14 @@ def tied_head_keys(model: nn.Module) -> tuple[str, str] | None:
     return f"{names[id(emb)]}.weight", f"{names[id(head)]}.weight"
 
 
-def untie_distinct_head(model: nn.Module, stored: ShardReader | Mapping[str, Tensor], where: str | Path) -> bool:
+def untie_distinct_head(model: nn.Module, stored: TensorStore | Mapping[str, Tensor], where: str | Path) -> bool:
     """Untie the head of ``model`` when its config ties it to the embeddings but ``stored`` (a checkpoint, or a
     folder's tensors) holds both with different values, as ``from_pretrained`` does; the config then says
     ``tie_word_embeddings: false``, so the model is saved untied.  Returns whether it untied the head."""
     keys = tied_head_keys(model)
     if keys is None or not all(k in stored for k in keys):
         return False
-    tensors = stored.load(list(keys)) if isinstance(stored, ShardReader) else stored
+    tensors = stored if isinstance(stored, Mapping) else stored.load(list(keys))
     embed, head = tensors[keys[0]], tensors[keys[1]]
     if embed.shape == head.shape and torch.equal(embed, head):
         return False
@@ -205,7 +234,7 @@ def untie_distinct_head(model: nn.Module, stored: ShardReader | Mapping[str, Ten
     return True
 
 
-def check_shapes(model: nn.Module, reader: ShardReader) -> None:
+def check_shapes(model: nn.Module, reader: TensorStore) -> None:
     """A CheckpointError listing every tensor whose shape in the checkpoint differs from the model's (a config
     that does not belong to these weights), before anything is loaded."""
     stored = reader.shapes()
@@ -235,7 +264,7 @@ def _set_tensor(root: nn.Module, name: str, value: Tensor) -> None:
 
 
 def materialise(
-    root: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype | None, device: Any,
+    root: nn.Module, prefix: str, reader: TensorStore, dtype: torch.dtype | None, device: Any,
     keys: Sequence[str] | None = None,
 ) -> list[str]:
     """Load ``root``'s state-dict entries (all, or ``keys``) from the checkpoint, where their full names are
@@ -246,8 +275,8 @@ def materialise(
     missing = [k for k in keys if prefix + k not in reader and state[k].is_meta]
     if missing:
         raise KeyError(
-            f"the checkpoint has no tensor {prefix + missing[0]!r} (and {len(missing) - 1} more); "
-            "streaming needs checkpoint names equal to the model's parameter names"
+            f"the checkpoint has no tensor for {prefix + missing[0]!r} (and {len(missing) - 1} more), under that "
+            "name or one transformers' weight conversions load into it"
         )
     loaded = reader.load([prefix + k for k in wanted], dtype, device)
     for k in wanted:

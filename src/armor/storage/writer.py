@@ -49,6 +49,7 @@ from .checkpoint import (
     tied_head_keys,
     untie_distinct_head,
 )
+from .conversion import checkpoint_view
 from .guard import guard_keys, guard_tensor, keep_guards
 from .hf_quantizer import MODEL_FORMAT, MODEL_TYPE, QUANT_METHOD, ArmorConfig, mark_armored
 from .resume import layer_file
@@ -270,8 +271,8 @@ def save_pruned_streamed(
     """Write the folder :func:`save_pruned` writes without the model in memory: pruned layers come from their
     layer files in ``out_dir/layers/`` (where the run's jobs wrote them), every other tensor from the checkpoint
     (floating point cast to ``dtype``), one tensor at a time."""
-    reader = reader or ShardReader(model_path)
     model = meta_skeleton(model_path)
+    reader = checkpoint_view(reader or ShardReader(model_path), model)  # the model's keys, its experts unfused
     untie_distinct_head(model, reader, model_path)  # as the run read it
     for name, spec in specs.items():
         set_module(model, name, empty_module_from_spec(spec, dtype=getattr(torch, dtypes[name]), device="meta"))
@@ -314,5 +315,6 @@ def save_pruned_streamed(
     cfg = plain_config_dict(model.config)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     return write_folder(
-        out_dir, entries, aliases, cfg, dict(run_info or {}), specs, dtypes, generation_config, tokenizer
+        out_dir, entries, aliases, cfg, dict(run_info or {}), specs, dtypes, generation_config, tokenizer,
+        unfused_experts=reader.unfused_experts,
     )
