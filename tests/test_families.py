@@ -266,11 +266,22 @@ def in_memory_and_streamed(folder: Path, out: Path, monkeypatch, method: str = "
     same_folders(out / "mem", out / "str")
 
 
-CONFIGS = {
-    **{family: make for family, (make, _, _) in FAMILIES.items()}, **MOE,
+# more mixture-of-experts families (transformers' stacked experts, each with its own router and extras)
+MORE_MOE = {
     "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                            moe_intermediate_size=32, shared_expert_intermediate_size=64, **COMMON),
+    "deepseek_v3": lambda: tf.DeepseekV3Config(
+        num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, **COMMON),
+    "olmoe": lambda: tf.OlmoeConfig(num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, **COMMON),
+    "hunyuan_v1_moe": lambda: tf.HunYuanMoEV1Config(num_key_value_heads=2, num_experts=4, moe_topk=2, head_dim=16,
+                                                    **COMMON),
+    "qwen3_next": lambda: tf.Qwen3NextConfig(layer_types=["linear_attention", "full_attention"],
+                                             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, head_dim=16, **COMMON),
 }
+CONFIGS = {**{family: make for family, (make, _, _) in FAMILIES.items()}, **MOE, **MORE_MOE}
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -282,10 +293,28 @@ def test_a_checkpoint_streams_to_the_folder_an_in_memory_run_writes(family, tmp_
     GPT-NeoX's untied head was not found."""
     build(CONFIGS[family]()).save_pretrained(tmp_path / "dense")
     in_memory_and_streamed(tmp_path / "dense", tmp_path, monkeypatch)
-    if family in MOE or family == "qwen2_moe":
-        assert read_armor_config(tmp_path / "str")["unfused_experts"] == [f"model.layers.{i}.mlp.experts"
-                                                                         for i in (0, 1)]
-        assert EXPERTS < set(read_armor_config(tmp_path / "str")["layers"])
+    ref = logits(armor.load(tmp_path / "mem"))
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "str")), ref, rtol=0, atol=0)
+    section = read_armor_config(tmp_path / "str")
+    if family in MOE or family in MORE_MOE:
+        moe_blocks = (1,) if family == "deepseek_v3" else (0, 1)  # its first block is dense (first_k_dense_replace)
+        assert section["unfused_experts"] == [f"model.layers.{i}.mlp.experts" for i in moe_blocks]
+        assert {f"model.layers.{i}.mlp.experts.down_proj.3" for i in moe_blocks} <= set(section["layers"])
+
+
+def test_a_router_that_is_a_plain_linear_stays_dense(tmp_path, caplog):
+    """HunYuan-MoE routes with a plain nn.Linear (gate.wg: hidden -> experts) whose weight its gate reads directly.
+    Before, it was pruned like any layer: the run exited 0, and every forward of the pruned model failed on
+    "'SparseLinear' object has no attribute 'weight'"."""
+    caplog.set_level(logging.INFO, logger="armor.models.layers")
+    model = build(MORE_MOE["hunyuan_v1_moe"]())
+    run = armor.prune(model, CALIBRATION, "wanda", output=tmp_path / "out")
+    pruned = set(pruned_modules(run.model))
+    assert not [name for name in pruned if name.endswith("gate.wg")]
+    assert "model.layers.0.mlp.experts.gate_up_proj.0" in pruned and "model.layers.1.mlp.shared_mlp.up_proj" in pruned
+    assert "leaving 2 mixture-of-experts router(s) dense" in caplog.text and "mlp.gate.wg (4x64)" in caplog.text
+    ref = logits(run.model)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), ref, rtol=0, atol=0)
 
 
 def test_a_moe_checkpoint_streams_with_armor_resumes_across_modes_and_evaluates_block_by_block(tmp_path, monkeypatch):

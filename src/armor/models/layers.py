@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import stacked_experts
+from .experts import LinearExperts, stacked_experts
 
 __all__ = [
     "find_decoder_layers", "find_prunable_layers", "name_matches", "get_module", "set_module", "model_device",
@@ -164,6 +164,35 @@ def _is_plain_linear(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) and (cls.forward is nn.Linear.forward or cls.__name__ in _PLAIN_LINEAR_SUBCLASSES)
 
 
+def _expert_count(name: str, mod: nn.Module) -> int | None:
+    """How many experts a mixture-of-experts container holds (unfused, stacked or a ``ModuleList``); None for any
+    other module."""
+    if isinstance(mod, LinearExperts):
+        return mod.num_experts
+    if not name.rpartition(".")[2].endswith("experts"):
+        return None
+    if isinstance(mod, nn.ModuleList):
+        return len(mod)
+    stacked = [p for p in mod.parameters(recurse=False) if p.dim() == 3]
+    return stacked[0].shape[0] if stacked else None
+
+
+def _routers(block: nn.Module) -> set[str]:
+    """Sub-names of the linear layers of ``block`` that route tokens to experts: outside an experts container,
+    under its parent module, one output per expert."""
+    containers = {sub: n for sub, mod in block.named_modules() if sub and (n := _expert_count(sub, mod))}
+    routers = set()
+    for sub, mod in block.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        for experts, n in containers.items():
+            parent = experts.rpartition(".")[0]
+            under = not parent or sub.startswith(parent + ".")
+            if under and not sub.startswith(experts + ".") and mod.out_features == n:
+                routers.add(sub)
+    return routers
+
+
 def _selected_linears(
     prefix: str, blocks: nn.ModuleList, include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> dict[str, nn.Linear]:
@@ -172,7 +201,9 @@ def _selected_linears(
     selected: dict[str, nn.Linear] = {}
     own_forward: list[tuple[str, tuple[int, ...]]] = []
     own_classes: set[str] = set()
+    routers: list[tuple[str, tuple[int, ...]]] = []
     for i, block in enumerate(blocks):
+        routing = _routers(block)
         for sub, mod in block.named_modules():
             if not isinstance(mod, nn.Linear) or not sub:
                 continue
@@ -181,11 +212,16 @@ def _selected_linears(
                 continue
             if exclude and _matches_any(name, exclude):
                 continue
-            if _is_plain_linear(mod):
+            if sub in routing:
+                routers.append((name, (mod.out_features, mod.in_features)))
+            elif _is_plain_linear(mod):
                 selected[name] = mod
             else:
                 own_forward.append((name, (mod.out_features, mod.in_features)))
                 own_classes.add(type(mod).__name__)
+    if routers:
+        logger.info("leaving %d mixture-of-experts router(s) dense (one output per expert; their models may read "
+                    "their weight directly): %s", len(routers), _describe_grouped(routers, prefix))
     if own_forward:
         logger.warning(
             "leaving %d linear layer(s) dense: their class (%s) has a forward of its own, not nn.Linear's, which a "
@@ -212,6 +248,10 @@ def find_prunable_layers(
       they are not ``nn.Linear`` layers, so no statistics are gathered for them;
     * an ``nn.Linear`` subclass with a forward of its own (PhiMoE's and Llama 4's routers return routing weights
       and scores): the packed layer that would replace it computes a plain ``x W^T + b``.
+
+    Mixture-of-experts routers that are plain ``nn.Linear`` layers (one output per expert, beside an experts
+    module: HunYuan-MoE's ``gate.wg``) stay dense too, logged at INFO: they are tiny, pruning them changes which
+    experts run, and some models read their ``weight`` directly.
 
     Args:
         include: patterns (see :func:`name_matches`); when given, only matching layers are kept.
