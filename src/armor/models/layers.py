@@ -197,7 +197,7 @@ def _selected_linears(
     prefix: str, blocks: nn.ModuleList, include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> dict[str, nn.Linear]:
     """The plain ``nn.Linear`` layers of the blocks the patterns select; a selected subclass with a forward of its
-    own is left out with a warning naming it."""
+    own is left out with a warning naming it, a router with an INFO message."""
     selected: dict[str, nn.Linear] = {}
     own_forward: list[tuple[str, tuple[int, ...]]] = []
     own_classes: set[str] = set()
@@ -212,13 +212,13 @@ def _selected_linears(
                 continue
             if exclude and _matches_any(name, exclude):
                 continue
-            if sub in routing:
-                routers.append((name, (mod.out_features, mod.in_features)))
-            elif _is_plain_linear(mod):
-                selected[name] = mod
-            else:
+            if not _is_plain_linear(mod):
                 own_forward.append((name, (mod.out_features, mod.in_features)))
                 own_classes.add(type(mod).__name__)
+            elif sub in routing:
+                routers.append((name, (mod.out_features, mod.in_features)))
+            else:
+                selected[name] = mod
     if routers:
         logger.info("leaving %d mixture-of-experts router(s) dense (one output per expert; their models may read "
                     "their weight directly): %s", len(routers), _describe_grouped(routers, prefix))
