@@ -6,8 +6,10 @@ message), layers of odd widths are left dense with a warning."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from armor.models import (
     stacked_experts,
     unfuse_experts,
 )
+from armor.pipeline import InMemorySource
 from armor.pipeline.evaluate import perplexity_blockwise
 from armor.runtime import ArmorLinear, SparseLinear
 from armor.storage import CheckpointError, ShardReader, conversion, pruned_modules, read_armor_config
@@ -359,6 +362,10 @@ def test_stored_stacked_experts_are_read_one_expert_row_at_a_time(tmp_path, monk
     in_memory_and_streamed(folder, tmp_path, monkeypatch)
     assert not [k for k in whole if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert ("model.layers.1.mlp.experts.down_proj", 3) in rows
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_local_experts": 5}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj holds 4 .* 5 experts"):
+        armor.prune(folder, CALIBRATION, "wanda", output=tmp_path / "five")
 
 
 def test_a_moe_checkpoint_whose_experts_do_not_match_its_config_is_refused(tmp_path):
@@ -442,6 +449,19 @@ def test_a_linear_subclass_with_its_own_forward_stays_dense_and_is_named(family,
     assert pruned_modules(run.model) and not set(routers) & set(pruned_modules(run.model))
     ref = logits(run.model)
     torch.testing.assert_close(logits(armor.load(tmp_path / "out")), ref, rtol=0, atol=0)
+
+
+def test_a_run_in_memory_holds_one_copy_of_the_experts():
+    """Before, the in-memory source kept the stacked experts modules (to put them back after a refused run) while
+    the per-expert layers held copies: a second copy of every expert for the whole run."""
+    model = build(MOE["mixtral"]())
+    stacked = [weakref.ref(p) for name, p in model.named_parameters() if ".experts." in name]
+    source = InMemorySource(model)
+    gc.collect()
+    assert len(stacked) == 4 and [ref for ref in stacked if ref() is not None] == []
+    source.undo_unpruned()  # nothing pruned: the stacked modules come back, rebuilt with the same weights
+    assert not any(isinstance(m, LinearExperts) for m in model.modules())
+    torch.testing.assert_close(logits(model), logits(build(MOE["mixtral"]())), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", list(MOE))

@@ -163,13 +163,16 @@ def unfuse_experts(model: nn.Module, names: Iterable[str] | None = None, check: 
 
 
 @torch.no_grad()
-def restack_experts(model: nn.Module) -> dict[str, LinearExperts]:
+def restack_experts(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, LinearExperts]:
     """Put the stacked experts modules back, with dense weights (pruned experts multiplied out), in place of every
-    :class:`LinearExperts`; returns the replaced modules by name so a caller can put them back."""
-    replaced = {name: mod for name, mod in model.named_modules() if isinstance(mod, LinearExperts)}
+    :class:`LinearExperts` (or those of ``names``); returns the replaced modules by name so a caller can put them
+    back."""
+    wanted = None if names is None else set(names)
+    replaced = {name: mod for name, mod in model.named_modules()
+                if isinstance(mod, LinearExperts) and (wanted is None or name in wanted)}
     for name, mod in replaced.items():
-        gate_up, down = mod.dense_stacks()
+        gate_up, down = mod.dense_stacks()  # new tensors (stacked), shared with nothing
         stacked = copy.copy(mod.stacked_template)
-        stacked._parameters = {"gate_up_proj": nn.Parameter(gate_up.clone()), "down_proj": nn.Parameter(down.clone())}
+        stacked._parameters = {"gate_up_proj": nn.Parameter(gate_up), "down_proj": nn.Parameter(down)}
         _set(model, name, stacked)
     return replaced

@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models import find_decoder_layers, get_module, model_device, set_module, stacked_experts, unfuse_experts
+from ..models import (
+    find_decoder_layers,
+    get_module,
+    model_device,
+    restack_experts,
+    set_module,
+    stacked_experts,
+    unfuse_experts,
+)
 from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
 from ..storage.checkpoint import check_shapes, materialise, release, untie_distinct_head
 from ..storage.conversion import checkpoint_view
@@ -58,8 +66,9 @@ class InMemorySource:
             raise TypeError(f"expected a torch model or a checkpoint folder, got {type(model).__name__}")
         self.model = model
         # Mixture-of-experts blocks keep their experts as stacked 3-D parameters: one nn.Linear per expert matrix
-        # (same forward, checked) lets each be pruned with the statistics of the tokens routed to it.
-        self._stacked = stacked_experts(model)
+        # (same forward, checked) lets each be pruned with the statistics of the tokens routed to it.  Only the
+        # names are kept: holding the stacked modules would keep a second copy of every expert's weights.
+        self._stacked = list(stacked_experts(model))
         try:
             unfuse_experts(model)
             self.prefix, self.blocks = find_decoder_layers(model)
@@ -72,11 +81,11 @@ class InMemorySource:
         self.device = model_device(model)
 
     def undo_unpruned(self) -> None:
-        """Put back the stacked experts modules whose experts no pruned layer has replaced yet (a refused or
-        failed run leaves the caller's model as it found it, as far as nothing in it was pruned)."""
-        for name, stacked in self._stacked.items():
-            if not pruned_modules(get_module(self.model, name)):
-                set_module(self.model, name, stacked)
+        """Put back the stacked experts modules whose experts no pruned layer has replaced yet, rebuilt from their
+        unchanged per-expert weights (a refused or failed run leaves the caller's model as it found it, as far as
+        nothing in it was pruned)."""
+        restack_experts(self.model, [name for name in self._stacked
+                                     if not pruned_modules(get_module(self.model, name))])
 
     def layer_tensors(self, name: str) -> tuple[Tensor, Tensor | None]:
         lin = get_module(self.model, name)

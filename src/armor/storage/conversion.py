@@ -75,7 +75,8 @@ class CheckpointView:
         whole = self.raw.load(dict.fromkeys(s for k in keys for s, i in self.sources[k].parts if i is None), dtype)
         out: dict[str, Tensor] = {}
         for k in keys:
-            parts = [whole[s] if i is None else self.raw.load_row(s, i, dtype) for s, i in self.sources[k].parts]
+            # each stored tensor feeds one model tensor: dropped once joined, so a block is not held twice
+            parts = [whole.pop(s) if i is None else self.raw.load_row(s, i, dtype) for s, i in self.sources[k].parts]
             out[k] = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(device)
         return out
 
@@ -140,9 +141,7 @@ def checkpoint_view(reader: ShardReader, model: nn.Module) -> CheckpointView:
         for param in _EXPERT_PARAMS:
             whole = sources.pop(f"{name}.{param}", None)
             if whole is not None and len(whole.parts) == 1:
-                key = whole.parts[0][0]
-                for e in range(getattr(mod, param).shape[0]):
-                    sources.setdefault(f"{name}.{param}.{e}.weight", _Source(((key, e),)))
+                sources.update(_rows(reader, whole.parts[0][0], f"{name}.{param}", getattr(mod, param).shape[0]))
     unfused = unfuse_experts(model, check=False) if stacked else []
     final = model.state_dict(keep_vars=True)
     return CheckpointView(reader, {k: v for k, v in sources.items() if k in final}, unfused)
@@ -170,3 +169,12 @@ def _per_expert(
         raise CheckpointError(f"{reader.folder}: {target} merges {counts} stored matrices, but the config has "
                               f"{experts} experts")
     return {f"{name}.{param}.{e}.weight": _Source(tuple((keys[e], None) for keys in lists)) for e in range(experts)}
+
+
+def _rows(reader: ShardReader, key: str, target: str, experts: int) -> dict[str, _Source]:
+    """The per-expert sources of a stacked experts tensor stored as it is: expert ``e`` reads row ``e``."""
+    stored = reader.shapes()[key]
+    if not stored or stored[0] != experts:
+        raise CheckpointError(f"{reader.folder}: {key} holds {stored[0] if stored else 0} experts' matrices, but the "
+                              f"config has {experts} experts")
+    return {f"{target}.{e}.weight": _Source(((key, e),)) for e in range(experts)}
