@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -137,11 +138,13 @@ def checkpoint_view(reader: ShardReader, model: nn.Module) -> CheckpointView:
     for target, by_pattern in merged.items():
         if target in meta:
             sources.update(_per_expert(reader, target, by_pattern, converters, stacked))
+    stored_shapes = reader.shapes() if stacked else {}  # the headers, read once for every experts module
     for name, mod in stacked.items():  # a checkpoint that stores the stacked tensors themselves: one row each
         for param in _EXPERT_PARAMS:
             whole = sources.pop(f"{name}.{param}", None)
             if whole is not None and len(whole.parts) == 1:
-                sources.update(_rows(reader, whole.parts[0][0], f"{name}.{param}", getattr(mod, param).shape[0]))
+                key, target = whole.parts[0][0], f"{name}.{param}"
+                sources.update(_rows(reader.folder, key, stored_shapes[key], target, getattr(mod, param).shape[0]))
     unfused = unfuse_experts(model, check=False) if stacked else []
     final = model.state_dict(keep_vars=True)
     return CheckpointView(reader, {k: v for k, v in sources.items() if k in final}, unfused)
@@ -171,10 +174,10 @@ def _per_expert(
     return {f"{name}.{param}.{e}.weight": _Source(tuple((keys[e], None) for keys in lists)) for e in range(experts)}
 
 
-def _rows(reader: ShardReader, key: str, target: str, experts: int) -> dict[str, _Source]:
-    """The per-expert sources of a stacked experts tensor stored as it is: expert ``e`` reads row ``e``."""
-    stored = reader.shapes()[key]
+def _rows(folder: Path, key: str, stored: tuple[int, ...], target: str, experts: int) -> dict[str, _Source]:
+    """The per-expert sources of a stacked experts tensor ``key`` (of shape ``stored``) stored as it is: expert
+    ``e`` reads row ``e``."""
     if not stored or stored[0] != experts:
-        raise CheckpointError(f"{reader.folder}: {key} holds {stored[0] if stored else 0} experts' matrices, but the "
+        raise CheckpointError(f"{folder}: {key} holds {stored[0] if stored else 0} experts' matrices, but the "
                               f"config has {experts} experts")
     return {f"{target}.{e}.weight": _Source(((key, e),)) for e in range(experts)}
