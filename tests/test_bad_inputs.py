@@ -3,10 +3,13 @@ wrong model in silence before it was fixed; now each is a clear error naming the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import armor
+from armor.storage import CheckpointError
 from conftest import TEXT, make_tiny_model, run_cli
 
 _cli = run_cli
@@ -123,6 +126,8 @@ def test_eval_seqlen_beyond_the_models_positions_is_an_error_in_armor_eval(capsy
     [
         ({"vocab_size": 90}, "model.embed_tokens.weight is (98, 64) in the weights, (90, 64) in the model"),
         ({"layer_type": "sparse"}, "holds tensors the model does not have: model.layers.0.self_attn.q_proj.a_blocks"),
+        ({"drop_layer": True}, "model.layers.0.self_attn.q_proj is stored packed (its weight is a guard), but "
+                               "quantization_config.layers does not list it"),
     ],
 )
 def test_inspect_refuses_a_folder_whose_other_tensors_do_not_match(capsys, tiny_model_dir, tiny_text, tmp_path,
@@ -136,13 +141,45 @@ def test_inspect_refuses_a_folder_whose_other_tensors_do_not_match(capsys, tiny_
     cfg = json.loads((folder / "config.json").read_text())
     if "layer_type" in edit:
         cfg["quantization_config"]["layers"]["model.layers.0.self_attn.q_proj"]["type"] = edit["layer_type"]
+    elif "drop_layer" in edit:
+        del cfg["quantization_config"]["layers"]["model.layers.0.self_attn.q_proj"]
     else:
         cfg.update(edit)
     (folder / "config.json").write_text(json.dumps(cfg))
     rc, _, err = _cli(capsys, "inspect", folder)
     assert rc == 2 and needle in err
     rc, _, err = _cli(capsys, "eval", folder, "--eval-text", tiny_text, "--eval-seqlen", 16, "--eval-windows", 1)
-    assert rc == 2  # what inspect now says, the loader says too
+    assert rc == 2 and needle in err and str(folder) in err  # what inspect says, the loader says, naming the folder
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        armor.load(folder)
+
+
+def test_a_repeated_position_in_the_packed_indices_is_refused_by_both_loaders(capsys, tiny_model_dir, tiny_text,
+                                                                              tmp_path):
+    """Before: one damaged index byte (both kept values of a group at position 0) loaded silently; the packed
+    kernel then added both values into one column where the dense path kept one, so a model's logits depended on
+    how many tokens a call carried, and its export was a third model."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    rc, _, _ = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o"))
+    folder = tmp_path / "o" / "armor-fast"
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    state = load_file(weights)
+    key = "model.layers.1.mlp.down_proj.indices"
+    assert int(state[key][3, 2]) != 0
+    state[key][3, 2] = 0  # positions 0, 0 for the fifth and sixth groups of row 3
+    save_file(state, weights, metadata=meta)
+    needle = "model.layers.1.mlp.down_proj.indices is damaged: row 3, columns 16..19: stored positions [0, 0]"
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        armor.load(folder)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        AutoModelForCausalLM.from_pretrained(folder)
+    rc, _, err = _cli(capsys, "export", folder, tmp_path / "dense")
+    assert rc == 2 and needle in err and not (tmp_path / "dense").exists()
 
 
 def test_library_settings_of_the_wrong_shape_are_errors_naming_them(char_tokenizer):

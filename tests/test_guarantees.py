@@ -185,6 +185,25 @@ def test_pickled_dense_checkpoint_has_its_size_counted(tmp_path, char_tokenizer)
     assert folder_footprint(pruned, tmp_path / "nothing-here")["checkpoint_bytes_ratio"] is None
 
 
+def test_checkpoint_ratio_counts_only_the_files_from_pretrained_reads(tmp_path):
+    # Mistral's repositories ship a consolidated.safetensors beside the shards transformers reads; a stale
+    # model.safetensors next to an index is read instead of the shards (from_pretrained's order)
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    for shard, size in (("model-00001-of-00002.safetensors", 600), ("model-00002-of-00002.safetensors", 400)):
+        (dense / shard).write_bytes(b"\0" * size)
+    (dense / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (dense / "consolidated.safetensors").write_bytes(b"\0" * 1000)
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "model.safetensors").write_bytes(b"\0" * 500)
+    (pruned / "stale-model-00001-of-00002.safetensors").write_bytes(b"\0" * 700)
+    fp = folder_footprint(pruned, dense)
+    assert fp["checkpoint_bytes"] == 500
+    assert fp["checkpoint_bytes_ratio"] == pytest.approx(500 / 1000)
+
+
 # ---- non-finite numbers are never saved as success -------------------------------------------------------------
 
 
@@ -409,6 +428,17 @@ def test_resume_never_reuses_layers_fitted_to_another_model(char_tokenizer, tmp_
     assert run.resumed == 0
     for a, b in zip(run.records, ref.records, strict=True):
         assert (a.name, a.loss, a.nowag_loss) == (b.name, b.loss, b.nowag_loss)
+
+
+def test_activations_a_killed_run_spilled_are_removed_by_the_next_run(char_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    stale = out / ".activations" / "armor-act-4242-1"  # what a SIGKILLed run leaves (its finally never ran)
+    stale.mkdir(parents=True)
+    (stale / "act-0.safetensors").write_bytes(b"\0" * 64)
+    armor.prune(make_tiny_model(len(char_tokenizer)), _ids(char_tokenizer), "wanda", output=out,
+                activation_budget=1)
+    assert not (out / ".activations").exists()
+    assert (out / "config.json").is_file()
 
 
 def test_resume_after_a_change_in_a_later_block_keeps_the_earlier_layers(char_tokenizer, tmp_path):

@@ -34,7 +34,7 @@ from armor.runtime import (
     unpack_mask,
     unpack_nm,
 )
-from armor.runtime.packing import packed_index_shape
+from armor.runtime.packing import check_positions, packed_index_shape, unpack_indices
 from armor.sparsity import is_nm_mask, nm_mask_from_scores
 from conftest import make_tiny_model, pack_linears
 
@@ -93,6 +93,27 @@ def test_pack_unpack_round_trip_exact(n, m, in_f):
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == packed_index_shape(out_f, in_f, n, m)
     assert torch.equal(unpack_nm(values, packed, in_f, n, m), core)
     assert torch.equal(unpack_mask(packed, out_f, in_f, n, m), mask)
+
+
+@pytest.mark.parametrize(
+    "n,m,in_f", [(2, 4, 64), (2, 4, 132), (4, 8, 136), (1, 2, 66), (1, 4, 132), (3, 16, 144), (3, 6, 42)]
+)
+def test_check_positions_flags_exactly_the_groups_pack_nm_would_not_write(n, m, in_f):
+    out_f, kept = 9, in_f * n // m
+    _, packed = pack_nm(torch.randn(out_f, in_f), _random_mask(out_f, in_f, n, m, seed=in_f), n, m)
+    check_positions(packed, kept, n, m)  # what pack_nm writes passes
+    gen = torch.Generator().manual_seed(in_f)
+    for _ in range(40):  # random bytes, judged against the unpacked positions
+        noisy = torch.randint(0, 256, packed.shape, dtype=torch.uint8, generator=gen)
+        noisy[: out_f - 1] = packed[: out_f - 1]  # the damage, if any, is in the last row
+        groups = unpack_indices(noisy, kept, m).reshape(out_f, -1, n)
+        bad = ((groups[..., 1:] <= groups[..., :-1]).any(-1) | (groups[..., -1] >= m)).nonzero()
+        if len(bad) == 0:
+            check_positions(noisy, kept, n, m)
+            continue
+        row, grp = (int(v) for v in bad[0])
+        with pytest.raises(ValueError, match=rf"row {row}, columns {grp * m}\.\.{grp * m + m - 1}: stored positions"):
+            check_positions(noisy, kept, n, m)
 
 
 def test_pack_2_4_uses_two_bits_per_kept_value():
@@ -1055,6 +1076,43 @@ def test_armor_bench_models_measures_a_compiled_pruned_folder(tmp_path, capsys):
     assert row["kind"] == "pruned (packed)" and graphs >= 2  # the prompt's graph and the decode step's
     rc, out, err = run_cli(capsys, "bench", "--compile")
     assert rc == 2 and "--compile applies to --models" in err and "armor runtime bench" not in out
+
+
+def test_armor_bench_models_times_every_dtype_it_is_given(tmp_path, monkeypatch, capsys):
+    """Before: ``--models ... --dtype float32,bfloat16`` timed float32 only, and the table had no dtype column."""
+    import armor.cli.bench as bench
+    from conftest import run_cli
+
+    seen = []
+
+    def measure(folder, run):
+        seen.append((folder, run.dtype_name))
+        return {"name": folder, "kind": "dense", "dtype": run.dtype_name, "prefill_tokens_per_s": 1.0,
+                "decode_tokens_per_s": 2.0, "resident_bytes": 1, "peak_rss_bytes": None, "base_rss_bytes": None}
+
+    class InProcess:  # the per-model process, run here
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def submit(self, fn, *args):
+            return type("Done", (), {"result": staticmethod(lambda: fn(*args))})
+
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(bench, "_measure_model", measure)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for folder in (a, b):
+        os.makedirs(folder)
+        open(os.path.join(folder, "config.json"), "w").write("{}")
+    rc, out, _ = run_cli(capsys, "bench", "--models", a, b, "--dtype", "float32,bfloat16", "--device", "cpu")
+    assert rc == 0
+    assert seen == [(a, "float32"), (b, "float32"), (a, "bfloat16"), (b, "bfloat16")]
+    assert f"| {a} | dense | float32 |" in out and f"| {b} | dense | bfloat16 |" in out
 
 
 @pytest.mark.parametrize("kind", ["sparse", "armor"])

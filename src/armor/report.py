@@ -16,6 +16,7 @@ import torch
 from .runtime.packing import packed_index_shape
 from .storage import read_armor_config
 from .storage.atomic import write_text_atomic
+from .storage.checkpoint import weight_files
 
 __all__ = [
     "layer_footprint",
@@ -59,10 +60,17 @@ def layer_footprint(spec: Mapping[str, Any], dtype: str) -> dict[str, int]:
 
 
 def _weights_bytes(folder: Path) -> int:
-    """Bytes of a folder's weight files: its safetensors, else its pickled ``*.bin`` (the one from_pretrained
-    reads when there is no safetensors)."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    return sum(p.stat().st_size for p in files)
+    """Bytes of the weight files ``from_pretrained`` reads from ``folder``: ``model.safetensors`` or the shards
+    its index lists, else the pickled ``pytorch_model.bin`` (or its shards).  Other files in the folder (a
+    ``consolidated.safetensors`` beside the shards, shards an earlier save left) are not counted; 0 when it has
+    none of them."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            files = weight_files(folder, name)
+        except FileNotFoundError:
+            continue
+        return sum(p.stat().st_size for p in files)
+    return 0  # no weights in a format from_pretrained reads: no ratio is reported
 
 
 def folder_footprint(folder: str | Path, dense_folder: str | Path | None = None) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_parse_dtypes,
         default=None,
         help="one dtype or a comma list timed in the same run, e.g. float32,bfloat16 "
-        "(default: float16 on CUDA, float32 on CPU)",
+        "(default: float16 on CUDA, float32 on CPU; with --models, each folder as stored)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument(
@@ -225,20 +225,14 @@ def _run_models(args: argparse.Namespace, device: torch.device, repeats: int) ->
     for folder in args.models:
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise not_a_model_folder(Path(folder), folder)
-    run = _ModelRun(
-        dtype_name=args.dtype[0] if args.dtype else None,
-        device=str(device),
-        prompt=args.prompt_tokens,
-        new=args.new_tokens,
-        repeats=repeats,
-        threads=args.threads,
-        compile_mode=args.compile,
-    )
     rows = []
-    for folder in args.models:
-        # a fresh process per model: its peak RSS is its own, not the high-water mark of the previous model
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            rows.append(pool.submit(_measure_model, folder, run).result())
+    for dtype_name in args.dtype or [None]:  # None: each folder in its stored dtype
+        run = _ModelRun(dtype_name=dtype_name, device=str(device), prompt=args.prompt_tokens,
+                        new=args.new_tokens, repeats=repeats, threads=args.threads, compile_mode=args.compile)
+        for folder in args.models:
+            # a fresh process per model: its peak RSS is its own, not the high-water mark of the previous model
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                rows.append(pool.submit(_measure_model, folder, run).result())
     compiled = f"torch.compile (mode {args.compile}) with a static KV cache" if args.compile else "eager"
     text = (
         f"model level: prompt {args.prompt_tokens} random tokens (batch 1), {args.new_tokens} greedy new tokens, "

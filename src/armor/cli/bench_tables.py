@@ -70,18 +70,20 @@ def format_storage_table(rep: dict[str, Any]) -> str:
 
 
 def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of model-level rows: ``name``, ``kind``, :func:`time_generation` fields, ``resident_bytes``
-    (:func:`model_resident_bytes`), ``peak_rss_bytes`` and ``base_rss_bytes`` (RSS before loading)."""
+    """Markdown table of model-level rows: ``name``, ``kind``, ``dtype``, :func:`time_generation` fields,
+    ``resident_bytes`` (:func:`model_resident_bytes`), ``peak_rss_bytes`` and ``base_rss_bytes`` (RSS before
+    loading)."""
     lines = [
-        "| model | kind | prefill tokens/s | decode tokens/s | resident weights | peak RSS | peak RSS above start |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | kind | dtype | prefill tokens/s | decode tokens/s | resident weights | peak RSS | "
+        "peak RSS above start |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         decode = r.get("decode_tokens_per_s")
         peak, base = r.get("peak_rss_bytes"), r.get("base_rss_bytes")
         above = None if peak is None or base is None else peak - base
         lines.append(
-            f"| {r['name']} | {r['kind']} | {r['prefill_tokens_per_s']:.1f} | "
+            f"| {r['name']} | {r['kind']} | {r.get('dtype', '?')} | {r['prefill_tokens_per_s']:.1f} | "
             f"{'n/a' if decode is None else f'{decode:.2f}'} | {fmt_bytes(r['resident_bytes'])} | "
             f"{fmt_bytes(peak)} | {fmt_bytes(above)} |"
         )

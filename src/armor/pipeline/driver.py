@@ -646,8 +646,20 @@ def _check_output(model: nn.Module | str | Path, output: str | Path | None) -> N
 def _prepare_output(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # a half-updated folder must never look finished
+    _remove_stale_activations(out)
     if not resume:
         _remove_layer_files(out)
+
+
+def _remove_stale_activations(out: Path) -> None:
+    """Remove the activation folders a killed run spilled into ``out/.activations`` (the folder lock says no
+    other run is writing ``out``): they are never read again, and can be gigabytes."""
+    root = out / ".activations"
+    if not root.is_dir():
+        return
+    for p in root.glob("armor-act-*"):
+        if p.is_dir():
+            shutil.rmtree(p)
 
 
 def _remove_layer_files(out: Path) -> None:

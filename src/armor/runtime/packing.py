@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["index_bits", "packed_index_shape", "pack_nm", "unpack_nm", "unpack_indices", "unpack_mask"]
+__all__ = ["index_bits", "packed_index_shape", "pack_nm", "unpack_nm", "unpack_indices", "unpack_mask",
+           "check_positions"]
 
 
 def index_bits(m: int) -> int:
@@ -106,9 +107,50 @@ def unpack_indices(packed_idx: Tensor, kept_per_row: int, m: int) -> Tensor:
             f"packed indices have {nbytes} bytes per row, expected {-(-kept_per_row // per_byte)} "
             f"for {kept_per_row} kept entries at {bits} bits each"
         )
+    return _fields(packed_idx, kept_per_row, bits).long()
+
+
+def _fields(packed_idx: Tensor, kept_per_row: int, bits: int) -> Tensor:
+    """The stored positions of ``packed_idx`` as uint8, ``(rows, kept_per_row)``."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed_idx.device)
     fields = (packed_idx.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(rows, -1)[:, :kept_per_row].long()
+    return fields.reshape(packed_idx.shape[0], packed_idx.shape[1] * (8 // bits))[:, :kept_per_row]
+
+
+def check_positions(packed_idx: Tensor, kept_per_row: int, n: int, m: int) -> None:
+    """A ValueError naming the first group of ``packed_idx`` whose ``n`` positions are not strictly increasing and
+    below ``m``, as :func:`pack_nm` writes them.  A repeated position would make the packed kernels add two
+    values into one column where the dense reconstruction keeps one, so outputs would depend on the path."""
+    unpack_indices(packed_idx[:0], kept_per_row, m)  # dtype and row length
+    bits, rows = index_bits(m), packed_idx.shape[0]
+    step = max(1, (1 << 22) // max(kept_per_row, 1))  # about 4M positions at a time
+    for start in range(0, rows, step):
+        bad = _bad_groups(packed_idx[start:start + step], kept_per_row, n, m, bits)
+        if bool(bad.any()):
+            row, grp = (int(v) for v in bad.nonzero()[0])
+            pos = _fields(packed_idx[start + row:start + row + 1], kept_per_row, bits)[0, grp * n:(grp + 1) * n]
+            raise ValueError(
+                f"row {start + row}, columns {grp * m}..{grp * m + m - 1}: stored positions {pos.tolist()} are "
+                f"not {n} distinct increasing positions below {m}"
+            )
+
+
+def _bad_groups(packed_idx: Tensor, kept_per_row: int, n: int, m: int, bits: int) -> Tensor:
+    """``(rows, groups)``: whether each group's positions are out of order, repeated or not below ``m``."""
+    per_byte, field = 8 // bits, (1 << bits) - 1
+    if per_byte % n:  # a group spans bytes: compare the unpacked positions
+        groups = _fields(packed_idx, kept_per_row, bits).reshape(packed_idx.shape[0], -1, n)
+        return (groups[..., 1:] <= groups[..., :-1]).any(-1) | (groups[..., -1] >= m)
+    # Each byte holds whole groups: compare its fields in place (for 2:4, two nibbles of two positions each).
+    fields = [(packed_idx >> (k * bits)) & field for k in range(per_byte)]
+    bad = []
+    for g in range(per_byte // n):
+        f = fields[g * n:(g + 1) * n]
+        b = f[-1] >= m
+        for lo, hi in zip(f[:-1], f[1:], strict=True):
+            b |= hi <= lo
+        bad.append(b)
+    return torch.stack(bad, dim=-1).reshape(packed_idx.shape[0], -1)[:, :kept_per_row // n]
 
 
 def unpack_nm(values: Tensor, packed_idx: Tensor, in_features: int, n: int = 2, m: int = 4) -> Tensor:

@@ -51,12 +51,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..models import get_module, set_module, unfuse_experts
 from ..runtime import empty_module_from_spec
+from ..runtime.packing import check_positions
 from .checkpoint import open_safetensors
 from .guard import expect_guards, guard_key, keep_guards
 
 __all__ = [
     "QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules", "check_weight_files",
-    "check_packed_tensors", "MODEL_TYPE", "ArmorModelConfig", "mark_armored",
+    "check_packed_tensors", "check_packed_positions", "MODEL_TYPE", "ArmorModelConfig", "mark_armored",
 ]
 
 logger = logging.getLogger(__name__)
@@ -201,6 +202,18 @@ def check_packed_tensors(model: nn.Module, layers: Iterable[str], stored: Mappin
         raise ValueError(f"the pruned folder's weights do not match its layers: {'; '.join(problems[:5])}{more}")
 
 
+def check_packed_positions(model: nn.Module, layers: Iterable[str], where: str | Path) -> None:
+    """A ValueError naming the layer (and ``where`` its weights came from) whose stored positions are not what
+    packing writes (:func:`armor.runtime.packing.check_positions`): a damaged index byte would otherwise load and
+    give outputs that depend on the kernel that runs."""
+    for name in layers:
+        mod = get_module(model, name)
+        try:
+            check_positions(mod.indices, mod.values.shape[1], mod.n, mod.m)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {name}.indices is damaged: {exc}") from None
+
+
 class ArmorHfQuantizer(HfQuantizer):
     """Loads armor-pruned folders (pre-pruned only: transformers cannot prune at load time)."""
 
@@ -234,6 +247,7 @@ class ArmorHfQuantizer(HfQuantizer):
         # False), and a frozen module may cache its unpacked form between forwards.
         for name in self.quantization_config.layers:
             get_module(model, name).requires_grad_(False)
+        check_packed_positions(model, self.quantization_config.layers, getattr(model, "name_or_path", "") or "model")
         mark_armored(model.config, model)
         keep_guards(model)
         return model

@@ -16,7 +16,7 @@ from .guard import guard_keys
 from .hf_quantizer import MODEL_FORMAT, ArmorConfig, check_packed_tensors, install_packed_modules
 from .legacy import LEGACY_MODEL_FORMAT
 from .reader import read_armor_config
-from .weights import weight_files
+from .weights import shape_problems, weight_files
 from .writer import WEIGHTS_NAME
 
 __all__ = ["verify_pruned_folder"]
@@ -41,8 +41,7 @@ def _check_other_tensors(weights: Path, state: dict[str, Any], shapes: dict[str,
                          guards: list[str]) -> None:
     """A CheckpointError naming the tensors the loaders refuse: one stored in another shape than the config gives
     it, or one the model does not have (other than the guards)."""
-    wrong = [f"{k} is {shapes[k]} in the weights, {tuple(t.shape)} in the model" for k, t in state.items()
-             if k in shapes and tuple(t.shape) != shapes[k]]
+    wrong = shape_problems(state, {k: v for k, v in shapes.items() if k not in guards})
     extra = sorted(set(shapes) - set(state) - set(guards))
     if wrong:
         raise CheckpointError(f"{weights} does not match its config.json: {'; '.join(wrong[:5])}")

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, open_safetensors, untie_distinct_head, weight_files
-from .guard import keep_guards
+from .guard import GUARD_SUFFIX, keep_guards
+from .hf_quantizer import check_packed_positions
 from .writer import pruned_modules
 
-__all__ = ["weight_files", "read_weights", "read_all_weights", "fill_skeleton"]
+__all__ = ["weight_files", "read_weights", "read_all_weights", "fill_skeleton", "shape_problems"]
 
 
 def read_all_weights(
@@ -47,6 +48,23 @@ def read_weights(weights: Path, expected_format: str, format_key: str) -> tuple[
     return state, aliases
 
 
+def shape_problems(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Each tensor of the model's ``state`` stored with another shape in ``shapes``, described; a layer's guard
+    (an empty tensor at its ``weight``) where the model has a plain weight means the config does not list that
+    packed layer."""
+    wrong = []
+    for k, stored in shapes.items():
+        t = state.get(k)
+        if t is None or tuple(t.shape) == tuple(stored):
+            continue
+        if tuple(stored) == (0,) and k.endswith(f".{GUARD_SUFFIX}"):
+            wrong.append(f"{k.removesuffix('.' + GUARD_SUFFIX)} is stored packed (its weight is a guard), but "
+                         "quantization_config.layers does not list it")
+        else:
+            wrong.append(f"{k} is {tuple(stored)} in the weights, {tuple(t.shape)} in the model")
+    return wrong
+
+
 def fill_skeleton(
     model: nn.Module, state: dict[str, Tensor], aliases: Mapping[str, str], weights: Path, dtype: torch.dtype | None
 ) -> None:
@@ -60,9 +78,13 @@ def fill_skeleton(
     for dup, src in aliases.items():
         if src in state and dup not in state:
             state[dup] = state[src]
+    own = model.state_dict(keep_vars=True)
+    wrong = shape_problems(own, {k: tuple(v.shape) for k, v in state.items() if k in own})
+    if wrong:
+        raise CheckpointError(f"{weights} does not match its config.json: {'; '.join(wrong[:5])}")
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise ValueError(
+        raise CheckpointError(
             f"{weights} holds tensors the model does not have: {', '.join(result.unexpected_keys[:5])} "
             "(the weights and config.json disagree)"
         )
@@ -72,5 +94,7 @@ def fill_skeleton(
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if left:
         raise CheckpointError(f"{weights} does not provide: {', '.join(left[:5])}")
-    for mod in pruned_modules(model).values():
+    packed = pruned_modules(model)
+    for mod in packed.values():
         mod.requires_grad_(False)  # frozen, as built: a frozen packed module caches its unpacked form
+    check_packed_positions(model, packed, weights)
