@@ -1,7 +1,7 @@
 """Peak resident memory of ``armor prune`` WITH evaluation and saving: streamed vs whole model.
 
     python benchmarks/memory.py --out /tmp/armor-mem [--method nowag] [--nsamples 16] [--eval-windows 20]
-    python benchmarks/memory.py --out /tmp/armor-mem-moe --random-mixtral /tmp/mixtral-random
+    python benchmarks/memory.py --out /tmp/armor-mem-moe --random-mixtral /tmp/mixtral-random [--heap glibc]
 
 The model is SmolLM2-135M-Instruct, or with ``--random-mixtral DIR`` a mixture-of-experts Mixtral with random
 weights (8 blocks of 8 experts, hidden 1024, experts 2048 wide, about 0.5B parameters in float32, SmolLM2's
@@ -25,8 +25,12 @@ import sys
 from pathlib import Path
 
 
-def _armor() -> str:
-    return str(Path(sys.executable).with_name("armor"))
+def _armor(heap: str) -> list[str]:
+    """The command: the installed script (``armor prune`` restarts itself with ``armor.heap``'s settings), or with
+    ``glibc`` the same entry point without the restart (glibc's defaults)."""
+    if heap == "armor":
+        return [str(Path(sys.executable).with_name("armor"))]
+    return [sys.executable, "-c", "import sys; from armor.cli import main; sys.exit(main())"]
 
 
 def measure(cmd: list[str]) -> dict:
@@ -70,11 +74,13 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--random-mixtral", type=Path, default=None, metavar="DIR")
+    ap.add_argument("--heap", choices=("armor", "glibc"), default="armor",
+                    help="armor: the installed script (its heap settings, armor.heap); glibc: glibc's defaults")
     args = ap.parse_args()
     env_note = f"OMP_NUM_THREADS={args.threads}"
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     base = [
-        _armor(), "prune", "--method", args.method, "--compare", "none", "--nsamples", str(args.nsamples),
+        *_armor(args.heap), "prune", "--method", args.method, "--compare", "none", "--nsamples", str(args.nsamples),
         "--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows), "--quiet", "--no-resume",
         "--overwrite",
         *(["--model", str(random_mixtral(args.random_mixtral))] if args.random_mixtral else []),
@@ -85,9 +91,9 @@ def main() -> None:
         got = measure(cmd)
         rows.append((mode, cmd, got))
         print(f"{mode}: {json.dumps(got)}", file=sys.stderr)
-    print(f"Commands ({env_note}, each under `/usr/bin/time -v`):\n")
+    print(f"Commands ({env_note}, heap {args.heap}, each under `/usr/bin/time -v`):\n")
     for _, cmd, _ in rows:
-        print(f"    {shlex.join(['armor', *cmd[1:]])}")
+        print(f"    {shlex.join(['armor', *cmd[cmd.index('prune'):]])}")
     print("\n| run | peak RSS (MiB) | wall | dense ppl | pruned ppl |\n|---|---:|---:|---:|---:|")
     for mode, _, got in rows:
         print(f"| {mode} | {got['rss_mib']:.0f} | {got['wall']} | {got['ppl'].get('dense', '–')} | "

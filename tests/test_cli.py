@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,87 @@ def test_a_moe_checkpoint_streams_with_its_evaluation(capsys, char_tokenizer, ti
     assert [r["loss"] for r in runs["whole"]["records"]] == [r["loss"] for r in runs["stream"]["records"]]
     ppl = [json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("whole", "stream")]
     assert ppl[0][1]["ppl"] == pytest.approx(ppl[1][1]["ppl"], rel=1e-6)
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+if not hasattr(libc, "mallinfo2"):  # glibc before 2.33, or not glibc
+    print("skip")
+    sys.exit(0)
+libc.mallinfo2.restype = MallInfo2
+for _ in range(3):  # freed mapped blocks: glibc's own threshold rises past their size
+    t = torch.empty(2 << 20, dtype=torch.uint8)
+    t.fill_(1)
+    del t
+before = libc.mallinfo2().hblkhd
+held = torch.empty(2 << 20, dtype=torch.uint8)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_armors_heap_tunables_serve_large_tensors_from_their_own_mappings():
+    """glibc raises its mmap threshold as mapped blocks are freed, after which MiB-sized tensors come from a heap
+    that fragments (a whole-model MoE run's resident memory was twice what it held).  glibc ignores a misspelt
+    tunable without a word: this checks that armor's string takes effect."""
+    import subprocess
+
+    from armor.heap import TUNABLES
+
+    mapped = {}
+    for how, extra in (("armor", {"GLIBC_TUNABLES": TUNABLES}), ("glibc", {})):
+        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
+        proc = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True,
+                              env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        last = proc.stdout.strip().splitlines()[-1]
+        if last == "skip":
+            pytest.skip("no glibc mallinfo2")
+        mapped[how] = int(last)
+    assert mapped["armor"] >= 2 << 20  # its own mapping, returned to the system when freed
+    assert mapped["glibc"] == 0  # from the heap
+
+
+def test_heap_tunables_keep_the_users_choice_and_need_huge_pages(tmp_path, monkeypatch):
+    import armor.heap as heap
+
+    thp = tmp_path / "enabled"
+    monkeypatch.setattr(heap, "_THP", thp)
+    monkeypatch.setattr(heap, "_is_glibc", lambda: True)
+    monkeypatch.setattr(heap.sys, "platform", "linux")
+    thp.write_text("always [madvise] never\n")
+    assert heap.heap_tunables({}) == heap.TUNABLES
+    assert heap.heap_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) is None  # theirs is kept
+    assert heap.heap_tunables({"MALLOC_MMAP_THRESHOLD_": "65536"}) is None
+    thp.write_text("always madvise [never]\n")  # 4 KiB faults: the fixed threshold would cost time
+    assert heap.heap_tunables({}) is None
+    thp.unlink()
+    assert heap.heap_tunables({}) is None
+    monkeypatch.setattr(heap, "_is_glibc", lambda: False)
+    thp.write_text("[always] madvise never\n")
+    assert heap.heap_tunables({}) is None
+
+
+def test_armor_prune_restarts_itself_with_the_heap_tunables(tiny_model_dir, tiny_text, tmp_path):
+    """The installed script's prune runs in a process started with armor.heap's settings (where they apply), and
+    the run's settings record them."""
+    import subprocess
+
+    from armor.heap import heap_tunables
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
+    cmd = ["prune", "--model", str(tiny_model_dir), "--calib-text", str(tiny_text), "--nsamples", "4", "--seqlen",
+           "32", "--no-eval", "--no-reconstruct", "--method", "magnitude", "--compare", "none", "--quiet",
+           "--output", str(tmp_path / "o")]
+    proc = subprocess.run([sys.executable, "-c", "import sys; from armor.cli import console_main; "
+                           "sys.exit(console_main())", *cmd], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    marker = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert marker["settings"]["glibc_tunables"] == heap_tunables(env)

@@ -17,12 +17,13 @@ from collections.abc import Iterator, Sequence
 
 from safetensors import SafetensorError
 
+from ..heap import heap_tunables
 from ..storage import CheckpointError
 from . import bench, export, inspect, prune
 from . import eval as eval_command
 from .common import CliError
 
-__all__ = ["main", "build_parser", "CliError"]
+__all__ = ["main", "console_main", "build_parser", "CliError"]
 
 _SUBCOMMANDS = (prune, eval_command, inspect, export, bench)
 
@@ -106,5 +107,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def console_main() -> int:
+    """The installed ``armor`` script: :func:`main`, except that ``armor prune`` first starts itself again with
+    the C heap settings that keep a long run's resident memory near what it holds (:mod:`armor.heap`; glibc reads
+    them only when a process starts).  The restarted process inherits everything else, and the environment
+    variable keeps it from restarting again."""
+    argv = sys.argv[1:]
+    tunables = heap_tunables() if argv[:1] == ["prune"] else None
+    if tunables is not None:
+        os.environ["GLIBC_TUNABLES"] = tunables
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-c", _RESTART, *argv])
+    return main(argv)
+
+
+#: What the restarted process runs (argparse's program name is fixed, so sys.argv[0] does not matter).
+_RESTART = "import sys; from armor.cli import console_main; sys.exit(console_main())"
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())

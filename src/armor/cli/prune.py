@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,6 +447,7 @@ class _Job:
             "streaming": a.streaming,
             "ray": a.address or (f"local, {a.workers} workers" if a.workers else None),
             "threads": torch.get_num_threads(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # the heap settings (armor.heap), None: defaults
             "reconstruction": None if self.reconstruct is None else {**self.reconstruct.to_json(),
                                                                       "batch_size": a.batch_size},
         }
