@@ -113,7 +113,8 @@ def console_main() -> int:
     them only when a process starts).  The restarted process inherits everything else, and the environment
     variable keeps it from restarting again."""
     argv = sys.argv[1:]
-    tunables = heap_tunables() if argv[:1] == ["prune"] else None
+    command = next((a for a in argv if not a.startswith("-")), None)  # the global options take no value
+    tunables = heap_tunables() if command == "prune" else None
     if tunables is not None:
         os.environ["GLIBC_TUNABLES"] = tunables
         sys.stdout.flush()

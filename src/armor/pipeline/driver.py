@@ -643,6 +643,10 @@ def _check_output(model: nn.Module | str | Path, output: str | Path | None) -> N
                      "replace it: choose another folder")
 
 
+#: Where a run spills activations by default (under its output folder), and the name of each run's folder there.
+_ACTIVATIONS, _ACT_PREFIX = ".activations", "armor-act-"
+
+
 def _prepare_output(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # a half-updated folder must never look finished
@@ -654,10 +658,10 @@ def _prepare_output(out: Path, resume: bool) -> None:
 def _remove_stale_activations(out: Path) -> None:
     """Remove the activation folders a killed run spilled into ``out/.activations`` (the folder lock says no
     other run is writing ``out``): they are never read again, and can be gigabytes."""
-    root = out / ".activations"
+    root = out / _ACTIVATIONS
     if not root.is_dir():
         return
-    for p in root.glob("armor-act-*"):
+    for p in root.glob(f"{_ACT_PREFIX}*"):
         if p.is_dir():
             shutil.rmtree(p)
 
@@ -680,8 +684,8 @@ def _remove_layer_files(out: Path) -> None:
 
 def _activation_folder(s: PruneSettings, out: Path | None) -> tuple[Path, Path | None]:
     """A fresh folder for spilled activations, and the parent to remove afterwards when the driver made it."""
-    root = Path(s.offload_dir) if s.offload_dir is not None else (out / ".activations" if out else None)
-    folder = (root or Path(os.environ.get("TMPDIR", "/tmp"))) / f"armor-act-{os.getpid()}-{time.time_ns()}"
+    root = Path(s.offload_dir) if s.offload_dir is not None else (out / _ACTIVATIONS if out else None)
+    folder = (root or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{_ACT_PREFIX}{os.getpid()}-{time.time_ns()}"
     return folder, root if s.offload_dir is None else None
 
 

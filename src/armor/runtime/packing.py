@@ -97,9 +97,15 @@ def _pack_indices(idx: Tensor, bits: int) -> Tensor:
 
 def unpack_indices(packed_idx: Tensor, kept_per_row: int, m: int) -> Tensor:
     """The in-group positions ``(out, kept_per_row)`` (int64) stored in ``packed_idx``."""
+    bits = _checked_bits(packed_idx, kept_per_row, m)
+    return _fields(packed_idx, kept_per_row, bits).long()
+
+
+def _checked_bits(packed_idx: Tensor, kept_per_row: int, m: int) -> int:
+    """Bits per stored position, once ``packed_idx`` is uint8 with the bytes per row ``kept_per_row`` needs."""
     bits = index_bits(m)
     per_byte = 8 // bits
-    rows, nbytes = packed_idx.shape
+    nbytes = packed_idx.shape[1]
     if packed_idx.dtype != torch.uint8:
         raise ValueError(f"packed indices must be uint8, got {packed_idx.dtype}")
     if nbytes != -(-kept_per_row // per_byte):
@@ -107,7 +113,7 @@ def unpack_indices(packed_idx: Tensor, kept_per_row: int, m: int) -> Tensor:
             f"packed indices have {nbytes} bytes per row, expected {-(-kept_per_row // per_byte)} "
             f"for {kept_per_row} kept entries at {bits} bits each"
         )
-    return _fields(packed_idx, kept_per_row, bits).long()
+    return bits
 
 
 def _fields(packed_idx: Tensor, kept_per_row: int, bits: int) -> Tensor:
@@ -121,8 +127,7 @@ def check_positions(packed_idx: Tensor, kept_per_row: int, n: int, m: int) -> No
     """A ValueError naming the first group of ``packed_idx`` whose ``n`` positions are not strictly increasing and
     below ``m``, as :func:`pack_nm` writes them.  A repeated position would make the packed kernels add two
     values into one column where the dense reconstruction keeps one, so outputs would depend on the path."""
-    unpack_indices(packed_idx[:0], kept_per_row, m)  # dtype and row length
-    bits, rows = index_bits(m), packed_idx.shape[0]
+    bits, rows = _checked_bits(packed_idx, kept_per_row, m), packed_idx.shape[0]
     step = max(1, (1 << 22) // max(kept_per_row, 1))  # about 4M positions at a time
     for start in range(0, rows, step):
         bad = _bad_groups(packed_idx[start:start + step], kept_per_row, n, m, bits)
