@@ -18,9 +18,11 @@ import transformers as tf
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from transformers import AutoModelForCausalLM
 
 import armor
+import armor.models.experts as experts_module
 from armor.eval import perplexity
 from armor.models import (
     LinearExperts,
@@ -187,6 +189,51 @@ def test_unfused_experts_compute_the_same_and_see_only_their_routed_tokens(famil
     # each token goes to top-2 of 4 experts: every expert's layer saw a share of the tokens, 2 per token in all
     assert sum(seen) == 2 * CALIBRATION.numel() and max(seen) < CALIBRATION.numel()
     assert not [r for r in find_prunable_layers(model) if r not in ATTENTION | EXPERTS]
+
+
+def _routing(experts: LinearExperts, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Five tokens, their top-2 experts (never expert 3; index 4 is the "no expert" slot) and routing weights."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, experts.hidden_dim, generator=gen)
+    index = torch.tensor([[0, 1], [2, 0], [1, 4], [1, 2], [0, 2]])
+    return x, index, torch.rand(5, 2, generator=gen)
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_every_expert_forward_equals_the_routed_forward_and_traces_in_one_graph(family):
+    """The capture-safe forward (every expert on every token) gives the routed forward's output, ignores an
+    unrouted expert's non-finite output, and traces without a graph break, where the routed forward cannot."""
+    model = build(MOE[family]())
+    unfuse_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    x, index, weights = _routing(experts, 1)
+    routed = experts.routed_forward(x, index, weights)
+    assert routed[2].abs().sum() > 0 and torch.isfinite(routed).all()
+    torch.testing.assert_close(experts.every_expert_forward(x, index, weights), routed, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        experts.gate_up_proj[3].weight.fill_(float("nan"))  # expert 3 is routed no token
+    torch.testing.assert_close(experts.every_expert_forward(x, index, weights), routed, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+    traced = torch.compile(experts.every_expert_forward, backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(x, index, weights), routed, rtol=1e-6, atol=1e-6)
+    with pytest.raises((torch._dynamo.exc.Unsupported, GuardOnDataDependentSymNode)):  # the host read-back
+        torch.compile(experts.routed_forward, backend="eager", fullgraph=True)(x, index, weights)
+
+
+def test_experts_run_every_expert_while_a_cuda_graph_is_captured(monkeypatch):
+    model = build(MOE["mixtral"]())
+    unfuse_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    x, index, weights = _routing(experts, 2)
+    routed = experts(x, index, weights)  # not capturing (CPU): the routed forward
+    torch.testing.assert_close(routed, experts.routed_forward(x, index, weights), rtol=0, atol=0)
+
+    def no_read_back(*args):
+        raise AssertionError("the routed forward ran during a capture")
+
+    monkeypatch.setattr(experts_module, "_capturing", lambda hidden_states: True)
+    monkeypatch.setattr(LinearExperts, "routed_forward", no_read_back)
+    torch.testing.assert_close(experts(x, index, weights), routed, rtol=1e-6, atol=1e-6)
 
 
 def test_an_experts_module_with_another_forward_is_refused():

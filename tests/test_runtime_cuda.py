@@ -115,6 +115,36 @@ def test_captured_decode_step_replays_to_eager_logits(dtype):
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_captured_decoding_of_a_pruned_mixture_of_experts_gives_the_eager_tokens():
+    """A Mixtral whose attention and per-expert linears are packed: the captured step runs every expert (no host
+    read-back of the routing), replays to the eager logits and gives the eager run's greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    from armor.models import unfuse_experts
+    from armor.runtime.graphs import greedy_decode, start_decoding
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    unfuse_experts(model)
+    packed = pack_linears(model, 64, names=[n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                                            and (".experts." in n or ".self_attn." in n)])
+    assert any(".experts.down_proj." in n for n in packed)
+    model = model.to(device="cuda", dtype=torch.float16)
+    ids = torch.randint(0, 256, (2, 7), device="cuda")
+    with torch.inference_mode():
+        step, _, _ = start_decoding(model, ids, 4, capture=False)
+        eager = step().clone()
+        step_g, _, _ = start_decoding(model, ids, 4, capture=True)
+        replayed = step_g().clone()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(replayed, eager, rtol=2e-3, atol=2e-3)  # every-expert vs routed summation
+    assert torch.equal(greedy_decode(model, ids, 6, capture=True), greedy_decode(model, ids, 6, capture=False))
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_generate_compiles_captured_decoding_to_the_eager_tokens():
     """transformers' ``generate`` with a static cache compiles the decode step (``mode="reduce-overhead"``: Inductor
     plus CUDA graphs) for a pruned model as for a dense one; the packed kernels are operators in that graph

@@ -11,7 +11,9 @@ forward.  Each expert's layers then only ever see the tokens routed to that expe
 them are exactly that expert's calibration statistics, and the pruning driver treats them like any other layer
 (a pruned layer is a packed module in the same slot).  A pruned folder records which experts modules were unfused
 (``quantization_config.unfused_experts``) so that both loaders rebuild the same structure before reading weights,
-and :func:`restack_experts` puts dense stacked parameters back for a plain Hugging Face export.
+and :func:`restack_experts` puts dense stacked parameters back for a plain Hugging Face export.  While a CUDA graph
+is being captured, :class:`LinearExperts` runs every expert on every token instead (no host read-back of the
+routing, which a graph cannot hold), so a pruned MoE model's decode step can be captured like a dense one.
 
 Only the layout above is handled (transformers' default experts flags: concatenated gate/up, not transposed, no
 bias, gated, no post-expert norm); other experts modules are left alone and layer discovery reports them.
@@ -48,6 +50,11 @@ def _is_stacked_experts(module: nn.Module) -> bool:
 def stacked_experts(model: nn.Module) -> dict[str, nn.Module]:
     """The experts modules of ``model`` in the stacked layout :class:`LinearExperts` can replace, by name."""
     return {name: mod for name, mod in model.named_modules() if name and _is_stacked_experts(mod)}
+
+
+def _capturing(x: Tensor) -> bool:
+    """Whether ``x``'s forward is being recorded into a CUDA graph (which a host read-back would break)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _get(root: nn.Module, name: str) -> nn.Module:
@@ -91,6 +98,13 @@ class LinearExperts(nn.Module):
         self.__dict__["stacked_template"] = template  # not a submodule: no state-dict entries
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        if _capturing(hidden_states):
+            return self.every_expert_forward(hidden_states, top_k_index, top_k_weights)
+        return self.routed_forward(hidden_states, top_k_index, top_k_weights)
+
+    def routed_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """Each expert the router picked, on the tokens routed to it (transformers' eager experts forward).  Which
+        experts and tokens is data-dependent: the host reads it back, so a CUDA graph cannot capture this."""
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             # (experts, top_k, tokens) membership, as in transformers' eager experts forward
@@ -104,6 +118,21 @@ class LinearExperts(nn.Module):
             y = self.down_proj[e](self.act_fn(gate) * up)
             y = y * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def every_expert_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """Every expert on every token, each token's output the sum of its routed experts' outputs times their
+        routing weights (the routed forward's result): fixed shapes and no host synchronisation, so a CUDA graph
+        can capture it, at ``num_experts / top_k`` times the routed forward's compute and every expert's weights
+        read (what a token batch that reaches every expert reads anyway).  An expert's output on a token not
+        routed to it is discarded, not multiplied by zero, so it cannot turn the sum non-finite."""
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.num_experts):
+            chosen = top_k_index == e  # (tokens, top_k); an expert appears at most once in a token's top-k
+            weight = (top_k_weights * chosen).sum(-1, keepdim=True)
+            gate, up = self.gate_up_proj[e](hidden_states).chunk(2, dim=-1)
+            y = self.down_proj[e](self.act_fn(gate) * up) * weight
+            out += torch.where(chosen.any(-1, keepdim=True), y, 0).to(out.dtype)
         return out
 
     def dense_stacks(self) -> tuple[Tensor, Tensor]:
