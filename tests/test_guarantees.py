@@ -374,6 +374,34 @@ def test_inspect_refuses_a_folder_missing_a_tensor(capsys, pruned_dir, key):
     assert rc == 2 and key in err
 
 
+@pytest.mark.parametrize("key,damage,needle", [
+    ("model.layers.0.self_attn.q_proj.indices", "repeat", "q_proj.indices is damaged: row 2, columns 0..3"),
+    ("model.layers.1.mlp.up_proj.values", "nan", "up_proj.values holds 1 NaN or infinite values"),
+    ("model.norm.weight", "inf", "model.norm.weight holds 1 NaN or infinite values"),
+])
+def test_inspect_check_data_reads_positions_and_values(capsys, pruned_dir, key, damage, needle):
+    """The headers say nothing of the data: plain inspect describes a folder with a damaged index byte or a NaN
+    value; --check-data reads every tensor and refuses it, naming the file and tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    rc, out, err = _cli(capsys, "inspect", pruned_dir, "--check-data")
+    assert rc == 0 and "data check:" in out and "packed positions valid, values finite" in out, err
+    weights = pruned_dir / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(weights))
+    if damage == "repeat":
+        state[key][2, 0] = 0  # the first group of row 2 stores positions 0, 0
+    else:
+        state[key].view(-1)[5] = float("nan" if damage == "nan" else "inf")
+    save_file(state, str(weights), metadata=meta)
+    rc, out, _ = _cli(capsys, "inspect", pruned_dir)
+    assert rc == 0 and "data check:" not in out  # the headers alone cannot see it
+    rc, out, err = _cli(capsys, "inspect", pruned_dir, "--check-data")
+    assert rc == 2 and needle in err and str(weights) in err and "pruned layers" not in out
+
+
 # ---- resume and "already pruned" trust only files of this very model -------------------------------------------
 
 

@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a folder written by armor prune")
     p.add_argument("--layers", action="store_true", help="per-layer losses and block sizes")
     p.add_argument("--json", action="store_true", help="print the raw armor section")
+    p.add_argument(
+        "--check-data", action="store_true",
+        help="also read every stored tensor: packed positions valid (as the loaders check) and values finite "
+        "(reads the whole folder; without it only the file headers are read)",
+    )
     p.set_defaults(func=run)
 
 
@@ -31,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} is not an armor-pruned model "
             "(its config.json has no quantization_config with quant_method 'armor')"
         )
-    section = verify_pruned_folder(path)  # it checks what it describes: config, weights and records agree
+    # it checks what it describes: config, weights and records agree (and, asked, every tensor's data)
+    section = verify_pruned_folder(path, data=args.check_data)
     if args.json:
         print(json.dumps(section, indent=2))
         return 0
@@ -67,5 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 blk = f"{r.get('block_size_out')}x{r.get('block_size_in')}" if r.get("block_size_out") else "-"
                 print(f"{r['name']:<45} {shape:>11} {blk:>9} {r['nowag_loss']:>9.4f} {r['loss']:>9.4f} "
                       f"{r['iterations']:>6}")
+    if args.check_data:
+        print(f"data check:    {section['checked_bytes'] / 2**20:.1f} MiB read: packed positions valid, values finite")
     print(f"versions:      {section.get('versions')}")
     return 0

@@ -1,8 +1,10 @@
-"""Checking a pruned folder against what it says, from the file headers alone (no tensor data is read).
+"""Checking a pruned folder against what it says, from the file headers (and, on request, every tensor's data).
 
 :func:`verify_pruned_folder` is what ``armor inspect`` runs before it describes a folder: a folder whose config
 lost its layer list, whose weights lack a tensor or store one in another shape, or whose records name layers it
-does not have is an error naming the problem, never a summary of something that would not load.
+does not have is an error naming the problem, never a summary of something that would not load.  With
+``data=True`` (``armor inspect --check-data``) it also reads every stored tensor once, a bounded slice at a time:
+packed positions must be what packing writes (as both loaders check) and floating-point values finite.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from ..models import get_module
+from ..runtime.packing import check_positions
 from .checkpoint import CheckpointError, meta_skeleton, open_safetensors, tied_head_keys
 from .guard import guard_keys
 from .hf_quantizer import MODEL_FORMAT, ArmorConfig, check_packed_tensors, install_packed_modules
@@ -50,9 +57,54 @@ def _check_other_tensors(weights: Path, state: dict[str, Any], shapes: dict[str,
                               "(the weights and config.json disagree)")
 
 
-def verify_pruned_folder(path: str | Path) -> dict[str, Any]:
+#: elements of a floating-point tensor checked for finiteness at a time (bounds the check's memory)
+_CHUNK = 1 << 24
+
+
+def _non_finite(f: Any, key: str) -> tuple[int, int]:
+    """``(NaN or infinite values, bytes read)`` of the stored floating-point tensor ``key``, read a slice of leading
+    rows at a time; ``(0, 0)`` for any other tensor (integer buffers, guards), which is not read."""
+    part = f.get_slice(key)
+    shape = part.get_shape()
+    if not part.get_dtype().startswith(("F", "BF")) or not shape:  # F16/F32/F64/F8_*, BF16
+        return 0, 0
+    rows = max(1, _CHUNK // max(1, int(torch.Size(shape[1:]).numel())))
+    bad = read = 0
+    for start in range(0, shape[0], rows):
+        t = part[start:start + rows]
+        bad += int((~torch.isfinite(t)).sum())
+        read += t.numel() * t.element_size()
+    return bad, read
+
+
+def _check_data(files: list[Path], model: nn.Module, layers: dict[str, Any]) -> int:
+    """Read every packed layer's positions and every floating-point tensor of the weights ``files``: positions
+    must be valid and values finite, else a CheckpointError naming the file and tensor.  Returns the bytes read."""
+    index_of = {f"{name}.indices": get_module(model, name) for name in layers}
+    read = 0
+    for weights in files:
+        with open_safetensors(weights) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                mod = index_of.get(key)
+                if mod is None:
+                    bad, nbytes = _non_finite(f, key)
+                    if bad:
+                        raise CheckpointError(f"{weights}: {key} holds {bad} NaN or infinite values")
+                    read += nbytes
+                    continue
+                indices = f.get_tensor(key)
+                read += indices.numel()
+                try:
+                    check_positions(indices, mod.values.shape[1], mod.n, mod.m)
+                except ValueError as exc:
+                    raise CheckpointError(f"{weights}: {key} is damaged: {exc}") from None
+    return read
+
+
+def verify_pruned_folder(path: str | Path, data: bool = False) -> dict[str, Any]:
     """The folder's flat armor section (:func:`armor.storage.read_armor_config`) once its config, weights and
-    records agree; a ValueError (CheckpointError for the weights) naming what does not."""
+    records agree; a ValueError (CheckpointError for the weights) naming what does not.  ``data``: also read every
+    tensor (positions valid, values finite: :func:`_check_data`); the section then has ``checked_bytes``."""
     path = Path(path)
     section = read_armor_config(path)
     if section is None:
@@ -82,4 +134,6 @@ def verify_pruned_folder(path: str | Path) -> dict[str, Any]:
     stray = [r.get("name") for r in section.get("records", []) if r.get("name") not in layers]
     if stray:
         raise ValueError(f"{path}: records name layers the folder does not have: {', '.join(map(str, stray[:5]))}")
+    if data:
+        section = {**section, "checked_bytes": _check_data(files, model, layers)}
     return section
