@@ -5,6 +5,7 @@ settings are part of the fingerprint."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,48 @@ def test_train_view_reproduces_the_module_exactly():
     # every free tensor gets a gradient; the mask is not a parameter
     view(x).square().sum().backward()
     assert {n for n, p in view.named_parameters() if p.grad is not None} == {"values", "a_blocks", "b_blocks"}
+
+
+def _plain_linear(view: _TrainView, x: torch.Tensor) -> torch.Tensor:
+    """The view's forward as plain autograd keeps it (every intermediate saved): the reference."""
+    return torch.nn.functional.linear(x, view.weight_hat().to(x.dtype), view.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, None])
+def test_train_view_recomputes_its_weight_for_the_same_gradients(dtype, block):
+    """The view's backward rebuilds W_hat instead of saving it: outputs and gradients (of x and of every free
+    tensor) equal plain autograd's, in float32 and under bfloat16 autocast, and no tensor of the weight's size
+    (W_hat, the wrapper products' intermediates, a column index) is kept from forward to backward."""
+    from armor.bench.layers import random_nm_result
+    from armor.runtime import module_from_result
+
+    mod = module_from_result(random_nm_result(64, 96, block, seed=3), torch.tensor(0.1).expand(64).clone())
+    view = _TrainView(mod)
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    own = {p.data_ptr() for p in view.parameters()} | {x.data_ptr()}
+
+    def keep(t: torch.Tensor, saved: list[int]) -> torch.Tensor:  # sizes of what is saved besides x and parameters
+        saved.append(0 if t.data_ptr() in own else t.numel())
+        return t
+
+    runs = {}
+    for label, fn in (("recomputed", view), ("plain", lambda t: _plain_linear(view, t))):
+        saved: list[int] = []
+        x.grad = None
+        view.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            with torch.autograd.graph.saved_tensors_hooks(functools.partial(keep, saved=saved), lambda t: t):
+                y = fn(x)  # what the forward keeps for the backward
+            (y.float().sin() * torch.linspace(-1, 1, 64)).sum().backward()
+        runs[label] = (y.detach(), x.grad, *(p.grad for p in view.parameters()), max(saved))
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    assert len(runs["recomputed"]) == (6 if block else 4)
+    for got, want in zip(runs["recomputed"][:-1], runs["plain"][:-1], strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
+    assert runs["plain"][-1] >= 64 * 96 // 2  # plain autograd keeps weight-sized tensors (W_hat, a column index)
+    assert runs["recomputed"][-1] < 64 * 96 // 8  # the view keeps only x and its parameters (and y, for sin)
 
 
 @pytest.mark.parametrize(("method", "loss", "dtype", "schedule"), [

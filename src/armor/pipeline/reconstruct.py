@@ -133,14 +133,19 @@ class BlockReconstruction:
 
 
 class _TrainView(nn.Module):
-    """A differentiable float32 stand-in for a packed layer: its free tensors as parameters, its mask fixed."""
+    """A differentiable float32 stand-in for a packed layer: its free tensors as parameters, its mask fixed.
+
+    Its forward keeps no weight-sized tensor from forward to backward (:class:`_RecomputedLinear`): the dense
+    ``W_hat`` and the wrapper products' intermediates are rebuilt in the backward, so a block's training step holds
+    its activations and one layer's ``W_hat`` at a time, not every layer's."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         n, m, kept = module.n, module.m, module.values.shape[1]
         pos = unpack_indices(module.indices, kept, m)  # in-group position of every kept entry
-        group = torch.arange(kept, device=pos.device) // n
-        self.register_buffer("cols", group * m + pos)  # column of every kept entry
+        cols = torch.arange(kept, device=pos.device) // n * m + pos  # column of every kept entry
+        # held as int32 (half an int64 index's bytes), widened for each use
+        self.register_buffer("cols", cols.to(torch.int32 if module.in_features < 2**31 else torch.int64))
         self.shape = (module.out_features, module.in_features)
         self.values = nn.Parameter(module.values.detach().float().clone())
         wrapped = hasattr(module, "a_blocks")
@@ -148,14 +153,16 @@ class _TrainView(nn.Module):
         self.b_blocks = nn.Parameter(module.b_blocks.detach().float().clone()) if wrapped else None
         self.bias = None if module.bias is None else module.bias.detach()
 
+    def weight_of(self, values: Tensor, a_blocks: Tensor | None, b_blocks: Tensor | None) -> Tensor:
+        """The dense weight ``A' (values on the mask) B'`` of the given free tensors."""
+        core = values.new_zeros(self.shape).scatter(1, self.cols.long(), values)
+        return core if a_blocks is None else block_product(a_blocks, core, b_blocks)
+
     def weight_hat(self) -> Tensor:
-        core = self.values.new_zeros(self.shape).scatter(1, self.cols, self.values)
-        if self.a_blocks is None:
-            return core
-        return block_product(self.a_blocks, core, self.b_blocks)
+        return self.weight_of(self.values, self.a_blocks, self.b_blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
+        return _RecomputedLinear.apply(x, self, self.values, self.a_blocks, self.b_blocks)
 
     @torch.no_grad()
     def write_back(self, module: nn.Module) -> None:
@@ -166,6 +173,40 @@ class _TrainView(nn.Module):
             module.b_blocks.copy_(self.b_blocks.to(module.b_blocks.dtype))
         if hasattr(module, "drop_cache"):
             module.drop_cache()
+
+
+def _linear_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` computes in for input ``x`` here: autocast's, when it is on for ``x``'s device."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """``F.linear(x, view.weight_hat(), view.bias)``, computed in the dtype autocast gives it, whose backward
+    rebuilds the weight from the view's parameters instead of keeping it: only ``x`` and the parameters are saved.
+    Rebuilding costs one ``weight_hat`` per layer and step, small beside the layer's matmuls over a batch of tokens."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, view: _TrainView, *params: Tensor | None) -> Tensor:
+        dtype, dev = _linear_dtype(x), x.device.type
+        ctx.view, ctx.dtype, ctx.device = view, dtype, dev
+        ctx.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(x, *params)
+        w = view.weight_of(*params).to(dtype)
+        return F.linear(x.to(dtype), w, None if view.bias is None else view.bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, *params = ctx.saved_tensors
+        leaves = [None if p is None else p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad(), torch.autocast(ctx.device, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+            w = ctx.view.weight_of(*leaves).to(ctx.dtype)  # what forward used, now with its graph
+        grad = grad.to(ctx.dtype)
+        grad_x = (grad @ w.detach()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.to(ctx.dtype).reshape(-1, x.shape[-1])
+        wanted = [p for p in leaves if p is not None]
+        found = iter(torch.autograd.grad(w, wanted, grad_w.to(w.dtype)))
+        return (grad_x, None, *(None if p is None else next(found) for p in leaves))
 
 
 def _free_tensors(module: nn.Module) -> dict[str, Tensor]:
