@@ -367,3 +367,41 @@ def test_a_pickled_checkpoint_beside_another_safetensors_file_loads_as_transform
     assert stored_dtype(tmp_path) == torch.float32
     for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(want, got), name
+
+
+def _edit_folder(folder, drop=(), layers=None):
+    """Remove tensors ``drop`` from the folder's weights, or set its config's ``num_hidden_layers``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if drop:
+        state = load_file(folder / "model.safetensors")
+        for key in drop:
+            del state[key]
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if layers is not None:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"drop": ["model.layers.1.mlp.down_proj.weight"]}, "they lack model.layers.1.mlp.down_proj.weight"),
+    ({"layers": 3}, "they lack model.layers.2."),
+    ({"layers": 1}, "they hold tensors the model has no place for: model.layers.1."),
+])
+@pytest.mark.parametrize("mode", ["in-memory", "streamed", "eval"])
+def test_dense_weights_that_do_not_cover_the_config_are_refused(capsys, tiny_model_dir, tiny_text, tmp_path, edit,
+                                                              needle, mode):
+    """Before: an in-memory run pruned (and eval measured) a randomly initialised down_proj, or the random third
+    block of a config with more layers than the weights; with fewer layers, in memory and streamed, the weights'
+    last block was dropped; every one exited 0 (transformers only logs such keys, and armor hides its log)."""
+    _edit_folder(tiny_model_dir, **edit)
+    if mode == "eval":
+        rc, out, err = _cli(capsys, "eval", tiny_model_dir, "--eval-text", tiny_text, "--eval-seqlen", 16,
+                            "--eval-windows", 1)
+    else:
+        rc, out, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o",
+                                            *(["--streaming"] if mode == "streamed" else [])))
+    assert rc == 2 and needle in err and "do not match its config.json" in err, (out, err)
+    assert not (tmp_path / "o" / "armor-fast" / "model.safetensors").exists()

@@ -27,7 +27,7 @@ from ..models import (
     unfuse_experts,
 )
 from ..storage import ShardReader, meta_skeleton, read_armor_config, release_memory, save_pruned, save_pruned_streamed
-from ..storage.checkpoint import check_shapes, materialise, release, untie_distinct_head
+from ..storage.checkpoint import check_covered, check_shapes, materialise, release, untie_distinct_head
 from ..storage.conversion import checkpoint_view
 from ..storage.hf_quantizer import install_packed_modules
 from ..storage.resume import ModelDigests
@@ -165,6 +165,8 @@ class CheckpointSource:
         # unfused, one nn.Linear per expert matrix, as an in-memory run prunes them
         self.reader = self.raw if self.pruned else checkpoint_view(self.raw, self.model)
         check_shapes(self.model, self.reader)  # a config that does not belong to these weights fails now
+        if not self.pruned:  # a tensor missing (random weights) or left over (a config with fewer layers)
+            check_covered(self.model, self.reader, self.reader.unused)
         untie_distinct_head(self.model, self.reader, self.path)  # as from_pretrained loads it
         self.dtype = dtype if dtype is not None or self.pruned else self.reader.float_dtype() or torch.float32
         self.device = torch.device(device)

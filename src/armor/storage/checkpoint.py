@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 __all__ = [
     "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
+    "check_covered", "unexpected_keys",
     "untie_distinct_head", "tied_head_keys", "weight_files", "TensorStore",
 ]
 
@@ -251,6 +253,37 @@ def check_shapes(model: nn.Module, reader: TensorStore) -> None:
         )
 
 
+def check_covered(model: nn.Module, reader: TensorStore, unused: Iterable[str]) -> None:
+    """A CheckpointError naming the tensors of the ``meta`` skeleton ``model`` that ``reader`` (under the model's
+    keys) lacks, which a loader would leave randomly initialised, and the ``unused`` stored keys the model has no
+    place for (:func:`unexpected_keys`); a head tied to the embeddings is not stored."""
+    tied = tied_head_keys(model)
+    problems = []
+    missing = [k for k, t in model.state_dict(keep_vars=True).items()
+               if t.is_meta and k not in reader and not (tied and k == tied[1])]
+    for keys, what in ((missing, "lack"), (unexpected_keys(model, unused), "hold tensors the model has no place for:")):
+        if keys:
+            more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+            problems.append(f"{what} {', '.join(keys[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"the weights in {reader.folder} do not match its config.json: they "
+                              f"{'; they '.join(problems)}")
+
+
+def unexpected_keys(model: nn.Module, stored: Iterable[str]) -> list[str]:
+    """The ``stored`` keys (a checkpoint's, that no tensor of ``model`` reads) that ``from_pretrained`` would report
+    as unexpected: all but the model class's ``_keys_to_ignore_on_load_unexpected`` patterns and legacy buffers
+    (per-layer rotary ``inv_freq``, ``position_ids``) of a model that now computes them."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    ignore = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+    return sorted(k for k in stored if ignore is None or ignore.search(k) is None)
+
+
 def _set_tensor(root: nn.Module, name: str, value: Tensor) -> None:
     """Put ``value`` in place of the parameter or buffer at dotted path ``name`` (e.g. a meta placeholder)."""
     mod_name, _, leaf = name.rpartition(".")
@@ -275,8 +308,9 @@ def materialise(
     missing = [k for k in keys if prefix + k not in reader and state[k].is_meta]
     if missing:
         raise KeyError(
-            f"the checkpoint has no tensor for {prefix + missing[0]!r} (and {len(missing) - 1} more), under that "
-            "name or one transformers' weight conversions load into it"
+            f"the checkpoint has no tensor for {prefix + missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ", under that name or one transformers' weight conversions load into it"
         )
     loaded = reader.load([prefix + k for k in wanted], dtype, device)
     for k in wanted:

@@ -46,6 +46,7 @@ class CheckpointView:
         self.folder = reader.folder
         self.sources = sources
         self.unfused_experts = unfused_experts
+        self.unused: list[str] = []  # stored keys that no model tensor reads
 
     def __contains__(self, key: str) -> bool:
         return key in self.sources
@@ -147,7 +148,10 @@ def checkpoint_view(reader: ShardReader, model: nn.Module) -> CheckpointView:
                 sources.update(_rows(reader.folder, key, stored_shapes[key], target, getattr(mod, param).shape[0]))
     unfused = unfuse_experts(model, check=False) if stacked else []
     final = model.state_dict(keep_vars=True)
-    return CheckpointView(reader, {k: v for k, v in sources.items() if k in final}, unfused)
+    view = CheckpointView(reader, {k: v for k, v in sources.items() if k in final}, unfused)
+    used = {key for src in view.sources.values() for key, _ in src.parts}
+    view.unused = [k for k in reader.keys() if k not in used]
+    return view
 
 
 def _per_expert(

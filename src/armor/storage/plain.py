@@ -33,6 +33,21 @@ def stored_dtype(path: str | Path) -> torch.dtype:
     return (reader.float_dtype() if reader is not None else None) or torch.float32
 
 
+def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """A CheckpointError naming what ``from_pretrained`` reported (and, by default, only logged): model tensors the
+    weights lack, which it leaves randomly initialised, and stored tensors the model has no place for (a config
+    that describes fewer layers, or another model, than the weights).  Both are lists after transformers' own
+    exceptions (tied weights, legacy buffers such as rotary ``inv_freq``)."""
+    problems = []
+    for kind, what in (("missing_keys", "lack"), ("unexpected_keys", "hold tensors the model has no place for:")):
+        keys = sorted(info.get(kind) or ())
+        if keys:
+            more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+            problems.append(f"{what} {', '.join(keys[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"the weights in {path} do not match its config.json: they {'; they '.join(problems)}")
+
+
 def load_model(
     path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> nn.Module:
@@ -50,14 +65,16 @@ def load_model(
         check_shapes(meta_skeleton(path), reader)
         stored = reader.float_dtype() if dtype is None else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype) or stored or torch.float32, local_files_only=True
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype) or stored or torch.float32, local_files_only=True,
+            output_loading_info=True,
         )
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused it: nothing in the file ran
         raise CheckpointError(
             f"{path}: its pickled weights hold objects other than tensors, which armor refuses to unpickle "
             f"(nothing in the file was run); convert it to safetensors from a source you trust ({exc})"
         ) from None
+    check_loading_info(path, info)
     if device is not None:
         model = model.to(device)
     return model.eval()
