@@ -434,6 +434,43 @@ def test_finished_folder_of_another_model_is_not_taken_for_this_one(capsys, char
     assert torch.equal(saved.model.norm.weight, b.model.norm.weight)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_changed_config_is_another_model_for_resume_and_reuse(capsys, tiny_model_dir, tiny_text, tmp_path,
+                                                                 streaming):
+    """Before: after config.json's activation and norm epsilon changed, a rerun said "already pruned" and kept the
+    old model, and a killed run resumed layers fitted to the old forward's statistics (the digests covered the
+    tensors only)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    extra = ["--method", "wanda", "--keep-layers", *(["--streaming"] if streaming else [])]
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, *extra))
+    assert rc == 0, err
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu", "rms_norm_eps": 0.5}))
+    rc, stdout, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, *extra))
+    assert rc == 0 and "already pruned" not in stdout and "replaced the wanda model" in stdout, (stdout, err)
+    assert json.loads((out / "wanda" / "config.json").read_text())["hidden_act"] == "relu"
+    fresh = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "fresh", *extra))
+    assert fresh[0] == 0
+    state, want = (load_file(d / "wanda" / "model.safetensors") for d in (out, tmp_path / "fresh"))
+    assert state.keys() == want.keys() and all(torch.equal(t, want[k]) for k, t in state.items())
+    # a killed run's layer files (fitted under the changed config) are resumed under it, never under the first
+    for f in out.joinpath("wanda").iterdir():
+        if f.name in ("config.json", "model.safetensors", "records.jsonl", "generation_config.json") or \
+                f.name.startswith("tokenizer"):
+            f.unlink()
+    shutil.copytree(out, tmp_path / "killed")
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    rc, stdout, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, out, *extra))
+    assert rc == 0 and "resumed" not in stdout, (stdout, err)
+    (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu", "rms_norm_eps": 0.5}))
+    rc, stdout, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "killed", *extra))
+    assert rc == 0 and "resumed 14 finished layers" in stdout, (stdout, err)
+
+
 class _Killed(Exception):
     pass
 

@@ -267,8 +267,8 @@ class _Fingerprints:
         for i in range(len(digests.chain)):
             self._block_fingerprints(i)
 
-    def add_outer(self, tensors: Mapping[str, Tensor]) -> None:
-        self.digests.add_outer(tensors)
+    def add_outer(self, tensors: Mapping[str, Tensor], config: Any) -> None:
+        self.digests.add_outer(tensors, config)
 
     def add_block(self, tensors: Mapping[str, Tensor]) -> None:
         self.digests.add_block(tensors)
@@ -455,7 +455,7 @@ class _Run:
         """The first block's inputs and every block's call arguments, from the embeddings."""
         self.source.load_embeddings()
         if self.plan.lazy:
-            self.plan.fp.add_outer(self.source.outer_tensors())
+            self.plan.fp.add_outer(self.source.outer_tensors(), self.source.model.config)
         self.calls = capture_block_inputs(
             self.source.model, self.source.blocks, self.plan.last, calibration, self.s.batch_size, streams.first,
             self.source.device, self.s.progress,

@@ -105,7 +105,7 @@ class InMemorySource:
     def digests(self) -> ModelDigests:
         """Digests of every tensor and the chain over the blocks (:class:`~armor.storage.resume.ModelDigests`)."""
         out = ModelDigests()
-        out.add_outer(self.outer_tensors())
+        out.add_outer(self.outer_tensors(), self.model.config)
         for i in range(len(self.blocks)):
             out.add_block(self.block_tensors(i))
         return out
@@ -196,7 +196,7 @@ class CheckpointSource:
     def digests(self) -> ModelDigests:
         """As :meth:`InMemorySource.digests` gives for this model loaded whole, one part in memory at a time."""
         out = ModelDigests()
-        out.add_outer(self._read(outer_keys(self.model, self.prefix)))
+        out.add_outer(self._read(outer_keys(self.model, self.prefix)), self.model.config)
         for i in range(len(self.blocks)):
             out.add_block(self.read_block_tensors(i))
         return out

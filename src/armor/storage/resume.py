@@ -95,6 +95,23 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> dict[str, str]:
     return {key: weight_digest(t) for key, t in tensors.items()}
 
 
+#: config entries that do not change what the model computes (runtime switches, token ids, provenance); the
+#: dtype is the run's own setting; entries starting with "_" are transformers' private state
+_CONFIG_NOT_FORWARD = frozenset({
+    "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions", "output_hidden_states",
+    "return_dict", "bos_token_id", "eos_token_id", "pad_token_id", "quantization_config", "armor",
+})
+
+
+def config_digest(config: Any) -> str | None:
+    """A digest of the model config's entries that shape the forward (activation, norm epsilon, rotary scaling,
+    attention windows, ...): a run resumes or reuses layers only for the config they were pruned under."""
+    if config is None:
+        return None
+    entries = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return fingerprint(**{k: v for k, v in entries.items() if not k.startswith("_") and k not in _CONFIG_NOT_FORWARD})
+
+
 @dataclass
 class ModelDigests:
     """Digests of a model's tensors, gathered one part at a time (the parts a source reads anyway).
@@ -109,11 +126,12 @@ class ModelDigests:
     chain: list[str] = field(default_factory=list)
     outer: str = ""
 
-    def add_outer(self, tensors: Mapping[str, Tensor]) -> None:
-        """The tensors outside the decoder blocks (embeddings, final norm, an untied head)."""
+    def add_outer(self, tensors: Mapping[str, Tensor], config: Any = None) -> None:
+        """The tensors outside the decoder blocks (embeddings, final norm, an untied head) and the model's
+        ``config`` (:func:`config_digest`: what the forward computes with the tensors), first in the chain."""
         digests = tensors_digest(tensors)
         self.tensors.update(digests)
-        self.outer = fingerprint(outer=sorted(digests.items()))
+        self.outer = fingerprint(outer=sorted(digests.items()), config=config_digest(config))
 
     def add_block(self, tensors: Mapping[str, Tensor]) -> None:
         """The next decoder block's tensors (blocks in order, after :meth:`add_outer`)."""
