@@ -405,3 +405,23 @@ def test_dense_weights_that_do_not_cover_the_config_are_refused(capsys, tiny_mod
                                             *(["--streaming"] if mode == "streamed" else [])))
     assert rc == 2 and needle in err and "do not match its config.json" in err, (out, err)
     assert not (tmp_path / "o" / "armor-fast" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--exclude", "down-proj"], "exclude pattern(s) ['down-proj'] match no linear layer"),
+    (["--layers", "q_proj", "k-proj"], "include pattern(s) ['k-proj'] match no linear layer"),
+])
+def test_a_layer_pattern_that_matches_nothing_is_an_error_naming_it(capsys, tiny_model_dir, tiny_text, tmp_path,
+                                                                    args, needle):
+    """Before: a typo in one pattern was ignored when another matched: --exclude down-proj pruned every down_proj
+    (exit 0), --layers q_proj k-proj pruned q_proj alone, neither said so."""
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", *args))
+    assert rc == 2 and needle in err and "'mlp.down_proj'" in err
+    assert not (tmp_path / "o" / "armor-fast").exists()
+    from armor.models import find_prunable_layers
+
+    model = make_tiny_model(64)
+    assert len(find_prunable_layers(model, exclude=["down_proj"])) == 12  # every pattern matching: no error
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        find_prunable_layers(model, include=args[1:] if args[0] == "--layers" else None,
+                             exclude=args[1:] if args[0] == "--exclude" else None)

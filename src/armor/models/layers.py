@@ -301,4 +301,22 @@ def find_prunable_layers(
         if include or exclude:
             why = f"no linear layer matches include={list(include or [])}, exclude={list(exclude or [])}"
         raise ValueError(f"no prunable layers selected: {why}; layer names look like {prefix}.0.<sub>")
+    _check_every_pattern_matches(prefix, blocks, include, exclude)
     return out
+
+
+def _check_every_pattern_matches(
+    prefix: str, blocks: nn.ModuleList, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> None:
+    """A ValueError naming each include or exclude pattern that matches no linear layer of the blocks: a typo in
+    an exclude pattern would otherwise prune the layers it meant to keep dense, in silence."""
+    names = [f"{prefix}.{i}.{sub}" for i, block in enumerate(blocks)
+             for sub, mod in block.named_modules() if sub and isinstance(mod, nn.Linear)]
+    for kind, patterns in (("include", include), ("exclude", exclude)):
+        missed = [p for p in patterns or () if not any(name_matches(n, p) for n in names)]
+        if missed:
+            subs = sorted({n.split(".", len(prefix.split(".")) + 1)[-1] for n in names})
+            raise ValueError(
+                f"{kind} pattern(s) {missed} match no linear layer of the decoder blocks (a typo?); the layers are "
+                f"{prefix}.<block>.<name> with names {subs[:12]}{' ...' if len(subs) > 12 else ''}"
+            )
