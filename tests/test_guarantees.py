@@ -164,6 +164,19 @@ def test_calibration_text_that_is_not_utf8_is_refused(capsys, tiny_model_dir, tm
     assert rc == 2 and "latin1.txt" in err and ("is not UTF-8 text (40 invalid" in err or "NUL bytes" in err)
 
 
+@pytest.mark.parametrize("value,kind", [("[\"list\", \"of\"]", "list"), ("{\"nested\": 1}", "dict"), ("3.5", "float")])
+def test_jsonl_text_that_is_not_a_string_is_refused_and_nulls_are_skipped(tmp_path, value, kind):
+    """Before: a null "text" became the document "None", a list or object its Python repr, calibrated on in
+    silence."""
+    good = tmp_path / "docs.jsonl"
+    good.write_text('{"text": "A real document about foxes."}\n{"text": null}\n\n{"text": "Another one."}\n')
+    assert read_documents(good) == ["A real document about foxes.", "Another one."]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f'{{"text": "fine"}}\n{{"text": {value}}}\n')
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: the 'text' field is a {kind}, not a string"):
+        read_documents(bad)
+
+
 def test_a_few_stray_bytes_are_a_warning_that_counts_them(tmp_path, caplog):
     text = tmp_path / "news.txt"
     text.write_bytes(b"he paid \xa33,000 for it. " + b"plain text " * 200)

@@ -56,6 +56,21 @@ def _decode_text(p: Path) -> str:
     return text
 
 
+def _jsonl_text(path: Path, line_no: int, line: str) -> str | None:
+    """The ``"text"`` string of one ``.jsonl`` line; None for a blank line or a null text (skipped, as data-set
+    dumps hold them); a ValueError naming the file and line for anything else (a number, list or object would
+    otherwise become its Python repr, calibrated on in silence)."""
+    if not line.strip():
+        return None
+    try:
+        text = json.loads(line)["text"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}:{line_no}: expected a JSON object with a 'text' field ({exc})") from None
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{path}:{line_no}: the 'text' field is a {type(text).__name__}, not a string")
+    return text
+
+
 def read_documents(path: str | Path) -> list[str]:
     """Documents of a local text file.
 
@@ -69,13 +84,7 @@ def read_documents(path: str | Path) -> list[str]:
     if p.suffix in (".cor", ".lines"):
         docs = [line.strip() for line in raw.splitlines()]
     elif p.suffix == ".jsonl":
-        docs = []
-        for k, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    docs.append(str(json.loads(line)["text"]))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{p}:{k}: expected a JSON object with a 'text' field ({exc})") from None
+        docs = [text for k, line in enumerate(raw.splitlines(), 1) if (text := _jsonl_text(p, k, line))]
     else:
         docs = [raw]
     docs = [d for d in docs if d.strip()]
