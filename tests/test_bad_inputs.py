@@ -425,3 +425,39 @@ def test_a_layer_pattern_that_matches_nothing_is_an_error_naming_it(capsys, tiny
     with pytest.raises(ValueError, match=re.escape(needle)):
         find_prunable_layers(model, include=args[1:] if args[0] == "--layers" else None,
                              exclude=args[1:] if args[0] == "--exclude" else None)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("type", "hold tensors the model has no place for: model.layers.0.self_attn.q_proj.a_blocks"),
+    ("drop", "the weights lack model.layers.0.mlp.down_proj.weight"),
+])
+def test_from_pretrained_refuses_a_pruned_folder_armor_load_refuses(capsys, tiny_model_dir, tiny_text, tmp_path,
+                                                                    damage, needle):
+    """Before: with a layer's type edited from armor to sparse, from_pretrained dropped its stored wrappers (an
+    UNEXPECTED line in transformers' log) and computed another model; with a dense tensor deleted it initialised
+    it randomly. armor.load refused both."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    layers = ["--layers", "q_proj"] if damage == "type" else ["--layers", "q_proj", "k_proj"]
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", *layers))
+    assert rc == 0, err
+    folder = tmp_path / "o" / "armor-fast"
+    AutoModelForCausalLM.from_pretrained(folder)  # loads as written
+    if damage == "type":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["quantization_config"]["layers"]["model.layers.0.self_attn.q_proj"]["type"] = "sparse"
+        (folder / "config.json").write_text(json.dumps(cfg))
+    else:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            meta = f.metadata()
+        state = load_file(folder / "model.safetensors")
+        del state["model.layers.0.mlp.down_proj.weight"]
+        save_file(state, folder / "model.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(CheckpointError):
+        armor.load(folder)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..models import get_module, set_module, unfuse_experts
 from ..runtime import empty_module_from_spec
 from ..runtime.packing import check_positions
-from .checkpoint import open_safetensors
-from .guard import expect_guards, guard_key, keep_guards
+from .checkpoint import CheckpointError, open_safetensors, tied_head_keys, unexpected_keys
+from .guard import expect_guards, guard_key, guard_keys, keep_guards
 
 __all__ = [
     "QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules", "check_weight_files",
@@ -202,6 +202,23 @@ def check_packed_tensors(model: nn.Module, layers: Iterable[str], stored: Mappin
         raise ValueError(f"the pruned folder's weights do not match its layers: {'; '.join(problems[:5])}{more}")
 
 
+def check_stored_keys(model: nn.Module, stored: Mapping[str, tuple[int, ...]], guards: Iterable[str],
+                      files: Sequence[str | Path]) -> None:
+    """A CheckpointError naming the parameters of ``model`` (packed layers installed) that the weights lack, which
+    ``from_pretrained`` would leave randomly initialised, and the stored tensors it has no place for (which it
+    would drop: wrappers of a layer the config calls plain 2:4), as :func:`armor.load` refuses both."""
+    tied = tied_head_keys(model)
+    state = model.state_dict(keep_vars=True)
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    missing = sorted(k for k in state if k in params and k not in stored and not (tied and k == tied[1]))
+    extra = unexpected_keys(model, set(stored) - set(state) - set(guards))
+    problems = [f"{what} {', '.join(keys[:5])}{f' (and {len(keys) - 5} more)' if len(keys) > 5 else ''}"
+                for keys, what in ((missing, "lack"), (extra, "hold tensors the model has no place for:")) if keys]
+    if problems:
+        where = files[0] if len(files) == 1 else Path(files[0]).parent
+        raise CheckpointError(f"{where} does not match its config.json: the weights {'; they '.join(problems)}")
+
+
 def check_packed_positions(model: nn.Module, layers: Iterable[str], where: str | Path) -> None:
     """A ValueError naming the layer (and ``where`` its weights came from) whose stored positions are not what
     packing writes (:func:`armor.runtime.packing.check_positions`): a damaged index byte would otherwise load and
@@ -239,6 +256,7 @@ class ArmorHfQuantizer(HfQuantizer):
         install_packed_modules(model, quant.layers, layer_dtypes, "meta", quant.unfused_experts)
         if any(str(f).endswith(".safetensors") for f in files):
             check_packed_tensors(model, quant.layers, stored)
+            check_stored_keys(model, stored, guard_keys(quant.layers, quant.unfused_experts), files)
         expect_guards(model, quant.layers, quant.unfused_experts)
         return model
 
