@@ -461,3 +461,25 @@ def test_from_pretrained_refuses_a_pruned_folder_armor_load_refuses(capsys, tiny
         AutoModelForCausalLM.from_pretrained(folder)
     with pytest.raises(CheckpointError):
         armor.load(folder)
+
+
+def test_footprint_counts_the_linear_layers_left_dense(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: with --layers q_proj (2 of 14 linears pruned), the run, its table and armor inspect said 60.9% of
+    the dense linear bytes and 57.8% of the values kept: the ratios of the pruned layers alone."""
+    from armor.report import folder_footprint
+
+    rc, stdout, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "--layers", "q_proj"))
+    assert rc == 0, err
+    fp = folder_footprint(tmp_path / "o" / "armor-fast")
+    dense = make_tiny_model(64)  # the sizes of the saved model: hidden 64, MLP 128, 4 heads of 16, 2 key-value heads
+    per_block = {n: m.weight.numel() for n, m in dense.model.layers[0].named_modules()
+                 if isinstance(m, torch.nn.Linear)}
+    values, q = 2 * sum(per_block.values()), per_block["self_attn.q_proj"]
+    wrappers = round(fp["wrapper_overhead"] * values)
+    assert wrappers > 0
+    # q_proj keeps half its entries (plus its wrappers); the other 12 linears stay dense
+    assert fp["values_kept_ratio"] == pytest.approx((values - q + wrappers) / values)
+    assert fp["dense_linear_bytes"] == 4 * values  # float32, no biases
+    q_bytes = 2 * (q // 2 * 4 + q // 8)  # two q_proj layers: float32 values + a 2-bit position each
+    assert fp["linear_bytes"] == 4 * (values - 2 * q) + q_bytes + 4 * wrappers
+    assert f"linear bytes {100 * fp['linear_bytes_ratio']:.1f}% of dense" in stdout

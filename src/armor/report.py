@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from .models import find_decoder_layers, unfuse_experts
 from .runtime.packing import packed_index_shape
 from .storage import read_armor_config
 from .storage.atomic import write_text_atomic
-from .storage.checkpoint import weight_files
+from .storage.checkpoint import meta_skeleton, open_safetensors, weight_files
 
 __all__ = [
     "layer_footprint",
@@ -59,6 +61,35 @@ def layer_footprint(spec: Mapping[str, Any], dtype: str) -> dict[str, int]:
     }
 
 
+def _dense_left_footprint(folder: Path, section: Mapping[str, Any]) -> dict[str, int]:
+    """Values and bytes of the decoder blocks' linear layers that the pruned folder stores dense (left out by
+    ``--layers``/``--exclude``, an odd width, a router), so that the ratios are of all the blocks' linear layers,
+    as the dense model stores them; nothing for a folder without a readable config or weights header."""
+    specs = section.get("layers", {})
+    try:
+        model = meta_skeleton(folder, strip_quantization=True)
+        unfuse_experts(model, section.get("unfused_experts") or [], check=False)
+        prefix, blocks = find_decoder_layers(model)
+        files = weight_files(folder, section.get("weights", "model.safetensors"))
+    except (OSError, ValueError):
+        return {}
+    left = {f"{prefix}.{i}.{sub}": mod for i, block in enumerate(blocks) for sub, mod in block.named_modules()
+            if isinstance(mod, nn.Linear) and f"{prefix}.{i}.{sub}" not in specs}
+    sizes: dict[str, int] = {}
+    for f in files:
+        with open_safetensors(f) as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no iteration
+                if key.removesuffix(".weight").removesuffix(".bias") in left:
+                    part = handle.get_slice(key)
+                    sizes[key] = int(torch.Size(part.get_shape()).numel()) * _SAFETENSORS_BYTES[part.get_dtype()]
+    values = sum(mod.weight.numel() for mod in left.values())
+    stored = sum(sizes.values())
+    return {"dense": values, "kept": values, "bytes": stored, "dense_bytes": stored}
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _weights_bytes(folder: Path) -> int:
     """Bytes of the weight files ``from_pretrained`` reads from ``folder``: ``model.safetensors`` or the shards
     its index lists, else the pickled ``pytorch_model.bin`` (or its shards).  Other files in the folder (a
@@ -83,6 +114,8 @@ def folder_footprint(folder: str | Path, dense_folder: str | Path | None = None)
     for name, spec in specs.items():
         for k, v in layer_footprint(spec, dtypes.get(name, "float32")).items():
             tot[k] += v
+    for k, v in _dense_left_footprint(folder, section).items():  # linears a selection or their width kept dense
+        tot[k] += v
     dense = max(tot["dense"], 1)
     out = {
         "layers": len(specs),
@@ -236,9 +269,10 @@ def write_report(
     lines += ["", "## Results", "", format_table(rows), ""]
     lines += [
         "Perplexity: the protocol in the settings above (recorded per row in results.json). Linear bytes: the "
-        "stored pruned linear layers (values, 2-bit positions, wrappers, bias) over the same layers dense in the "
-        "same dtype; checkpoint: the weights files. Values kept: kept core entries plus wrapper entries over the "
-        "dense entries of those layers. "
+        "decoder blocks' linear layers as stored (pruned ones: values, 2-bit positions, wrappers, bias; any left "
+        "dense: as they are) over the same layers dense in the same dtype; checkpoint: the weights files. Values "
+        "kept: kept core entries, wrapper entries and the entries of layers left dense, over the dense entries of "
+        "those layers. "
         "Proxy loss: docs/algorithm.md §3 (1.0 = all weights zero), averaged over layers.",
         "",
     ]
