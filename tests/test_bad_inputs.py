@@ -483,3 +483,23 @@ def test_footprint_counts_the_linear_layers_left_dense(capsys, tiny_model_dir, t
     q_bytes = 2 * (q // 2 * 4 + q // 8)  # two q_proj layers: float32 values + a 2-bit position each
     assert fp["linear_bytes"] == 4 * (values - 2 * q) + q_bytes + 4 * wrappers
     assert f"linear bytes {100 * fp['linear_bytes_ratio']:.1f}% of dense" in stdout
+
+
+def test_export_onto_a_file_and_a_closed_pipe_are_said_plainly(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: `armor export X afile --overwrite` ended in "[Errno 17] File exists: 'afile'", and `armor inspect X |
+    head` in "armor: error: [Errno 32] Broken pipe"."""
+    import subprocess
+    import sys
+
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o"))
+    assert rc == 0, err
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    rc, _, err = _cli(capsys, "export", tmp_path / "o" / "armor-fast", afile, "--overwrite")
+    assert rc == 2 and f"{afile} is a file, not a folder" in err and afile.read_text() == "mine"
+    script = ("import sys; from armor.cli import main; sys.exit(main(['inspect', sys.argv[1], '--layers']))")
+    reader = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.close()"], stdin=subprocess.PIPE)
+    reader.wait()  # the pipe's reader has gone before armor writes
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "o" / "armor-fast")], stdout=reader.stdin,
+                          stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 141 and proc.stderr == ""

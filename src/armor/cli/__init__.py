@@ -96,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("armor: interrupted (finished layers are kept; rerun the same command to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (armor inspect ... | head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except (CliError, CheckpointError, ValueError, TypeError, FileNotFoundError, ImportError, OSError, RuntimeError,
             KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         if args.debug:

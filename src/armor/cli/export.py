@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve() == Path(path).resolve():
         raise CliError(f"{out} is the pruned model being exported: the dense copy would replace it; choose another "
                        "folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out} is a file, not a folder; choose a folder for the dense model")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CliError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
     export_dense(path, out)
     print(f"dense Hugging Face model written to {out}")

@@ -125,10 +125,12 @@ REPAIR_WARN_MIN = 4
 
 def _warn_repaired(name: str, repaired: int, in_features: int) -> None:
     if repaired > max(REPAIR_WARN_MIN, in_features // 100):
+        how = ("set to 1 (no valid entry is left: the layer is pruned as if every input feature weighed the same)"
+               if repaired >= in_features else "replaced by the mean of the others")
         log.warning(
-            "layer %s: %d of %d Hessian-diagonal entries were not finite or not positive and were replaced by the "
-            "mean of the others; its calibration inputs overflowed or never reached it (check the model's weights)",
-            name, repaired, in_features,
+            "layer %s: %d of %d Hessian-diagonal entries were not finite or not positive and were %s; its "
+            "calibration inputs overflowed or never reached it (check the model's weights)",
+            name, repaired, in_features, how,
         )
 
 
