@@ -503,3 +503,16 @@ def test_export_onto_a_file_and_a_closed_pipe_are_said_plainly(capsys, tiny_mode
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "o" / "armor-fast")], stdout=reader.stdin,
                           stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-O", "block_size=8", "--block-size", 16],
+     "option 'block_size' is given twice (by -O and --block-size), as 8 and 16"),
+    (["-O", "sweeps=2"], "option 'sweeps' is given twice (by -O), as 1 and 2"),
+])
+def test_an_option_given_twice_with_two_values_is_an_error(capsys, tiny_model_dir, tiny_text, tmp_path, args, needle):
+    """Before: the later spelling won in silence (-O block_size=8 --block-size 16 ran with blocks of 16)."""
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", *args))  # _small passes sweeps=1
+    assert rc == 2 and needle in err
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "-O", "sweeps=1"))
+    assert rc == 0, err  # the same value twice is one setting

@@ -170,9 +170,14 @@ def parse_method_options(methods: Sequence[str], pairs: Sequence[str], shortcuts
             )
         for m in takers:
             try:
-                out[m][name] = get_method(m).option(name).convert(value)
+                converted = get_method(m).option(name).convert(value)
             except (TypeError, ValueError) as exc:
                 raise CliError(f"{m}: {exc}") from None
+            if name in out[m] and out[m][name] != converted:  # -O sweeps=3 -O sweeps=4, -O block_size=8 --block-size 16
+                flag = f" and --{name.replace('_', '-')}" if name in shortcuts else ""
+                raise CliError(f"{m}: option {name!r} is given twice (by -O{flag}), as {out[m][name]!r} and "
+                               f"{converted!r}; give it once")
+            out[m][name] = converted
     return out
 
 
