@@ -429,7 +429,7 @@ def test_a_layer_pattern_that_matches_nothing_is_an_error_naming_it(capsys, tiny
 
 @pytest.mark.parametrize("damage,needle", [
     ("type", "hold tensors the model has no place for: model.layers.0.self_attn.q_proj.a_blocks"),
-    ("drop", "the weights lack model.layers.0.mlp.down_proj.weight"),
+    ("drop", "do not match its config.json: they lack model.layers.0.mlp.down_proj.weight"),
 ])
 def test_from_pretrained_refuses_a_pruned_folder_armor_load_refuses(capsys, tiny_model_dir, tiny_text, tmp_path,
                                                                     damage, needle):

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 __all__ = [
     "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
-    "check_covered", "unexpected_keys",
+    "check_covered", "raise_uncovered", "unexpected_keys",
     "untie_distinct_head", "tied_head_keys", "weight_files", "TensorStore",
 ]
 
@@ -258,16 +258,21 @@ def check_covered(model: nn.Module, reader: TensorStore, unused: Iterable[str]) 
     keys) lacks, which a loader would leave randomly initialised, and the ``unused`` stored keys the model has no
     place for (:func:`unexpected_keys`); a head tied to the embeddings is not stored."""
     tied = tied_head_keys(model)
-    problems = []
     missing = [k for k, t in model.state_dict(keep_vars=True).items()
                if t.is_meta and k not in reader and not (tied and k == tied[1])]
-    for keys, what in ((missing, "lack"), (unexpected_keys(model, unused), "hold tensors the model has no place for:")):
+    raise_uncovered(f"the weights in {reader.folder}", missing, unexpected_keys(model, unused))
+
+
+def raise_uncovered(weights: str, missing: Sequence[str], extra: Sequence[str]) -> None:
+    """The CheckpointError, if any, for ``weights`` that lack the tensors ``missing`` or hold ``extra`` ones the
+    model has no place for (five of each named)."""
+    problems = []
+    for keys, what in ((sorted(missing), "lack"), (sorted(extra), "hold tensors the model has no place for:")):
         if keys:
             more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
             problems.append(f"{what} {', '.join(keys[:5])}{more}")
     if problems:
-        raise CheckpointError(f"the weights in {reader.folder} do not match its config.json: they "
-                              f"{'; they '.join(problems)}")
+        raise CheckpointError(f"{weights} do not match its config.json: they {'; they '.join(problems)}")
 
 
 def unexpected_keys(model: nn.Module, stored: Iterable[str]) -> list[str]:

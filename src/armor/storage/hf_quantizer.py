@@ -52,7 +52,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..models import get_module, set_module, unfuse_experts
 from ..runtime import empty_module_from_spec
 from ..runtime.packing import check_positions
-from .checkpoint import CheckpointError, open_safetensors, tied_head_keys, unexpected_keys
+from .checkpoint import open_safetensors, raise_uncovered, tied_head_keys, unexpected_keys
 from .guard import expect_guards, guard_key, guard_keys, keep_guards
 
 __all__ = [
@@ -212,11 +212,7 @@ def check_stored_keys(model: nn.Module, stored: Mapping[str, tuple[int, ...]], g
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     missing = sorted(k for k in state if k in params and k not in stored and not (tied and k == tied[1]))
     extra = unexpected_keys(model, set(stored) - set(state) - set(guards))
-    problems = [f"{what} {', '.join(keys[:5])}{f' (and {len(keys) - 5} more)' if len(keys) > 5 else ''}"
-                for keys, what in ((missing, "lack"), (extra, "hold tensors the model has no place for:")) if keys]
-    if problems:
-        where = files[0] if len(files) == 1 else Path(files[0]).parent
-        raise CheckpointError(f"{where} does not match its config.json: the weights {'; they '.join(problems)}")
+    raise_uncovered(f"the weights in {files[0] if len(files) == 1 else Path(files[0]).parent}", missing, extra)
 
 
 def check_packed_positions(model: nn.Module, layers: Iterable[str], where: str | Path) -> None:

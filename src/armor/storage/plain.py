@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..dtypes import resolve_dtype
-from .checkpoint import CheckpointError, ShardReader, check_shapes, meta_skeleton
+from .checkpoint import CheckpointError, ShardReader, check_shapes, meta_skeleton, raise_uncovered
 from .reader import armor_quant_section, is_pruned_folder, load_pruned, read_config_json
 
 __all__ = ["load_model", "load_tokenizer", "stored_dtype"]
@@ -38,14 +38,7 @@ def check_loading_info(path: Path, info: dict[str, Any]) -> None:
     weights lack, which it leaves randomly initialised, and stored tensors the model has no place for (a config
     that describes fewer layers, or another model, than the weights).  Both are lists after transformers' own
     exceptions (tied weights, legacy buffers such as rotary ``inv_freq``)."""
-    problems = []
-    for kind, what in (("missing_keys", "lack"), ("unexpected_keys", "hold tensors the model has no place for:")):
-        keys = sorted(info.get(kind) or ())
-        if keys:
-            more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
-            problems.append(f"{what} {', '.join(keys[:5])}{more}")
-    if problems:
-        raise CheckpointError(f"the weights in {path} do not match its config.json: they {'; they '.join(problems)}")
+    raise_uncovered(f"the weights in {path}", info.get("missing_keys") or (), info.get("unexpected_keys") or ())
 
 
 def load_model(
