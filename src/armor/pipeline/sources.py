@@ -166,7 +166,7 @@ class CheckpointSource:
         self.reader = self.raw if self.pruned else checkpoint_view(self.raw, self.model)
         check_shapes(self.model, self.reader)  # a config that does not belong to these weights fails now
         if not self.pruned:  # a tensor missing (random weights) or left over (a config with fewer layers)
-            check_covered(self.model, self.reader, self.reader.unused)
+            check_covered(self.model, self.reader, self.reader.unused, f"the weights in {self.path}")
         untie_distinct_head(self.model, self.reader, self.path)  # as from_pretrained loads it
         self.dtype = dtype if dtype is not None or self.pruned else self.reader.float_dtype() or torch.float32
         self.device = torch.device(device)

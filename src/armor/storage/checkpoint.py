@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -253,14 +253,15 @@ def check_shapes(model: nn.Module, reader: TensorStore) -> None:
         )
 
 
-def check_covered(model: nn.Module, reader: TensorStore, unused: Iterable[str]) -> None:
-    """A CheckpointError naming the tensors of the ``meta`` skeleton ``model`` that ``reader`` (under the model's
-    keys) lacks, which a loader would leave randomly initialised, and the ``unused`` stored keys the model has no
-    place for (:func:`unexpected_keys`); a head tied to the embeddings is not stored."""
+def check_covered(model: nn.Module, stored: Container[str], unused: Iterable[str], weights: str) -> None:
+    """A CheckpointError naming the parameters of ``model`` (a skeleton) that ``stored`` (the keys the weights
+    provide, under the model's names) lacks, which a loader would leave randomly initialised, and the ``unused``
+    stored keys the model has no place for (:func:`unexpected_keys`); a head tied to the embeddings is not stored.
+    ``weights`` names them in the message."""
     tied = tied_head_keys(model)
-    missing = [k for k, t in model.state_dict(keep_vars=True).items()
-               if t.is_meta and k not in reader and not (tied and k == tied[1])]
-    raise_uncovered(f"the weights in {reader.folder}", missing, unexpected_keys(model, unused))
+    missing = [k for k, _ in model.named_parameters(remove_duplicate=False)
+               if k not in stored and not (tied and k == tied[1])]
+    raise_uncovered(weights, missing, unexpected_keys(model, unused))
 
 
 def raise_uncovered(weights: str, missing: Sequence[str], extra: Sequence[str]) -> None:
