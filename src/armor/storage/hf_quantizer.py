@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers.auto import (
@@ -52,12 +52,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..models import get_module, set_module, unfuse_experts
 from ..runtime import empty_module_from_spec
 from ..runtime.packing import check_positions
-from .checkpoint import open_safetensors, raise_uncovered, tied_head_keys, unexpected_keys
+from .checkpoint import CheckpointError, check_covered, open_safetensors
 from .guard import expect_guards, guard_key, guard_keys, keep_guards
 
 __all__ = [
     "QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules", "check_weight_files",
-    "check_packed_tensors", "check_packed_positions", "MODEL_TYPE", "ArmorModelConfig", "mark_armored",
+    "check_packed_tensors", "check_packed_positions", "check_layer_positions", "MODEL_TYPE", "ArmorModelConfig",
+    "mark_armored",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,29 +203,22 @@ def check_packed_tensors(model: nn.Module, layers: Iterable[str], stored: Mappin
         raise ValueError(f"the pruned folder's weights do not match its layers: {'; '.join(problems[:5])}{more}")
 
 
-def check_stored_keys(model: nn.Module, stored: Mapping[str, tuple[int, ...]], guards: Iterable[str],
-                      files: Sequence[str | Path]) -> None:
-    """A CheckpointError naming the parameters of ``model`` (packed layers installed) that the weights lack, which
-    ``from_pretrained`` would leave randomly initialised, and the stored tensors it has no place for (which it
-    would drop: wrappers of a layer the config calls plain 2:4), as :func:`armor.load` refuses both."""
-    tied = tied_head_keys(model)
-    state = model.state_dict(keep_vars=True)
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    missing = sorted(k for k in state if k in params and k not in stored and not (tied and k == tied[1]))
-    extra = unexpected_keys(model, set(stored) - set(state) - set(guards))
-    raise_uncovered(f"the weights in {files[0] if len(files) == 1 else Path(files[0]).parent}", missing, extra)
-
-
 def check_packed_positions(model: nn.Module, layers: Iterable[str], where: str | Path) -> None:
-    """A ValueError naming the layer (and ``where`` its weights came from) whose stored positions are not what
-    packing writes (:func:`armor.runtime.packing.check_positions`): a damaged index byte would otherwise load and
-    give outputs that depend on the kernel that runs."""
+    """A CheckpointError (a ValueError) naming the layer (and ``where`` its weights came from) whose stored
+    positions are not what packing writes (:func:`armor.runtime.packing.check_positions`): a damaged index byte
+    would otherwise load and give outputs that depend on the kernel that runs."""
     for name in layers:
         mod = get_module(model, name)
-        try:
-            check_positions(mod.indices, mod.values.shape[1], mod.n, mod.m)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {name}.indices is damaged: {exc}") from None
+        check_layer_positions(mod.indices, mod, name, where)
+
+
+def check_layer_positions(indices: Tensor, module: nn.Module, name: str, where: str | Path) -> None:
+    """:func:`check_packed_positions` for one packed layer ``name`` whose stored ``indices`` belong to ``module``
+    (its spec: kept values per row, ``n``, ``m``; it may be on ``meta``)."""
+    try:
+        check_positions(indices, module.values.shape[1], module.n, module.m)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {name}.indices is damaged: {exc}") from None
 
 
 class ArmorHfQuantizer(HfQuantizer):
@@ -252,7 +246,11 @@ class ArmorHfQuantizer(HfQuantizer):
         install_packed_modules(model, quant.layers, layer_dtypes, "meta", quant.unfused_experts)
         if any(str(f).endswith(".safetensors") for f in files):
             check_packed_tensors(model, quant.layers, stored)
-            check_stored_keys(model, stored, guard_keys(quant.layers, quant.unfused_experts), files)
+            # as armor.load: no parameter left random, no stored tensor dropped (a layer's wrappers, a dense block)
+            guards = guard_keys(quant.layers, quant.unfused_experts)
+            unused = set(stored) - set(model.state_dict(keep_vars=True)) - set(guards)
+            where = files[0] if len(files) == 1 else Path(files[0]).parent
+            check_covered(model, stored, unused, f"the weights in {where}")
         expect_guards(model, quant.layers, quant.unfused_experts)
         return model
 

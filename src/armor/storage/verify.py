@@ -17,10 +17,15 @@ import torch
 from torch import nn
 
 from ..models import get_module
-from ..runtime.packing import check_positions
 from .checkpoint import CheckpointError, meta_skeleton, open_safetensors, tied_head_keys
 from .guard import guard_keys
-from .hf_quantizer import MODEL_FORMAT, ArmorConfig, check_packed_tensors, install_packed_modules
+from .hf_quantizer import (
+    MODEL_FORMAT,
+    ArmorConfig,
+    check_layer_positions,
+    check_packed_tensors,
+    install_packed_modules,
+)
 from .legacy import LEGACY_MODEL_FORMAT
 from .reader import read_armor_config
 from .weights import shape_problems, weight_files
@@ -80,13 +85,13 @@ def _non_finite(f: Any, key: str) -> tuple[int, int]:
 def _check_data(files: list[Path], model: nn.Module, layers: dict[str, Any]) -> int:
     """Read every packed layer's positions and every floating-point tensor of the weights ``files``: positions
     must be valid and values finite, else a CheckpointError naming the file and tensor.  Returns the bytes read."""
-    index_of = {f"{name}.indices": get_module(model, name) for name in layers}
+    index_of = {f"{name}.indices": name for name in layers}
     read = 0
     for weights in files:
         with open_safetensors(weights) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                mod = index_of.get(key)
-                if mod is None:
+                name = index_of.get(key)
+                if name is None:
                     bad, nbytes = _non_finite(f, key)
                     if bad:
                         raise CheckpointError(f"{weights}: {key} holds {bad} NaN or infinite values")
@@ -94,10 +99,7 @@ def _check_data(files: list[Path], model: nn.Module, layers: dict[str, Any]) -> 
                     continue
                 indices = f.get_tensor(key)
                 read += indices.numel()
-                try:
-                    check_positions(indices, mod.values.shape[1], mod.n, mod.m)
-                except ValueError as exc:
-                    raise CheckpointError(f"{weights}: {key} is damaged: {exc}") from None
+                check_layer_positions(indices, get_module(model, name), name, weights)
     return read
 
 
