@@ -80,14 +80,11 @@ def _dense_left_footprint(folder: Path, section: Mapping[str, Any]) -> dict[str,
         with open_safetensors(f) as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open has no iteration
                 if key.removesuffix(".weight").removesuffix(".bias") in left:
-                    part = handle.get_slice(key)
-                    sizes[key] = int(torch.Size(part.get_shape()).numel()) * _SAFETENSORS_BYTES[part.get_dtype()]
+                    part = handle.get_slice(key)  # [:0] reads no data: an empty tensor of the stored dtype
+                    sizes[key] = int(torch.Size(part.get_shape()).numel()) * part[:0].element_size()
     values = sum(mod.weight.numel() for mod in left.values())
     stored = sum(sizes.values())
     return {"dense": values, "kept": values, "bytes": stored, "dense_bytes": stored}
-
-
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _weights_bytes(folder: Path) -> int:

@@ -103,12 +103,11 @@ _CONFIG_NOT_FORWARD = frozenset({
 })
 
 
-def config_digest(config: Any) -> str | None:
-    """A digest of the model config's entries that shape the forward (activation, norm epsilon, rotary scaling,
-    attention windows, ...): a run resumes or reuses layers only for the config they were pruned under."""
-    if config is None:
-        return None
-    entries = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+def config_digest(config: Any) -> str:
+    """A digest of the model config's entries (a ``PretrainedConfig``) that shape the forward (activation, norm
+    epsilon, rotary scaling, attention windows, ...): a run resumes or reuses layers only for the config they were
+    pruned under."""
+    entries = config.to_dict()
     return fingerprint(**{k: v for k, v in entries.items() if not k.startswith("_") and k not in _CONFIG_NOT_FORWARD})
 
 
@@ -126,7 +125,7 @@ class ModelDigests:
     chain: list[str] = field(default_factory=list)
     outer: str = ""
 
-    def add_outer(self, tensors: Mapping[str, Tensor], config: Any = None) -> None:
+    def add_outer(self, tensors: Mapping[str, Tensor], config: Any) -> None:
         """The tensors outside the decoder blocks (embeddings, final norm, an untied head) and the model's
         ``config`` (:func:`config_digest`: what the forward computes with the tensors), first in the chain."""
         digests = tensors_digest(tensors)
