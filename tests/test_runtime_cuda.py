@@ -82,6 +82,18 @@ def test_triton_backend_equals_dense_reconstruction_7b(out_f, in_f, dtype, kind,
     assert _max_rel_error(y, ref) <= (3 if kind == "armor" else 1) * TOL[dtype]
 
 
+def _first_step(model, ids: torch.Tensor, capture: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's greedy next token and the logits of the first decode step after it, eager or replayed from a
+    captured CUDA graph (armor.runtime.graphs.start_decoding)."""
+    from armor.runtime.graphs import start_decoding
+
+    with torch.inference_mode():
+        step, token, _ = start_decoding(model, ids, 4, capture=capture)
+        logits = step().clone()
+        torch.cuda.synchronize()
+    return token, logits
+
+
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_captured_decode_step_replays_to_eager_logits(dtype):
@@ -89,19 +101,14 @@ def test_captured_decode_step_replays_to_eager_logits(dtype):
     the decode step captured in a CUDA graph gives the eager step's logits, and greedy decoding with the graph
     gives the eager run's tokens (tests/test_runtime.py checks the eager run against ``model.generate``)."""
     pytest.importorskip("transformers")
-    from armor.runtime.graphs import greedy_decode, start_decoding
+    from armor.runtime.graphs import greedy_decode
 
     model = make_tiny_model(256, hidden_size=256, intermediate_size=512, max_position_embeddings=128, tie=False)
     model.generation_config.eos_token_id = None
     pack_linears(model, 64)
     model = model.to(device="cuda", dtype=dtype)
     ids = torch.randint(0, 256, (2, 7), device="cuda")
-    with torch.inference_mode():
-        step, token, _ = start_decoding(model, ids, 4, capture=False)
-        eager = step().clone()
-        step_g, token_g, _ = start_decoding(model, ids, 4, capture=True)
-        replayed = step_g().clone()
-        torch.cuda.synchronize()
+    (token, eager), (token_g, replayed) = _first_step(model, ids, capture=False), _first_step(model, ids, capture=True)
     assert torch.equal(token, token_g)  # the same prompt's next token
     assert {m.active_backend for m in model.modules() if hasattr(m, "active_backend")} == {"triton"}
     assert torch.equal(replayed, eager)
@@ -120,7 +127,7 @@ def test_captured_decoding_of_a_pruned_mixture_of_experts_gives_the_eager_tokens
     read-back of the routing), replays to the eager logits and gives the eager run's greedy tokens."""
     transformers = pytest.importorskip("transformers")
     from armor.models import unfuse_experts
-    from armor.runtime.graphs import greedy_decode, start_decoding
+    from armor.runtime.graphs import greedy_decode
 
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -134,12 +141,7 @@ def test_captured_decoding_of_a_pruned_mixture_of_experts_gives_the_eager_tokens
     assert any(".experts.down_proj." in n for n in packed)
     model = model.to(device="cuda", dtype=torch.float16)
     ids = torch.randint(0, 256, (2, 7), device="cuda")
-    with torch.inference_mode():
-        step, _, _ = start_decoding(model, ids, 4, capture=False)
-        eager = step().clone()
-        step_g, _, _ = start_decoding(model, ids, 4, capture=True)
-        replayed = step_g().clone()
-        torch.cuda.synchronize()
+    (_, eager), (_, replayed) = _first_step(model, ids, capture=False), _first_step(model, ids, capture=True)
     torch.testing.assert_close(replayed, eager, rtol=2e-3, atol=2e-3)  # every-expert vs routed summation
     assert torch.equal(greedy_decode(model, ids, 6, capture=True), greedy_decode(model, ids, 6, capture=False))
 
