@@ -516,3 +516,101 @@ def test_an_option_given_twice_with_two_values_is_an_error(capsys, tiny_model_di
     assert rc == 2 and needle in err
     rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "-O", "sweeps=1"))
     assert rc == 0, err  # the same value twice is one setting
+
+
+@pytest.mark.parametrize("where", ["model.norm.weight", "model.layers.1.post_attention_layernorm.weight"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_dense_model_with_a_non_finite_weight_is_refused_naming_it(capsys, char_tokenizer, tiny_text, tmp_path,
+                                                                      where, streaming):
+    """Before: a NaN in a norm weight was pruned around (its Hessian repaired, a warning) and, with --no-eval, the
+    run exited 0 leaving a model whose every output is NaN."""
+    folder = tmp_path / "nan-model"
+    model = make_tiny_model(len(char_tokenizer))
+    with torch.no_grad():
+        model.get_parameter(where)[3] = float("nan")
+    model.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    extra = ["--streaming"] if streaming else []
+    rc, _, err = _cli(capsys, *_small(folder, tiny_text, tmp_path / "o", *extra))
+    assert rc == 2 and "Traceback" not in err
+    assert f"the model's tensor {where} holds 1 NaN or infinite values of 64" in err
+    assert not list((tmp_path / "o").rglob("config.json"))  # no model folder was finished
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 4, 48)
+    with pytest.raises(ValueError, match=re.escape(f"tensor {where} holds 1 NaN")):
+        armor.prune(model, ids, "magnitude")
+
+
+def test_a_block_whose_activations_overflow_is_refused_naming_it(capsys, char_tokenizer, tiny_text, tmp_path):
+    """Before: float16 activations that overflow to inf after the first block reached every later layer as a
+    Hessian of NaN (repaired, a warning), and the run exited 0 with a model that computes NaN."""
+    folder = tmp_path / "overflow"
+    model = make_tiny_model(len(char_tokenizer))
+    with torch.no_grad():  # finite weights; the first block's MLP output exceeds float16's 65504
+        model.model.layers[0].mlp.up_proj.weight.mul_(300.0)
+        model.model.layers[0].mlp.down_proj.weight.mul_(60000.0)
+    model.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    rc, _, err = _cli(capsys, *_small(folder, tiny_text, tmp_path / "f32", "--dtype", "float32"))
+    assert rc == 0, err  # float32 holds these activations
+    rc, _, err = _cli(capsys, *_small(folder, tiny_text, tmp_path / "f16", "--dtype", "float16"))
+    assert rc == 2 and "Traceback" not in err
+    assert "the dense model's block model.layers.0 outputs" in err and "overflow in float16" in err
+    assert not list((tmp_path / "f16").rglob("config.json"))
+
+
+def test_a_weights_file_from_another_save_is_refused_by_every_reader(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: a model.safetensors copied in from another run of the same shapes loaded, evaluated and inspected in
+    silence, under the first run's provenance (its records, options and footprint)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    for run, seed in (("a", 0), ("b", 1)):
+        rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / run, "--seed", seed))
+        assert rc == 0, err
+    a, b = tmp_path / "a" / "armor-fast", tmp_path / "b" / "armor-fast"
+    assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
+    resaved = tmp_path / "resaved"  # save_pretrained records no SHA-256, in the file or in config.json
+    AutoModelForCausalLM.from_pretrained(b).save_pretrained(resaved)
+    armor.load(resaved)
+    for source, needle in ((b, "the file records weights SHA-256"), (resaved, "the file records no weights SHA")):
+        mixed = tmp_path / f"mixed-{source.name}"
+        shutil.copytree(a, mixed)
+        shutil.copy(source / "model.safetensors", mixed / "model.safetensors")
+        said = f"{mixed / 'model.safetensors'} was not saved with {mixed / 'config.json'}: {needle}"
+        with pytest.raises(CheckpointError, match=re.escape(said)):
+            armor.load(mixed)
+        with pytest.raises(CheckpointError, match=re.escape(said)):
+            AutoModelForCausalLM.from_pretrained(mixed)
+        for argv in (("inspect", mixed), ("eval", mixed, "--eval-text", tiny_text, "--eval-seqlen", 16)):
+            rc, _, err = _cli(capsys, *argv)
+            assert rc == 2 and said in err, err
+    mixed = tmp_path / "config-from-a"  # the other way round: an armor weights file under a save_pretrained config
+    shutil.copytree(resaved, mixed)
+    shutil.copy(a / "model.safetensors", mixed / "model.safetensors")
+    with pytest.raises(CheckpointError, match="the file records weights SHA-256 [0-9a-f]{16}.*, the config records no"):
+        armor.load(mixed)
+
+
+def test_inspect_check_data_finds_a_flipped_byte_the_headers_do_not_show(capsys, tiny_model_dir, tiny_text,
+                                                                         tmp_path):
+    from armor.storage.atomic import safetensors_digest
+
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o"))
+    assert rc == 0, err
+    folder = tmp_path / "o" / "armor-fast"
+    weights = folder / "model.safetensors"
+    recorded = armor.storage.read_armor_config(folder)["weights_sha256"]
+    assert safetensors_digest(weights) == recorded
+    again = armor.storage.save_pruned(armor.load(folder), tmp_path / "again")  # the digest is of the content
+    assert (again / "model.safetensors").read_bytes() == weights.read_bytes()
+    rc, out, _ = _cli(capsys, "inspect", folder, "--check-data")
+    assert rc == 0 and "values finite, SHA-256 as recorded" in out
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10  # one bit of the last tensor's data: the headers are unchanged
+    weights.write_bytes(bytes(data))
+    rc, _, err = _cli(capsys, "inspect", folder)
+    assert rc == 0, err
+    rc, _, err = _cli(capsys, "inspect", folder, "--check-data")
+    assert rc == 2 and f"{weights}: its tensors' bytes changed since it was written" in err
+    assert f"recorded {recorded}" in err

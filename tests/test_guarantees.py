@@ -108,6 +108,34 @@ def test_full_disk_names_the_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []  # no temporary file left behind
 
 
+def test_streamed_safetensors_records_the_digest_of_its_table_and_data(tmp_path):
+    """The writer's SHA-256 is sha256(canonical tensor table, then the data bytes), recomputed by
+    safetensors_digest from the file; safetensors itself reads the file back, metadata included."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+
+    from armor.storage.atomic import safetensors_digest
+
+    a, b = torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([7, 8], dtype=torch.uint8)
+    empty = torch.empty(0, dtype=torch.uint8)
+    entries = [("a", (2, 3), torch.float32, lambda: a), ("g", (0,), torch.uint8, lambda: empty),
+               ("b", (2,), torch.uint8, lambda: b)]
+    digest = write_safetensors_streamed(tmp_path / "x.safetensors", entries, {"k": "v"}, digest_key="sha")
+    table = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+             "b": {"dtype": "U8", "shape": [2], "data_offsets": [24, 26]},
+             "g": {"dtype": "U8", "shape": [0], "data_offsets": [24, 24]}}
+    brute = hashlib.sha256(json.dumps(table, sort_keys=True, separators=(",", ":")).encode())
+    brute.update(a.numpy().tobytes() + b.numpy().tobytes())
+    assert digest == brute.hexdigest() == safetensors_digest(tmp_path / "x.safetensors")
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"k": "v", "sha": digest}
+        assert torch.equal(f.get_tensor("a"), a) and torch.equal(f.get_tensor("b"), b)
+    renamed = [("c", *entries[0][1:]), *entries[1:]]  # same bytes under another name: another digest
+    assert write_safetensors_streamed(tmp_path / "y.safetensors", renamed, {}) != digest
+
+
 def test_safetensors_write_error_names_the_file(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
@@ -126,12 +154,15 @@ def test_safetensors_write_error_names_the_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["-O", "sweeps=-1"], "option 'sweeps' must be >= 1, got -1"),
-        (["-O", "sweeps=0"], "option 'sweeps' must be >= 1, got 0"),
+        (["-O", "sweeps=-1"], "option 'sweeps' must be an integer >= 1, got -1"),
+        (["-O", "sweeps=0"], "option 'sweeps' must be an integer >= 1, got 0"),
         (["--wrapper-budget", "0.6"], "option 'wrapper_budget' 0.6 leaves nothing saved at 2:4"),
-        (["--wrapper-budget", "1.2"], "option 'wrapper_budget' must be > 0 and < 1, got 1.2"),
-        (["-O", "groups_per_tile=0"], "option 'groups_per_tile' must be >= 1"),
-        (["-O", "damping=nan"], "option 'damping' must be >= 0, got nan"),
+        (["--wrapper-budget", "1.2"], "option 'wrapper_budget' must be a finite number > 0 and < 1, got 1.2"),
+        (["-O", "groups_per_tile=0"], "option 'groups_per_tile' must be an integer >= 1"),
+        (["-O", "damping=nan"], "option 'damping' must be a finite number >= 0, got nan"),
+        (["--max-seconds", "inf"], "--max-seconds must be a finite number > 0, got inf"),
+        (["-O", "max_seconds=inf"], "option 'max_seconds' must be a finite number > 0, got inf"),
+        (["--wrapper-budget", "nan"], "--wrapper-budget must be a finite number > 0, got nan"),
         (["--seqlen", "300"], "--seqlen 300 is longer than the model's max_position_embeddings (256)"),
     ],
 )
@@ -244,11 +275,19 @@ def test_huge_weight_never_stores_a_non_finite_layer(char_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("method", ["sparsegpt", "armor-fast", "wanda"])
 def test_non_finite_weight_error_names_the_layer(char_tokenizer, method):
+    """A run refuses the model as it reads the tensor; a layer job handed such a weight names its layer."""
     model = make_tiny_model(len(char_tokenizer))
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=rf"layer model\.layers\.1\.mlp\.up_proj \({method}\).*non-finite"):
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight holds 1 NaN"):
         armor.prune(model, _ids(char_tokenizer), method, options={"sweeps": 1} if method == "armor-fast" else None)
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(8, 16, generator=gen), torch.randn(64, 16, generator=gen)
+    w[0, 0] = float("nan")
+    job = LayerJob(name="blk.1.up", weight=w, bias=None, stats=LayerStats(x.pow(2).mean(0) * 2, 2 * x.T @ x / 64),
+                   method=method, options=armor.METHODS[method].resolve(), fingerprint="x")
+    with pytest.raises(ValueError, match=rf"layer blk\.1\.up \({method}\).*non-finite"):
+        run_layer_job(job)
 
 
 def test_sparsegpt_cholesky_failure_names_the_layer(monkeypatch):

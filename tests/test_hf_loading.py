@@ -35,6 +35,7 @@ from armor.storage import (
 )
 from armor.storage.guard import is_guard
 from armor.storage.hf_quantizer import ArmorConfig
+from armor.storage.verify import verify_pruned_folder
 from armor.text import calibration_ids, read_documents
 from conftest import class_load_without_armor, make_char_tokenizer, make_tiny_model
 
@@ -278,13 +279,18 @@ def test_missing_weights_and_unknown_format_are_clear_errors(folder, tmp_path):
     (bad / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pruned(bad)
-    newer = copy_folder(path, tmp_path / "newer")
-    cfg = json.loads((newer / "config.json").read_text())
-    cfg["quantization_config"]["format"] = "armor-model-v9"
-    (newer / "config.json").write_text(json.dumps(cfg))
-    for load in (load_pruned, AutoModelForCausalLM.from_pretrained):
-        with pytest.raises(ValueError, match="armor-model-v9.*upgrade armor"):
-            load(newer)
+    # a newer format: upgrade armor; anything else in quantization_config (armor 0.1's format, which lived under
+    # config.json's "armor" key; a typo) is a damaged config, never "upgrade armor"
+    for fmt, needle in (("armor-model-v9", "'armor-model-v9', written by a newer armor.*upgrade armor"),
+                        ("armor-model-v1", "format is 'armor-model-v1', which no armor writes there.*damaged"),
+                        ("armor-modle-v2", "format is 'armor-modle-v2', which no armor writes there.*damaged")):
+        edited = copy_folder(path, tmp_path / fmt)
+        cfg = json.loads((edited / "config.json").read_text())
+        cfg["quantization_config"]["format"] = fmt
+        (edited / "config.json").write_text(json.dumps(cfg))
+        for load in (load_pruned, AutoModelForCausalLM.from_pretrained, verify_pruned_folder):
+            with pytest.raises(ValueError, match=needle):
+                load(edited)
 
 
 def test_layer_the_architecture_lacks_is_named(folder, tmp_path):
@@ -471,8 +477,10 @@ def test_guards_load_silently_and_are_written_again(folder, tmp_path):
     # a layer's weight key holds its guard or nothing: anything else is an error naming it, both ways
     bad = copy_folder(path, tmp_path / "bad")
     state = load_file(str(bad / "model.safetensors"))
+    with safe_open(str(bad / "model.safetensors"), "pt") as f:
+        meta = f.metadata()  # the same save: only the guard differs
     state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3)
-    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(bad / "model.safetensors"), metadata=meta)
     for load in (load_pruned, AutoModelForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is \(3,\)"):
             load(bad)

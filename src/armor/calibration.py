@@ -202,13 +202,26 @@ def run_block(
     outputs: ActivationStore | None,
     device: torch.device | str = "cpu",
     hooks: StatsHooks | None = None,
+    label: str | None = None,
 ) -> None:
-    """Run ``block`` over every stored input batch (as the model called it); outputs to ``outputs`` if given."""
+    """Run ``block`` over every stored input batch (as the model called it); outputs to ``outputs`` if given.
+
+    ``label`` names the block in the ValueError raised when an output holds NaN or infinite values (``None``: not
+    checked): a block that overflows would otherwise feed garbage statistics to every later layer.
+    """
     for j in range(len(inputs)):
         x = inputs[j].to(device)
         rest, kwargs = calls[tuple(x.shape)]
         if hooks is not None:
             hooks.new_batch()
         y = block(x, *rest, **kwargs)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        if label is not None and not bool(torch.isfinite(y).all()):
+            bad = int((~torch.isfinite(y)).sum())
+            raise ValueError(
+                f"{label} outputs {bad} NaN or infinite values of {y.numel()} on calibration batch {j + 1}: its "
+                f"activations overflow in {str(y.dtype).removeprefix('torch.')} (run in bfloat16 or float32) or "
+                "its weights are damaged; nothing is saved from a model that computes NaN"
+            )
         if outputs is not None:
-            outputs.append(y[0] if isinstance(y, (tuple, list)) else y)
+            outputs.append(y)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -94,6 +95,8 @@ def check_writable_file(option: str, path: str | None) -> None:
 
 
 def check_positive(name: str, value: int | float | None) -> None:
+    if value is not None and not math.isfinite(value):  # nan <= 0 is False: the plain test lets it through
+        raise CliError(f"{name} must be a finite number > 0, got {value}")
     if value is not None and value <= 0:
         raise CliError(f"{name} must be > 0, got {value}")
 

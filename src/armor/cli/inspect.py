@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the raw armor section")
     p.add_argument(
         "--check-data", action="store_true",
-        help="also read every stored tensor: packed positions valid (as the loaders check) and values finite "
-        "(reads the whole folder; without it only the file headers are read)",
+        help="also read every stored tensor: packed positions valid (as the loaders check), values finite and the "
+        "weights' SHA-256 as recorded (reads the whole folder; without it only the file headers are read)",
     )
     p.set_defaults(func=run)
 
@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r['name']:<45} {shape:>11} {blk:>9} {r['nowag_loss']:>9.4f} {r['loss']:>9.4f} "
                       f"{r['iterations']:>6}")
     if args.check_data:
-        print(f"data check:    {section['checked_bytes'] / 2**20:.1f} MiB read: packed positions valid, values finite")
+        sha = ", SHA-256 as recorded" if section["checked_digests"] else " (no SHA-256 recorded)"
+        print(f"data check:    {section['checked_bytes'] / 2**20:.1f} MiB read: packed positions valid, values finite"
+              f"{sha}")
     print(f"versions:      {section.get('versions')}")
     return 0

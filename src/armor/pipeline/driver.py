@@ -337,6 +337,11 @@ class _Plan:
         return max((self.block_of[name] for name in self.layers if name not in self.done), default=-1)
 
 
+def _block_label(prefix: str, i: int, dense: bool) -> str:
+    """How a block is named in run_block's non-finite error."""
+    return f"the {'dense' if dense else 'pruned'} model's block {prefix}.{i}"
+
+
 def _has_results(out: Path) -> bool:
     """Whether ``out`` holds anything a run could reuse (a saved model or layer files)."""
     return (out / "config.json").is_file() or any((out / "layers").glob("*.safetensors"))
@@ -475,9 +480,11 @@ class _Run:
         # one-pass: the dense outputs come out of the statistics pass itself
         one_pass_out = dense_out if stats_in is streams.dense else None
         if hooks is not None or one_pass_out is not None:
-            run_block(block, self.calls[i], stats_in.inputs, one_pass_out, self.source.device, hooks)  # type: ignore[union-attr]
+            run_block(block, self.calls[i], stats_in.inputs, one_pass_out, self.source.device, hooks,  # type: ignore[union-attr]
+                      label=_block_label(self.source.prefix, i, stats_in is streams.dense))
         if dense_out is not None and one_pass_out is None:  # sequential statistics: the dense stream on its own
-            run_block(block, self.calls[i], streams.dense.inputs, dense_out, self.source.device)  # type: ignore[union-attr]
+            run_block(block, self.calls[i], streams.dense.inputs, dense_out, self.source.device,  # type: ignore[union-attr]
+                      label=_block_label(self.source.prefix, i, True))
         # a method that needs no statistics prunes a layer the forward never reached (an unrouted expert) anyway
         return hooks.finish(required=get_method(self.s.method).needs != "none") if hooks is not None else {}
 
@@ -549,7 +556,8 @@ class _Run:
         del stats
         if streams.pruned is not None and i < self.plan.last:
             # The pruned block computes the next block's inputs of the pruned model.
-            run_block(block, self.calls[i], streams.pruned.inputs, streams.pruned.outputs, self.source.device)
+            run_block(block, self.calls[i], streams.pruned.inputs, streams.pruned.outputs, self.source.device,
+                      label=_block_label(self.source.prefix, i, False))
         self.release(i, names)
         streams.advance()
 

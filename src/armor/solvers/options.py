@@ -7,6 +7,7 @@ object from the same table (a :class:`WrapperSettings` subclass: :class:`armor.s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,17 +48,19 @@ class Option:
         high_bad = self.maximum is not None and (
             value >= self.maximum if self.exclusive_maximum else value > self.maximum
         )
-        if value != value or value in (float("inf"), float("-inf")) or low_bad or high_bad:
+        if not math.isfinite(value) or low_bad or high_bad:
             raise ValueError(f"option {self.name!r} must be {self.range_text()}, got {value!r}")
         return value
 
     def range_text(self) -> str:
+        """The accepted values in words: "a finite number > 0 and < 1", "an integer >= 1"."""
         parts = []
         if self.minimum is not None:
             parts.append(f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}")
         if self.maximum is not None:
             parts.append(f"{'<' if self.exclusive_maximum else '<='} {self.maximum:g}")
-        return " and ".join(parts) or "a finite number"
+        kind = "an integer" if self.type is int else "a finite number"
+        return " ".join([kind, " and ".join(parts)]).strip()
 
     def convert(self, value: Any) -> Any:
         """``value`` (e.g. a command-line string) as this option's type; a ValueError naming the option."""

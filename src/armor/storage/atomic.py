@@ -7,6 +7,7 @@ here, so a run killed at any instant leaves either the old file or the new one, 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -21,7 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_save_safetensors", "write_json_atomic", "write_text_atomic", "write_safetensors_streamed"]
+__all__ = [
+    "atomic_save_safetensors", "write_json_atomic", "write_text_atomic", "write_safetensors_streamed",
+    "safetensors_digest",
+]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,20 +104,16 @@ _ST_DTYPES = {
 }
 
 
-def write_safetensors_streamed(
-    path: str | Path,
-    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]],
-    metadata: Mapping[str, str],
-    after_each: Callable[[int], None] | None = None,
-) -> None:
-    """A safetensors file written one tensor at a time: ``entries`` are ``(key, shape, dtype, load)`` and
-    ``load()`` is called only when that tensor's bytes are written, so at most one is in memory.
+def _tensor_table(header: Mapping[str, Any]) -> bytes:
+    """A safetensors header's tensor entries (not its metadata) in one canonical form: what a file's digest covers
+    besides the data bytes (names, dtypes, shapes and byte ranges)."""
+    table = {k: v for k, v in header.items() if k != "__metadata__"}
+    return json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
 
-    The format is an 8-byte little-endian header length, a JSON header with every tensor's dtype, shape and byte
-    range, then the raw bytes in that order.  ``after_each(nbytes)`` runs after each tensor (e.g. to hand freed
-    memory back to the system).
-    """
-    path = Path(path)
+
+def _header(
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]], metadata: Mapping[str, str]
+) -> dict[str, Any]:
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for key, shape, dt, _ in entries:
@@ -122,6 +122,32 @@ def write_safetensors_streamed(
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
         header[key] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
+    return header
+
+
+#: what a digest placeholder holds until the data is written (a SHA-256 in hex has 64 characters)
+_UNSET_DIGEST = "0" * 64
+
+
+def write_safetensors_streamed(
+    path: str | Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]],
+    metadata: Mapping[str, str],
+    after_each: Callable[[int], None] | None = None,
+    digest_key: str | None = None,
+) -> str:
+    """A safetensors file written one tensor at a time: ``entries`` are ``(key, shape, dtype, load)`` and
+    ``load()`` is called only when that tensor's bytes are written, so at most one is in memory.
+
+    The format is an 8-byte little-endian header length, a JSON header with every tensor's dtype, shape and byte
+    range, then the raw bytes in that order.  ``after_each(nbytes)`` runs after each tensor (e.g. to hand freed
+    memory back to the system).  Returns the file's SHA-256 (:func:`safetensors_digest`: its tensor table and data
+    bytes, computed as they are written); ``digest_key`` also records it in the file's own metadata under that key.
+    """
+    path = Path(path)
+    meta = {**metadata, digest_key: _UNSET_DIGEST} if digest_key else dict(metadata)
+    header = _header(entries, meta)
+    digest = hashlib.sha256(_tensor_table(header))
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     with _writing(path) as tmp:
@@ -135,8 +161,34 @@ def write_safetensors_streamed(
                 t = t.detach().to("cpu").contiguous()
                 nbytes = t.numel() * t.element_size()
                 if t.numel():  # through the buffer protocol: no second copy of a large tensor
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                    data = t.reshape(-1).view(torch.uint8).numpy().data
+                    digest.update(data)
+                    f.write(data)
+                    del data
                 del t
                 if after_each is not None:
                     after_each(nbytes)
+            if digest_key:  # over the placeholder's characters, in place: the header keeps its length
+                entry = json.dumps({digest_key: _UNSET_DIGEST}, separators=(",", ":"))[1:-1].encode()
+                f.seek(8 + blob.index(entry) + len(entry) - len(_UNSET_DIGEST) - 1)
+                f.write(digest.hexdigest().encode())
         _publish(tmp, path)
+    return digest.hexdigest()
+
+
+def safetensors_digest(path: str | Path, chunk: int = 16 << 20) -> str:
+    """The SHA-256 :func:`write_safetensors_streamed` returns for the file at ``path`` (its tensor table and its
+    data bytes, not its metadata), read ``chunk`` bytes at a time."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        digest = hashlib.sha256(_tensor_table(header))
+        left = end
+        while left > 0:
+            data = f.read(min(chunk, left))
+            if not data:
+                raise OSError(errno.EIO, f"{path} ends {left} bytes before its last tensor", str(path))
+            digest.update(data)
+            left -= len(data)
+    return digest.hexdigest()

@@ -31,6 +31,7 @@ layer's ``weight`` key make it raise (:mod:`armor.storage.guard`).
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -57,8 +58,8 @@ from .guard import expect_guards, guard_key, guard_keys, keep_guards
 
 __all__ = [
     "QUANT_METHOD", "MODEL_FORMAT", "ArmorConfig", "ArmorHfQuantizer", "install_packed_modules", "check_weight_files",
-    "check_packed_tensors", "check_packed_positions", "check_layer_positions", "MODEL_TYPE", "ArmorModelConfig",
-    "mark_armored",
+    "check_packed_tensors", "check_packed_positions", "check_layer_positions", "check_same_save", "WEIGHTS_DIGEST_KEY",
+    "check_folder_format", "MODEL_TYPE", "ArmorModelConfig", "mark_armored",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ QUANT_METHOD = "armor"
 MODEL_FORMAT = "armor-model-v2"
 #: ``config.json``'s ``model_type`` of a pruned folder: unknown to transformers unless armor is imported.
 MODEL_TYPE = "armor"
+#: the weights file's metadata key for the SHA-256 armor's writer also records in ``config.json``
+WEIGHTS_DIGEST_KEY = "armor_weights_sha256"
 
 _SPEC_KINDS = ("armor", "sparse")
 
@@ -91,6 +94,9 @@ class ArmorConfig(QuantizationConfigMixin):
         unfused_experts: mixture-of-experts modules stored as one layer per expert matrix
             (:class:`armor.models.LinearExperts`), rebuilt that way before the weights load.
         base_model_type: the architecture's own ``model_type`` (``config.json`` says ``"armor"``).
+        weights_sha256: the SHA-256 of the weights file armor saved with this config (also in that file's
+            metadata, :data:`WEIGHTS_DIGEST_KEY`): a folder mixing two saves is refused (:func:`check_same_save`).
+            Not serialised again: ``save_pretrained`` writes a new weights file that records none.
     """
 
     def __init__(
@@ -102,9 +108,11 @@ class ArmorConfig(QuantizationConfigMixin):
         run: Mapping[str, Any] | None = None,
         unfused_experts: Iterable[str] | None = None,
         base_model_type: str | None = None,
+        weights_sha256: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
+        self.weights_sha256 = weights_sha256
         self.base_model_type = base_model_type
         self.format = format
         self.layers = {str(k): dict(v) for k, v in (layers or {}).items()}
@@ -117,17 +125,36 @@ class ArmorConfig(QuantizationConfigMixin):
             setattr(self, key, value)
         self.post_init()
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("weights_sha256", None)  # it names the file this config was read with, not the one saved next
+        return out
+
     def post_init(self) -> None:
-        if self.format != MODEL_FORMAT:
-            raise ValueError(
-                f"this armor reads pruned folders of format {MODEL_FORMAT!r}, the folder says {self.format!r}; "
-                "upgrade armor (pip install -U armor-prune) to load it"
-            )
+        check_folder_format(self.format)
         for name, spec in self.layers.items():
             _check_spec(name, spec)
         for name, dt in self.layer_dtypes.items():
             if not isinstance(getattr(torch, dt, None), torch.dtype):
                 raise ValueError(f"quantization_config.layer_dtypes[{name!r}] = {dt!r} is not a torch dtype")
+
+
+def check_folder_format(fmt: Any) -> None:
+    """A ValueError unless ``fmt`` (``quantization_config.format``) is :data:`MODEL_FORMAT`, saying what to do:
+    upgrade armor for a newer format; for anything else the config is damaged (armor 0.1's format v1 lived under
+    config.json's ``armor`` key, never in ``quantization_config``)."""
+    if fmt == MODEL_FORMAT:
+        return
+    found = re.fullmatch(r"armor-model-v(\d+)", fmt) if isinstance(fmt, str) else None
+    if found is not None and int(found.group(1)) > int(MODEL_FORMAT.rsplit("v", 1)[1]):
+        raise ValueError(
+            f"the folder is armor format {fmt!r}, written by a newer armor; this one reads {MODEL_FORMAT!r}: "
+            "upgrade armor (pip install -U armor-prune) to load it"
+        )
+    raise ValueError(
+        f"quantization_config.format is {fmt!r}, which no armor writes there (this one writes {MODEL_FORMAT!r}; "
+        "armor 0.1's 'armor-model-v1' lived under config.json's 'armor' key): the config is damaged"
+    )
 
 
 def install_packed_modules(
@@ -178,6 +205,30 @@ def check_weight_files(files: Iterable[str | Path]) -> dict[str, tuple[int, ...]
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no iteration
                     shapes[key] = tuple(handle.get_slice(key).get_shape())
     return shapes
+
+
+def check_same_save(files: Iterable[str | Path], expected: str | None, config: str | Path) -> None:
+    """Every weights file of a pruned folder was saved together with its ``config`` (``config.json``): armor's
+    writer records one SHA-256 in both (``quantization_config.weights_sha256`` and the file's
+    :data:`WEIGHTS_DIGEST_KEY` metadata), ``save_pretrained`` records it in neither.  A file copied in from another
+    folder, or a config from another save, is a CheckpointError naming both: it would otherwise load and run a
+    model with another run's weights under this run's provenance.  Reads only the headers."""
+    for f in files:
+        if not str(f).endswith(".safetensors"):
+            continue
+        with open_safetensors(f) as handle:
+            found = (handle.metadata() or {}).get(WEIGHTS_DIGEST_KEY)
+        if found == expected:
+            continue
+        raise CheckpointError(
+            f"{f} was not saved with {config}: {_says_digest('the file', found)}, "
+            f"{_says_digest('the config', expected)}; the folder mixes two saves (a file copied in from another "
+            "folder?): copy a pruned folder whole, or save the model again"
+        )
+
+
+def _says_digest(who: str, digest: str | None) -> str:
+    return f"{who} records weights SHA-256 {digest[:16]}..." if digest else f"{who} records no weights SHA-256"
 
 
 def check_packed_tensors(model: nn.Module, layers: Iterable[str], stored: Mapping[str, tuple[int, ...]]) -> None:
@@ -245,6 +296,8 @@ class ArmorHfQuantizer(HfQuantizer):
         quant = self.quantization_config
         install_packed_modules(model, quant.layers, layer_dtypes, "meta", quant.unfused_experts)
         if any(str(f).endswith(".safetensors") for f in files):
+            config = Path(files[0]).parent / "config.json"
+            check_same_save(files, quant.weights_sha256, config)
             check_packed_tensors(model, quant.layers, stored)
             # as armor.load: no parameter left random, no stored tensor dropped (a layer's wrappers, a dense block)
             guards = guard_keys(quant.layers, quant.unfused_experts)

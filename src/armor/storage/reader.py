@@ -25,6 +25,7 @@ from .hf_quantizer import (
     QUANT_METHOD,
     ArmorConfig,
     check_packed_tensors,
+    check_same_save,
     install_packed_modules,
 )
 from .legacy import LEGACY_MODEL_FORMAT, LEGACY_WEIGHTS_NAME, load_v1
@@ -68,7 +69,8 @@ def read_armor_config(path: str | Path) -> dict[str, Any] | None:
     any other ``run_info`` key the run stored) plus ``format``, ``weights`` (file name), ``layers`` (name ->
     module spec), ``layer_dtypes``, ``versions`` and ``unfused_experts`` (mixture-of-experts modules stored as
     per-expert layers; see :func:`armor.storage.hf_quantizer.install_packed_modules`); the same keys for both
-    folder formats.
+    folder formats, and for format v2 ``weights_sha256`` (the weights file's digest, ``None`` for a folder
+    ``save_pretrained`` wrote).
     """
     cfg = read_config_json(Path(path))
     if cfg is None:
@@ -84,6 +86,7 @@ def read_armor_config(path: str | Path) -> dict[str, Any] | None:
             "layer_dtypes": quant.get("layer_dtypes", {}),
             "versions": quant.get("versions", {}),
             "unfused_experts": quant.get("unfused_experts", []),
+            "weights_sha256": quant.get("weights_sha256"),
         }
     legacy = cfg.get("armor")
     if isinstance(legacy, dict):
@@ -97,11 +100,15 @@ def is_pruned_folder(path: str | Path) -> bool:
 
 
 def _load_v2(path: Path, quant: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
-    armor_cfg = ArmorConfig.from_dict(quant)  # validates the format and the layer specs
+    try:
+        armor_cfg = ArmorConfig.from_dict(quant)  # validates the format and the layer specs
+    except ValueError as exc:
+        raise ValueError(f"{path / 'config.json'}: {exc}") from None
     files = weight_files(path, WEIGHTS_NAME)
     weights = files[0] if len(files) == 1 else path  # what errors name
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     config.__dict__.pop("quantization_config", None)  # from_config must build the plain architecture
+    check_same_save(files, armor_cfg.weights_sha256, path / "config.json")
     model = meta_skeleton(path, config=config)
     install_packed_modules(model, armor_cfg.layers, armor_cfg.layer_dtypes, "meta", armor_cfg.unfused_experts)
     state, aliases = read_all_weights(files, MODEL_FORMAT, "armor_format")

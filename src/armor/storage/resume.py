@@ -33,6 +33,7 @@ from .checkpoint import open_safetensors
 __all__ = [
     "LAYER_FORMAT",
     "LayerRecord",
+    "refuse_non_finite",
     "weight_digest",
     "ids_digest",
     "fingerprint",
@@ -95,6 +96,19 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> dict[str, str]:
     return {key: weight_digest(t) for key, t in tensors.items()}
 
 
+def refuse_non_finite(tensors: Mapping[str, Tensor]) -> None:
+    """A ValueError naming the first floating-point tensor of ``tensors`` (a dense model's) that holds NaN or
+    infinite values: every run digests each tensor it reads (:class:`ModelDigests`), so no model that computes NaN
+    is pruned, and saved, as if it were sound."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"the model's tensor {key} holds {bad} NaN or infinite values of {t.numel()}: its checkpoint is "
+                "damaged (or was saved after training diverged); armor prunes only a model with finite weights"
+            )
+
+
 #: config entries that do not change what the model computes (runtime switches, token ids, provenance); the
 #: dtype is the run's own setting; entries starting with "_" are transformers' private state
 _CONFIG_NOT_FORWARD = frozenset({
@@ -128,12 +142,14 @@ class ModelDigests:
     def add_outer(self, tensors: Mapping[str, Tensor], config: Any) -> None:
         """The tensors outside the decoder blocks (embeddings, final norm, an untied head) and the model's
         ``config`` (:func:`config_digest`: what the forward computes with the tensors), first in the chain."""
+        refuse_non_finite(tensors)
         digests = tensors_digest(tensors)
         self.tensors.update(digests)
         self.outer = fingerprint(outer=sorted(digests.items()), config=config_digest(config))
 
     def add_block(self, tensors: Mapping[str, Tensor]) -> None:
         """The next decoder block's tensors (blocks in order, after :meth:`add_outer`)."""
+        refuse_non_finite(tensors)
         digests = tensors_digest(tensors)
         self.tensors.update(digests)
         previous = self.chain[-1] if self.chain else self.outer

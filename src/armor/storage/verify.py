@@ -4,7 +4,8 @@
 lost its layer list, whose weights lack a tensor or store one in another shape, or whose records name layers it
 does not have is an error naming the problem, never a summary of something that would not load.  With
 ``data=True`` (``armor inspect --check-data``) it also reads every stored tensor once, a bounded slice at a time:
-packed positions must be what packing writes (as both loaders check) and floating-point values finite.
+packed positions must be what packing writes (as both loaders check), floating-point values finite, and each
+weights file's bytes must still have the SHA-256 its writer recorded.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import torch
 from torch import nn
 
 from ..models import get_module
+from .atomic import safetensors_digest
 from .checkpoint import CheckpointError, meta_skeleton, open_safetensors, tied_head_keys
 from .guard import guard_keys
 from .hf_quantizer import (
     MODEL_FORMAT,
+    WEIGHTS_DIGEST_KEY,
     ArmorConfig,
+    check_folder_format,
     check_layer_positions,
     check_packed_tensors,
+    check_same_save,
     install_packed_modules,
 )
-from .legacy import LEGACY_MODEL_FORMAT
 from .reader import read_armor_config
 from .weights import shape_problems, weight_files
 from .writer import WEIGHTS_NAME
@@ -82,6 +86,24 @@ def _non_finite(f: Any, key: str) -> tuple[int, int]:
     return bad, read
 
 
+def _check_digests(files: list[Path]) -> int:
+    """Each weights file that records its SHA-256 (armor's writer does) still has it: a CheckpointError naming the
+    file whose bytes changed since it was written (a bit flipped on disk, a partial copy).  Returns how many files
+    recorded one."""
+    checked = 0
+    for weights in files:
+        with open_safetensors(weights) as f:
+            recorded = (f.metadata() or {}).get(WEIGHTS_DIGEST_KEY)
+        if recorded is None:
+            continue
+        now = safetensors_digest(weights)
+        if now != recorded:
+            raise CheckpointError(f"{weights}: its tensors' bytes changed since it was written (SHA-256 {now}, "
+                                  f"recorded {recorded}); the file is damaged")
+        checked += 1
+    return checked
+
+
 def _check_data(files: list[Path], model: nn.Module, layers: dict[str, Any]) -> int:
     """Read every packed layer's positions and every floating-point tensor of the weights ``files``: positions
     must be valid and values finite, else a CheckpointError naming the file and tensor.  Returns the bytes read."""
@@ -106,7 +128,8 @@ def _check_data(files: list[Path], model: nn.Module, layers: dict[str, Any]) -> 
 def verify_pruned_folder(path: str | Path, data: bool = False) -> dict[str, Any]:
     """The folder's flat armor section (:func:`armor.storage.read_armor_config`) once its config, weights and
     records agree; a ValueError (CheckpointError for the weights) naming what does not.  ``data``: also read every
-    tensor (positions valid, values finite: :func:`_check_data`); the section then has ``checked_bytes``."""
+    tensor (positions valid, values finite: :func:`_check_data`) and each file's recorded SHA-256
+    (:func:`_check_digests`); the section then has ``checked_bytes`` and ``checked_digests``."""
     path = Path(path)
     section = read_armor_config(path)
     if section is None:
@@ -115,8 +138,11 @@ def verify_pruned_folder(path: str | Path, data: bool = False) -> dict[str, Any]
     if not isinstance(layers, dict) or not layers:
         raise ValueError(f"{path / 'config.json'}: quantization_config lists no pruned layers ('layers' is "
                          "missing or empty); the config is damaged")
-    if section.get("format") not in (MODEL_FORMAT, LEGACY_MODEL_FORMAT) and section.get("weights") == WEIGHTS_NAME:
-        raise ValueError(f"{path} is armor format {section.get('format')!r}; upgrade armor to read it")
+    if section.get("weights") == WEIGHTS_NAME:  # the section is quantization_config's (format v2)
+        try:
+            check_folder_format(section.get("format"))
+        except ValueError as exc:
+            raise ValueError(f"{path / 'config.json'}: {exc}") from None
     ArmorConfig(layers=layers, layer_dtypes=section.get("layer_dtypes"))  # every spec and dtype is valid
     model = meta_skeleton(path, strip_quantization=True)
     install_packed_modules(model, layers, section.get("layer_dtypes", {}), "meta", section.get("unfused_experts", ()))
@@ -132,10 +158,13 @@ def verify_pruned_folder(path: str | Path, data: bool = False) -> dict[str, Any]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{weights} does not provide: {', '.join(missing[:5])}{more}")
+    if section.get("format") == MODEL_FORMAT:
+        check_same_save(files, section.get("weights_sha256"), path / "config.json")
     _check_other_tensors(weights, state, shapes, guard_keys(layers, section.get("unfused_experts", ())))
     stray = [r.get("name") for r in section.get("records", []) if r.get("name") not in layers]
     if stray:
         raise ValueError(f"{path}: records name layers the folder does not have: {', '.join(map(str, stray[:5]))}")
     if data:
-        section = {**section, "checked_bytes": _check_data(files, model, layers)}
+        read = _check_data(files, model, layers)  # first: a damage it finds gets its own message
+        section = {**section, "checked_bytes": read, "checked_digests": _check_digests(files)}
     return section

@@ -9,15 +9,17 @@ Face model folder that ``AutoModelForCausalLM.from_pretrained`` loads once ``arm
   (ARMOR only) and ``<name>.bias``, plus its guard ``<name>.weight``: an empty uint8 tensor (no data) that makes an
   architecture class called directly without armor raise instead of loading random weights (:mod:`.guard`).
   Tied parameters (``lm_head.weight`` tied to the embeddings) are stored once, as ``save_pretrained`` does; the
-  file's metadata records ``{"format": "pt", "armor_format": ..., "armor_aliases": {dropped key: kept key}}``.
+  file's metadata records ``{"format": "pt", "armor_format": ..., "armor_aliases": {dropped key: kept key},
+  "armor_weights_sha256": ...}``: the SHA-256 of the file's tensor table and data, also in ``config.json``, so a
+  folder mixing two saves is refused on load (:func:`armor.storage.hf_quantizer.check_same_save`).
 * ``config.json``: the model's config with ``"model_type": "armor"`` (so that transformers without armor refuses
   the folder) plus ``quantization_config = {"quant_method": "armor", "format": "armor-model-v2",
   "base_model_type": ..., "layers": {name: spec}, "layer_dtypes": {name: dtype}, "versions": {...},
-  "run": {...}}``.  ``run`` is the provenance of the pruning run (method, options, pattern, calibration, records,
-  and whatever else the pipeline passes as ``run_info``).  It lives inside ``quantization_config`` rather than in
-  a side file so that ``save_pretrained`` of a loaded model (which rewrites ``config.json`` from the config object
-  and copies nothing else) keeps it.  No ``sparsity_config`` key is written: serving engines that find one take
-  the folder for a compressed-tensors checkpoint and refuse it.
+  "run": {...}, "weights_sha256": ...}``.  ``run`` is the provenance of the pruning run (method, options,
+  pattern, calibration, records, and whatever else the pipeline passes as ``run_info``).  It lives inside
+  ``quantization_config`` rather than in a side file so that ``save_pretrained`` of a loaded model (which
+  rewrites ``config.json`` from the config object and copies nothing else) keeps it.  No ``sparsity_config`` key
+  is written: serving engines that find one take the folder for a compressed-tensors checkpoint and refuse it.
 * ``generation_config.json`` and the tokenizer files, as ``save_pretrained`` writes them.
 
 One writer serves both ways a pruned model exists: in memory (:func:`save_pruned`) and as per-layer files next to
@@ -51,7 +53,7 @@ from .checkpoint import (
 )
 from .conversion import checkpoint_view
 from .guard import guard_keys, guard_tensor, keep_guards
-from .hf_quantizer import MODEL_FORMAT, MODEL_TYPE, QUANT_METHOD, ArmorConfig, mark_armored
+from .hf_quantizer import MODEL_FORMAT, MODEL_TYPE, QUANT_METHOD, WEIGHTS_DIGEST_KEY, ArmorConfig, mark_armored
 from .resume import layer_file
 
 __all__ = [
@@ -139,8 +141,9 @@ def write_folder(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)
     meta = {"format": "pt", "armor_format": MODEL_FORMAT, "armor_aliases": json.dumps(dict(aliases))}
-    write_safetensors_streamed(
-        out / WEIGHTS_NAME, entries, meta, after_each=lambda nbytes: release_memory() if nbytes > 16 << 20 else None
+    digest = write_safetensors_streamed(
+        out / WEIGHTS_NAME, entries, meta, after_each=lambda nbytes: release_memory() if nbytes > 16 << 20 else None,
+        digest_key=WEIGHTS_DIGEST_KEY,
     )
     if generation_config is not None:
         try:
@@ -155,7 +158,7 @@ def write_folder(
         # from_pretrained's default dtype="auto" reads it here; without it, transformers opens the weights
         # before any armor hook could check them.
         cfg["dtype"] = _main_dtype(entries, dtypes)
-    cfg["quantization_config"] = _json_safe(quant.to_dict())
+    cfg["quantization_config"] = {**_json_safe(quant.to_dict()), "weights_sha256": digest}
     cfg["model_type"] = MODEL_TYPE  # transformers without armor refuses the folder instead of loading random layers
     write_json_atomic(cfg, out / "config.json")
     (out / "armor.safetensors").unlink(missing_ok=True)  # an armor 0.1 (format v1) save into the same folder
