@@ -412,6 +412,35 @@ def test_streamed_run_never_holds_the_whole_model(sharded_model_dir, char_tokeni
 
 
 # ------------------------------------------------------------------------------------------------------ Ray
+def test_a_cluster_gets_the_drivers_heap_settings_and_the_callers_runtime_env_wins(monkeypatch):
+    """A cluster's nodes were started without armor's GLIBC_TUNABLES (glibc reads them at process start): the
+    connection's runtime_env hands them to its workers; a local Ray's workers inherit them and get none."""
+    import armor.pipeline.ray_executor as rx
+
+    calls = []
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(rx, "import_ray", FakeRay)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")
+    rx.init_ray(address="auto")
+    assert calls[-1]["runtime_env"] == {"env_vars": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}}
+    given = {"pip": ["x"], "env_vars": {"GLIBC_TUNABLES": "mine", "A": "1"}}
+    rx.init_ray(address="auto", runtime_env=given)
+    assert calls[-1]["runtime_env"] == {"pip": ["x"], "env_vars": {"GLIBC_TUNABLES": "mine", "A": "1"}}
+    assert given == {"pip": ["x"], "env_vars": {"GLIBC_TUNABLES": "mine", "A": "1"}}  # the caller's dict untouched
+    rx.init_ray(workers=1)
+    assert "runtime_env" not in calls[-1]
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    rx.init_ray(address="auto")
+    assert "runtime_env" not in calls[-1]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")

@@ -45,7 +45,7 @@ def init_ray(workers: int | None = None, address: str | None = None, **kwargs: A
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=False, **kwargs)
+            ray.init(address=address, log_to_driver=False, **_with_heap_settings(kwargs))
         except Exception as exc:  # Ray raises ConnectionError, TimeoutError or its own errors here
             raise ConnectionError(f"could not connect to the Ray cluster at {address}: {exc}") from None
         return True
@@ -64,6 +64,19 @@ def init_ray(workers: int | None = None, address: str | None = None, **kwargs: A
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
              **kwargs)
     return True
+
+
+def _with_heap_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``ray.init`` keyword arguments whose ``runtime_env`` also gives the cluster's workers this process's
+    ``GLIBC_TUNABLES`` (armor's heap settings, :mod:`armor.heap`, or the user's): glibc reads them only when a process
+    starts, and a cluster's nodes were started without them.  Local workers inherit the environment already.  The
+    caller's own ``runtime_env`` entries win."""
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    if tunables is None:
+        return kwargs
+    runtime_env = dict(kwargs.get("runtime_env") or {})
+    runtime_env["env_vars"] = {"GLIBC_TUNABLES": tunables, **(runtime_env.get("env_vars") or {})}
+    return {**kwargs, "runtime_env": runtime_env}
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
