@@ -614,3 +614,70 @@ def test_inspect_check_data_finds_a_flipped_byte_the_headers_do_not_show(capsys,
     rc, _, err = _cli(capsys, "inspect", folder, "--check-data")
     assert rc == 2 and f"{weights}: its tensors' bytes changed since it was written" in err
     assert f"recorded {recorded}" in err
+
+
+def test_a_finished_folder_whose_weights_changed_is_pruned_again_not_reused(capsys, tiny_model_dir, tiny_text,
+                                                                           tmp_path, caplog):
+    """Before: a rerun with the same settings found the finished folder's fingerprint, said "already pruned with
+    these settings; loaded it", and evaluated and reported a model whose weights had changed since (exit 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from armor.storage.verify import weights_not_as_saved
+
+    argv = _small(tiny_model_dir, tiny_text, tmp_path / "o")
+    folder = tmp_path / "o" / "armor-fast"
+    rc, out, _ = _cli(capsys, *argv)
+    assert rc == 0 and weights_not_as_saved(folder) is None
+    saved = (folder / "model.safetensors").read_bytes()
+    rc, out, _ = _cli(capsys, *argv)
+    assert rc == 0 and "already pruned with these settings" in out
+    data = bytearray(saved)
+    data[-7] ^= 0x10
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    assert "its weights' SHA-256 is" in weights_not_as_saved(folder)
+    rc, out, _ = _cli(capsys, *argv)
+    assert rc == 0 and "already pruned" not in out
+    assert "cannot be reused as saved (its weights' SHA-256 is" in caplog.text
+    assert (folder / "model.safetensors").read_bytes() == saved  # pruned again: the same model as the first run
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)  # a re-save records no SHA-256: not vouched
+    assert "records no weights SHA-256" in weights_not_as_saved(folder)
+    rc, out, _ = _cli(capsys, *argv)
+    assert rc == 0 and "already pruned" not in out and (folder / "model.safetensors").read_bytes() == saved
+
+
+def test_layers_whose_wrappers_exceed_the_budget_are_named(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: a budget no wrapper blocks fit (the smallest blocks add more) gave those blocks without a word unless
+    the layers then stored more than dense; the records showed 7.8-14% against the 1% asked for."""
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o", "--wrapper-budget", 0.01))
+    assert rc == 0, err
+    warning = err.split("warning: armor-fast: no wrapper blocks fit the budget of 1% on layers of shape ")[1]
+    assert warning.startswith("32x64 (1x4 blocks, 14.1%), 64x64 (1x4 blocks, 7.8%)")
+    assert "the smallest blocks add that share of the dense values, so those layers' wrappers cost more" in warning
+    records = armor.storage.read_armor_config(tmp_path / "o" / "armor-fast")["records"]
+    assert max(r["wrapper_overhead"] for r in records) == pytest.approx(0.140625)  # what the warning said
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "p", "--wrapper-budget", 0.2))
+    assert rc == 0 and "no wrapper blocks fit" not in err
+
+
+def test_a_config_untying_a_head_stored_tied_is_refused_by_every_reader(capsys, tiny_model_dir, tiny_text, tmp_path):
+    """Before: config.json edited to tie_word_embeddings false over weights that store the head once (tied):
+    from_pretrained refused, but armor.load tied it anyway, inspect described it, and armor export wrote an untied
+    folder without a head that plain transformers loads with a random one."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o"))
+    assert rc == 0, err
+    folder = tmp_path / "o" / "armor-fast"
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    said = "stores lm_head.weight as model.embed_tokens.weight (a tied head, written once), but config.json says"
+    with pytest.raises(CheckpointError, match=re.escape(said)):
+        armor.load(folder)
+    with pytest.raises(Exception, match="lm_head"):  # transformers' own refusal
+        AutoModelForCausalLM.from_pretrained(folder)
+    for argv in (("inspect", folder), ("export", folder, tmp_path / "dense")):
+        rc, _, err = _cli(capsys, *argv)
+        assert rc == 2 and said in err, err
+    assert not (tmp_path / "dense").exists()

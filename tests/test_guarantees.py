@@ -161,6 +161,7 @@ def test_safetensors_write_error_names_the_file(tmp_path, monkeypatch):
         (["-O", "groups_per_tile=0"], "option 'groups_per_tile' must be an integer >= 1"),
         (["-O", "damping=nan"], "option 'damping' must be a finite number >= 0, got nan"),
         (["--max-seconds", "inf"], "--max-seconds must be a finite number > 0, got inf"),
+        (["--seed", "99999999999999999999"], "--seed must fit in 64 bits (-2^63 to 2^64 - 1), got 9999999"),
         (["-O", "max_seconds=inf"], "option 'max_seconds' must be a finite number > 0, got inf"),
         (["--wrapper-budget", "nan"], "--wrapper-budget must be a finite number > 0, got nan"),
         (["--seqlen", "300"], "--seqlen 300 is longer than the model's max_position_embeddings (256)"),

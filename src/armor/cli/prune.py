@@ -306,20 +306,31 @@ def warn_block_sizes(layers: dict[str, Any], methods: list[str], options: dict[s
         # an n:m core keeps n/m of the values: wrappers adding the rest or more store at least as much as dense
         overhead = {shape: wrapper_overhead(*shape, *bs) for shape, bs in used.items()}
         big = {shape: share for shape, share in overhead.items() if share >= 1 - n / m}
-        if not big:
-            continue
-        worst = max(big.values())
-        if requested is not None:
+        if requested is not None and big:
             print(f"warning: {method} block size {requested} makes the wrappers of {len(big)} layer shape(s) add "
-                  f"{100 * worst:.0f}% of the dense values: those layers store more than the dense ones",
+                  f"{100 * max(big.values()):.0f}% of the dense values: those layers store more than the dense ones",
                   file=sys.stderr, flush=True)
-        else:
-            named = ", ".join(f"{o}x{i} ({used[(o, i)][0]}x{used[(o, i)][1]} blocks, {100 * share:.0f}%)"
-                              for (o, i), share in sorted(big.items()))
-            print(f"warning: {method}: no wrapper blocks fit the budget of {100 * budget:g}% on layers of shape "
-                  f"{named}: the smallest blocks add that share of the dense values, so those layers store more "
-                  "than the dense ones; leave them dense (--exclude) or prune them with a method without wrappers",
-                  file=sys.stderr, flush=True)
+        elif requested is None:
+            _warn_over_budget(method, budget, used, overhead, 1 - n / m)
+
+
+def _warn_over_budget(method: str, budget: float, used: dict[tuple[int, int], tuple[int, int]],
+                      overhead: dict[tuple[int, int], float], dense_share: float) -> None:
+    """Name the layer shapes on which no wrapper blocks fit ``budget`` (they get the smallest blocks, whose
+    ``overhead`` share is above it), and say so louder where that share reaches ``dense_share`` (1 - n/m: those
+    layers then store more than the dense ones)."""
+    over = {shape: share for shape, share in overhead.items() if share > budget * (1 + 1e-9)}
+    if not over:
+        return
+    named = ", ".join(f"{o}x{i} ({used[(o, i)][0]}x{used[(o, i)][1]} blocks, {100 * share:.1f}%)"
+                      for (o, i), share in sorted(over.items()))
+    if max(over.values()) >= dense_share:
+        tail = ("so some of those layers store more than the dense ones; leave them dense (--exclude) or prune them "
+                "with a method without wrappers")
+    else:
+        tail = "so those layers' wrappers cost more than the budget asks"
+    print(f"warning: {method}: no wrapper blocks fit the budget of {100 * budget:g}% on layers of shape {named}: "
+          f"the smallest blocks add that share of the dense values, {tail}", file=sys.stderr, flush=True)
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -336,6 +347,8 @@ def _check_args(args: argparse.Namespace) -> EvalSettings | None:
     positive = ("nsamples", "seqlen", "batch_size", "workers", "block_size", "wrapper_budget", "max_seconds", "n", "m")
     for flag in positive:
         check_positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if not -(2**63) <= args.seed < 2**64:  # what torch's generator takes
+        raise CliError(f"--seed must fit in 64 bits (-2^63 to 2^64 - 1), got {args.seed}")
     if args.n >= args.m:
         raise CliError(f"--n must be smaller than --m (n:m keeps n of every m values), got {args.n}:{args.m}")
     if args.m > 16:

@@ -57,6 +57,7 @@ from ..storage.resume import (
     peek_layer_file,
     save_layer_file,
 )
+from ..storage.verify import weights_not_as_saved
 from .executors import Executor, LocalExecutor
 from .jobs import LayerJob, LayerOutcome, outcome_from_module
 from .reconstruct import BlockReconstruction, ReconstructSettings, batch_rows, reconstruct_block, split_batches
@@ -222,7 +223,7 @@ def _check_calibration(calibration: Tensor) -> Tensor:
         shape = tuple(calibration.shape) if isinstance(calibration, Tensor) else type(calibration).__name__
         raise ValueError(f"calibration must be a non-empty (nsamples, seqlen) tensor of token ids, got {shape}")
     if calibration.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"calibration must hold integer token ids, got dtype {calibration.dtype}")
+        raise ValueError(f"calibration must hold token ids as int64 or int32, got dtype {calibration.dtype}")
     return calibration.long()
 
 
@@ -811,6 +812,11 @@ def _finished_section(out: Path, run_fp: str) -> dict[str, Any] | None:
         section = read_armor_config(out)
     except (OSError, ValueError):
         return None
-    if section and section.get("fingerprint") == run_fp:
-        return section
-    return None
+    if not section or section.get("fingerprint") != run_fp:
+        return None
+    changed = weights_not_as_saved(out)  # the settings match; the bytes must be the ones that run saved
+    if changed is not None:
+        log.warning("the finished model in %s was made with these settings, but it cannot be reused as saved (%s): "
+                    "pruning it again", out, changed)
+        return None
+    return section

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 __all__ = [
     "ShardReader", "CheckpointError", "meta_skeleton", "materialise", "release", "release_memory", "check_shapes",
     "check_covered", "raise_uncovered", "unexpected_keys",
-    "untie_distinct_head", "tied_head_keys", "weight_files", "TensorStore",
+    "untie_distinct_head", "check_head_alias", "tied_head_keys", "weight_files", "TensorStore",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,20 @@ def tied_head_keys(model: nn.Module) -> tuple[str, str] | None:
     if emb is None or head is None or id(emb) not in names or id(head) not in names:
         return None
     return f"{names[id(emb)]}.weight", f"{names[id(head)]}.weight"
+
+
+def check_head_alias(model: nn.Module, aliases: Mapping[str, str], where: str | Path) -> None:
+    """A CheckpointError when the weights store the output head only as an alias of the embeddings (a tied head,
+    written once) while the model's config does not tie them: ``from_pretrained`` finds no head there and refuses,
+    and an export would keep the untied config with no head, which plain transformers fills at random."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(mod): name for name, mod in model.named_modules() if name}
+    key = f"{names[id(head)]}.weight" if head is not None and id(head) in names else None
+    if key is not None and key in aliases and tied_head_keys(model) is None:
+        raise CheckpointError(
+            f"{where} stores {key} as {aliases[key]} (a tied head, written once), but config.json says "
+            "tie_word_embeddings: false; set it to true there (from_pretrained refuses the folder as it is)"
+        )
 
 
 def untie_distinct_head(model: nn.Module, stored: TensorStore | Mapping[str, Tensor], where: str | Path) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..models import get_module
 from .atomic import safetensors_digest
-from .checkpoint import CheckpointError, meta_skeleton, open_safetensors, tied_head_keys
+from .checkpoint import CheckpointError, check_head_alias, meta_skeleton, open_safetensors, tied_head_keys
 from .guard import guard_keys
 from .hf_quantizer import (
     MODEL_FORMAT,
@@ -35,7 +35,7 @@ from .reader import read_armor_config
 from .weights import shape_problems, weight_files
 from .writer import WEIGHTS_NAME
 
-__all__ = ["verify_pruned_folder"]
+__all__ = ["verify_pruned_folder", "weights_not_as_saved"]
 
 
 def _stored(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -104,6 +104,26 @@ def _check_digests(files: list[Path]) -> int:
     return checked
 
 
+def weights_not_as_saved(path: str | Path) -> str | None:
+    """Why the weights of the pruned folder at ``path`` cannot be vouched for as armor saved them (``None``: their
+    bytes still have the SHA-256 its config records).  A folder recording none (a ``save_pretrained`` re-save, an
+    older armor) cannot be vouched for.  Reads the whole weights file once."""
+    path = Path(path)
+    section = read_armor_config(path) or {}
+    recorded = section.get("weights_sha256")
+    if not recorded:
+        return f"{path / 'config.json'} records no weights SHA-256"
+    try:
+        files = weight_files(path, section.get("weights", WEIGHTS_NAME))
+        check_same_save(files, recorded, path / "config.json")
+        now = [safetensors_digest(f) for f in files]
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    if now != [recorded]:
+        return f"its weights' SHA-256 is {', '.join(now)}, {path / 'config.json'} records {recorded}"
+    return None
+
+
 def _check_data(files: list[Path], model: nn.Module, layers: dict[str, Any]) -> int:
     """Read every packed layer's positions and every floating-point tensor of the weights ``files``: positions
     must be valid and values finite, else a CheckpointError naming the file and tensor.  Returns the bytes read."""
@@ -150,6 +170,7 @@ def verify_pruned_folder(path: str | Path, data: bool = False) -> dict[str, Any]
     weights = files[0] if len(files) == 1 else path  # what errors name
     shapes, aliases = _stored(files)
     check_packed_tensors(model, layers, shapes)
+    check_head_alias(model, aliases, weights)
     tied = tied_head_keys(model)
     if tied is not None:  # a tied head that save_pretrained stores once, at the embeddings (the loaders tie it)
         aliases = {tied[1]: tied[0], **aliases}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, open_safetensors, untie_distinct_head, weight_files
+from .checkpoint import CheckpointError, check_head_alias, open_safetensors, untie_distinct_head, weight_files
 from .guard import GUARD_SUFFIX, keep_guards
 from .hf_quantizer import check_packed_positions
 from .writer import pruned_modules
@@ -75,6 +75,7 @@ def fill_skeleton(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.config.dtype = dtype
+    check_head_alias(model, aliases, weights)
     for dup, src in aliases.items():
         if src in state and dup not in state:
             state[dup] = state[src]
