@@ -482,7 +482,7 @@ def test_footprint_counts_the_linear_layers_left_dense(capsys, tiny_model_dir, t
     assert fp["dense_linear_bytes"] == 4 * values  # float32, no biases
     q_bytes = 2 * (q // 2 * 4 + q // 8)  # two q_proj layers: float32 values + a 2-bit position each
     assert fp["linear_bytes"] == 4 * (values - 2 * q) + q_bytes + 4 * wrappers
-    assert f"linear bytes {100 * fp['linear_bytes_ratio']:.1f}% of dense" in stdout
+    assert f"linear bytes {100 * fp['linear_bytes_ratio']:.1f}% of the dense layers in the same dtype" in stdout
 
 
 def test_export_onto_a_file_and_a_closed_pipe_are_said_plainly(capsys, tiny_model_dir, tiny_text, tmp_path):
@@ -681,3 +681,43 @@ def test_a_config_untying_a_head_stored_tied_is_refused_by_every_reader(capsys, 
         rc, _, err = _cli(capsys, *argv)
         assert rc == 2 and said in err, err
     assert not (tmp_path / "dense").exists()
+
+
+def test_export_overwrite_leaves_nothing_of_the_model_that_was_there(capsys, char_tokenizer, tiny_model_dir,
+                                                                      tiny_text, tmp_path, caplog):
+    """Before: exporting over a sharded model kept its index (naming deleted shards), and exporting a folder with
+    no tokenizer over another model kept that model's tokenizer without a word."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    rc, _, err = _cli(capsys, *_small(tiny_model_dir, tiny_text, tmp_path / "o"))
+    assert rc == 0, err
+    pruned = tmp_path / "o" / "armor-fast"
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(pruned, no_tok, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    target = tmp_path / "target"
+    make_tiny_model(len(char_tokenizer), seed=1).save_pretrained(target, max_shard_size="100KB")
+    char_tokenizer.save_pretrained(target)
+    assert (target / "model.safetensors.index.json").is_file() and (target / "tokenizer.json").is_file()
+    rc, _, err = _cli(capsys, "export", no_tok, target, "--overwrite")
+    assert rc == 0, err
+    left = sorted(p.name for p in target.iterdir())
+    assert left == ["config.json", "generation_config.json", "model.safetensors"], left
+    assert "removed model.safetensors.index.json" in caplog.text and "removed the tokenizer files" in caplog.text
+    exported = AutoModelForCausalLM.from_pretrained(target)
+    ids = armor.calibration_ids(char_tokenizer, [TEXT * 12], 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, armor.load(pruned)(ids).logits, rtol=1e-5, atol=1e-5)
+    rc, _, err = _cli(capsys, "export", pruned, target, "--overwrite")  # a folder with a tokenizer writes its own
+    assert rc == 0 and (target / "tokenizer.json").is_file()
+
+
+def test_bench_models_refuses_a_length_beyond_the_models_positions(capsys, tiny_model_dir):
+    """Before: armor bench --models timed positions past max_position_embeddings (256) and exited 0, where prune and
+    eval refuse such lengths."""
+    rc, _, err = _cli(capsys, "bench", "--no-storage", "--models", tiny_model_dir, "--prompt-tokens", 250,
+                      "--new-tokens", 7)
+    assert rc == 2
+    assert (f"--prompt-tokens 250 + --new-tokens 7 is longer than the max_position_embeddings (256) of "
+            f"{tiny_model_dir}") in err

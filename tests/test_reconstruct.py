@@ -293,3 +293,20 @@ def test_error_terms_against_brute_force():
     num, den = _error_terms(y, t, "token")
     assert float(num / den) == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
     assert float(num / den) > 10 * float(_error_terms(y, t, "mse")[0] / _error_terms(y, t, "mse")[1])
+
+
+def test_the_summary_says_which_sequences_judged_the_blocks():
+    """Before: --reconstruct-holdout 0 printed a "held-out" error that was measured on the training batches."""
+    from armor.report import reconstruction_lines, reconstruction_summary
+
+    blocks = [{"block": 0, "kept": True, "error_before": 0.5, "error_after": 0.25, "seconds": 2.0},
+              {"block": 1, "kept": False, "error_before": 0.5, "error_after": 0.75, "seconds": 2.0}]
+    held = {**ReconstructSettings().to_json(), "blocks": blocks}
+    assert held["holdout"] == 8
+    assert reconstruction_summary(held) == ("reconstruction: 1/2 blocks improved, mean held-out output error "
+                                            "0.5000 -> 0.3750, 4 s")
+    none = {**held, "holdout": 0}
+    assert reconstruction_summary(none) == ("reconstruction: 1/2 blocks improved, mean training (nothing held out) "
+                                            "output error 0.5000 -> 0.3750, 4 s")
+    assert "on the training sequences (none is held out here)." in "\n".join(reconstruction_lines("m", none, []))
+    assert "on the held-out calibration sequences." in "\n".join(reconstruction_lines("m", held, []))

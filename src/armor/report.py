@@ -210,13 +210,15 @@ def _projection(name: str) -> str:
 
 
 def reconstruction_summary(recon: Mapping[str, Any]) -> str:
-    """One line: blocks kept, mean held-out output error before and after, seconds spent."""
+    """One line: blocks kept, mean held-out output error before and after (the training error when nothing is
+    held out), seconds spent."""
     blocks = recon.get("blocks", [])
     k = max(len(blocks), 1)
     before = sum(b["error_before"] for b in blocks) / k
     after = sum(b["error_after"] if b["kept"] else b["error_before"] for b in blocks) / k
     seconds = sum(b.get("seconds", 0.0) for b in blocks)
-    return (f"reconstruction: {sum(b['kept'] for b in blocks)}/{len(blocks)} blocks improved, mean held-out output "
+    judged = "held-out" if recon.get("holdout", 1) else "training (nothing held out)"
+    return (f"reconstruction: {sum(b['kept'] for b in blocks)}/{len(blocks)} blocks improved, mean {judged} output "
             f"error {before:.4f} -> {after:.4f}, {seconds:.0f} s")
 
 
@@ -225,7 +227,9 @@ def reconstruction_lines(method: str, recon: Mapping[str, Any], records: Sequenc
     proxy loss before and after (where the gain comes from)."""
     lines = [f"### {method}: block-wise reconstruction", "",
              f"Settings: {json.dumps({k: v for k, v in recon.items() if k != 'blocks'})}. Output error: "
-             "sum |y - y_dense|^2 / sum |y_dense|^2 of the block's output on the held-out calibration sequences.",
+             "sum |y - y_dense|^2 / sum |y_dense|^2 of the block's output on the "
+             + ("held-out calibration sequences." if recon.get("holdout", 1) else
+                "training sequences (none is held out here)."),
              "", "| block | output error before | after | kept |", "|---|---|---|---|"]
     for b in recon.get("blocks", []):
         lines.append(f"| {b['block']} | {b['error_before']:.5f} | {_fmt(b['error_after'], 5)} | "

@@ -22,9 +22,11 @@ from ..bench import layers as bench_layers
 from ..bench.layers import DEFAULT_BATCHES, SHAPE_SETS, crossover, default_backends, run_layer_bench, storage_report
 from ..bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from ..bench.models import model_resident_bytes, time_generation, time_prefill
+from ..models import position_limit
 from ..runtime import numba_available
 from ..runtime.modules import BACKEND_CHOICES
 from ..storage import is_pruned_folder, load_model
+from ..storage.reader import read_config_json
 from .bench_tables import format_crossover_table, format_layer_table, format_model_table, format_storage_table
 from .common import CliError, HelpFormatter, check_device, check_writable_file, command_line, not_a_model_folder
 
@@ -225,6 +227,10 @@ def _run_models(args: argparse.Namespace, device: torch.device, repeats: int) ->
     for folder in args.models:
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise not_a_model_folder(Path(folder), folder)
+        limit = position_limit(read_config_json(Path(folder)) or {})
+        if limit is not None and args.prompt_tokens + args.new_tokens > limit:
+            raise CliError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} is longer than "
+                           f"the max_position_embeddings ({limit}) of {folder}")
     rows = []
     for dtype_name in args.dtype or [None]:  # None: each folder in its stored dtype
         run = _ModelRun(dtype_name=dtype_name, device=str(device), prompt=args.prompt_tokens,

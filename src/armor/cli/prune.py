@@ -495,10 +495,12 @@ class _Job:
                   flush=True)
         nowag_mean, final_mean = result.mean_losses()
         footprint = folder_footprint(mdir, self.model_path)
+        checkpoint = footprint.get("checkpoint_bytes_ratio")  # the files, whatever dtype each side is stored in
         print(
             f"  mean proxy loss: NoWag-P {nowag_mean:.4f} -> {method} {final_mean:.4f}; linear bytes "
-            f"{100 * footprint['linear_bytes_ratio']:.1f}% of dense, wrappers "
-            f"{100 * footprint['wrapper_overhead']:.1f}%",
+            f"{100 * footprint['linear_bytes_ratio']:.1f}% of the dense layers in the same dtype, wrappers "
+            f"{100 * footprint['wrapper_overhead']:.1f}%"
+            + ("" if checkpoint is None else f"; weights files {100 * checkpoint:.1f}% of the dense checkpoint's"),
             flush=True,
         )
         evaluation = self.evaluate(mdir if a.streaming else result.model, method)

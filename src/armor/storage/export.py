@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,38 @@ from .reader import load_pruned
 from .writer import pruned_modules
 
 __all__ = ["export_dense"]
+
+log = logging.getLogger(__name__)
+
+
+#: files a Hugging Face tokenizer is saved as (``save_pretrained`` of the fast and slow tokenizers)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja")
+
+
+def _drop_stale_indexes(out: Path) -> None:
+    """Remove a weights index that names files the export did not write (a sharded model exported over by a
+    single file): a loader that prefers the index would fail, or read another model's shards."""
+    for index in out.glob("*.safetensors.index.json"):
+        try:
+            files = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, AttributeError):
+            files = {""}
+        if not files or any(not (out / f).is_file() for f in files):
+            log.warning("%s: removed %s, left from what was there before (it names files this export did not "
+                        "write)", out, index.name)
+            index.unlink()
+
+
+def _drop_stale_tokenizer(out: Path) -> None:
+    """The pruned folder has no tokenizer: remove the tokenizer files an earlier model left in ``out``, so the
+    export is never paired with another model's tokenizer in silence."""
+    stale = [name for name in _TOKENIZER_FILES if (out / name).is_file()]
+    for name in stale:
+        (out / name).unlink()
+    if stale:
+        log.warning("%s: the pruned folder has no tokenizer; removed the tokenizer files left from what was there "
+                    "before (%s)", out, ", ".join(stale))
 
 
 @torch.no_grad()
@@ -54,8 +88,11 @@ def export_dense(path_or_model: str | Path | nn.Module, out_dir: str | Path, tok
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
+        _drop_stale_indexes(out)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
+        elif isinstance(path_or_model, (str, Path)):  # a folder without one (a caller's model: theirs to pair)
+            _drop_stale_tokenizer(out)
     finally:
         for name, mod in unfused.items():
             set_module(model, name, mod)
