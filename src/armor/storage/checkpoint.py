@@ -208,20 +208,22 @@ def tied_head_keys(model: nn.Module) -> tuple[str, str] | None:
     """``(embeddings key, head key)`` of a model whose config ties its output head to its input embeddings."""
     if not getattr(model.config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
         return None
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    names = {id(mod): name for name, mod in model.named_modules() if name}
-    if emb is None or head is None or id(emb) not in names or id(head) not in names:
+    emb, head = _weight_key(model, model.get_input_embeddings()), _weight_key(model, model.get_output_embeddings())
+    return None if emb is None or head is None else (emb, head)
+
+
+def _weight_key(model: nn.Module, module: nn.Module | None) -> str | None:
+    """The state-dict key of ``module``'s weight inside ``model`` (``None``: no such submodule)."""
+    if module is None:
         return None
-    return f"{names[id(emb)]}.weight", f"{names[id(head)]}.weight"
+    return next((f"{name}.weight" for name, mod in model.named_modules() if name and mod is module), None)
 
 
 def check_head_alias(model: nn.Module, aliases: Mapping[str, str], where: str | Path) -> None:
     """A CheckpointError when the weights store the output head only as an alias of the embeddings (a tied head,
     written once) while the model's config does not tie them: ``from_pretrained`` finds no head there and refuses,
     and an export would keep the untied config with no head, which plain transformers fills at random."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {id(mod): name for name, mod in model.named_modules() if name}
-    key = f"{names[id(head)]}.weight" if head is not None and id(head) in names else None
+    key = _weight_key(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
     if key is not None and key in aliases and tied_head_keys(model) is None:
         raise CheckpointError(
             f"{where} stores {key} as {aliases[key]} (a tied head, written once), but config.json says "
